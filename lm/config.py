@@ -1,0 +1,238 @@
+"""Experiment configuration: the base schema, loading, and validation.
+
+Every experiment in `experiments/` starts from `base_config()` and changes
+what it needs, so all configs share one schema: a key that is not in the
+schema is a typo and is rejected (ConfigDicts are locked), and `validate`
+checks values before a run touches its workdir.
+
+Start modes (GUIDE.md), chosen by these fields:
+  * resume (`resume=True`, the default): if the workdir already holds
+    checkpoints, continue from the latest one exactly: train state and data
+    iterator.
+  * warm-start (`warm_start=PATH`): weights *and* optimizer state (and the
+    step count) from another run's checkpoint, with this run's data.
+  * init-from (`init_from=PATH`): weights only; fresh optimizer, step 0.
+A workdir's own checkpoint always wins over warm_start/init_from, so a
+restarted warm-started run resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any, Mapping
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from lm.models.transformer import CHOICES as MODEL_CHOICES
+
+MODES = ("train", "eval", "sample", "bench")
+TOKENIZERS = ("char", "byte", "sentencepiece")
+
+
+class ConfigError(ValueError):
+  """A config value is missing or invalid; the message says which and how to fix it."""
+
+
+def default_rules() -> tuple[tuple[str, Any], ...]:
+  """Logical axis -> mesh axes. Data parallel over data+fsdp; FSDP shards `embed`
+  of every parameter; tensor parallel splits heads, MLP hidden units and vocab."""
+  return (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("kv", None),
+      ("length", None),
+      ("layers", None),
+  )
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Every field `lm` reads, with its default. Experiments override some of them."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.steps = 1000
+  config.batch_size = 32  # global, over all processes and devices
+  config.seq_len = 128
+  config.grad_accum_steps = 1
+  config.log_every = 50
+  config.eval_every = 500
+  config.eval_batches = 0  # 0: the whole eval split (non-overlapping windows)
+  config.checkpoint_every = 500
+  config.keep_checkpoints = 3
+  config.keep_best = 1
+  config.async_checkpointing = True
+  # Start modes (see the module docstring).
+  config.resume = True
+  config.warm_start = ""
+  config.init_from = ""
+
+  config.model = ml_collections.ConfigDict()
+  config.model.variant = "gpt2"  # gpt2 | llama: sets the defaults of the placeholders below
+  config.model.num_layers = 4
+  config.model.num_heads = 4
+  config.model.num_kv_heads = placeholder(int)
+  config.model.width = 128
+  config.model.mlp_dim = placeholder(int)
+  config.model.vocab_size = placeholder(int)  # None: the tokenizer's size
+  config.model.vocab_multiple = 1  # pad the vocabulary to a multiple of this (128 on accelerators)
+  config.model.max_len = placeholder(int)  # None: seq_len
+  config.model.position = placeholder(str)  # learned | rope
+  config.model.norm = placeholder(str)  # layernorm | rmsnorm
+  config.model.mlp = placeholder(str)  # gelu | swiglu
+  config.model.use_bias = placeholder(bool)
+  config.model.tie_embeddings = placeholder(bool)
+  config.model.dropout = 0.0
+  config.model.dtype = "float32"  # computation dtype: bfloat16 on accelerators
+  config.model.param_dtype = "float32"  # master weights
+  config.model.attention_impl = "xla"  # xla | cudnn
+  config.model.remat_policy = "none"
+  config.model.scan_layers = False
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.lr = 1e-3
+  config.optim.warmup_steps = 100
+  config.optim.min_lr = 1e-4
+  config.optim.decay_steps = placeholder(int)  # None: steps
+  config.optim.schedule = "cosine"  # cosine | linear | constant
+  config.optim.weight_decay = 0.1
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.95
+  config.optim.eps = 1e-8
+  config.optim.grad_clip = 1.0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.source = "tfds:tiny_shakespeare"  # tfds:NAME[:SPLIT] or a .txt/.jsonl/.tsv file or folder
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.text_field = "text"
+  config.data.tokenizer = "char"  # char | byte | sentencepiece
+  config.data.tokenizer_vocab_size = 8000  # sentencepiece only
+  config.data.tokenizer_model = ""  # a SentencePiece .model file; empty: train one on the train split
+  config.data.cache_dir = ""  # where local corpora are prepared as TFDS datasets; empty: ~/.cache/lm/tfds
+  config.data.train_stride = 1  # training windows start every `train_stride` tokens
+  config.data.prefetch = 4
+  config.data.threads = 1
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  config.mesh.rules = default_rules()
+
+  config.sample = ml_collections.ConfigDict()
+  config.sample.prompt = "\n"
+  config.sample.max_tokens = 256
+  config.sample.temperature = 0.8
+  config.sample.top_k = 0  # 0: off
+  config.sample.top_p = 1.0  # 1.0: off
+  config.sample.num_samples = 1
+  config.sample.seed = 0
+
+  config.bench = ml_collections.ConfigDict()
+  config.bench.steps = 50
+  config.bench.warmup_steps = 5
+  config.bench.peak_flops_per_device = placeholder(float)  # None: from the device table in lm.train.perf
+  return config
+
+
+def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """Loads `experiments/NAME.py`'s get_config() and applies dotted overrides.
+
+  For notebooks: `load_config("experiments/shakespeare_char.py", {"steps": 300})`.
+  """
+  if not os.path.exists(path):
+    raise ConfigError(f"Config file {path!r} does not exist; pick one from experiments/.")
+  spec = importlib.util.spec_from_file_location("lm_experiment_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)  # type: ignore[union-attr]
+  config = module.get_config()
+  return apply_overrides(config, overrides or {})
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys ("optim.lr") on a copy of `config`; unknown keys raise ConfigError."""
+  config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy with the same schema
+  for dotted, value in overrides.items():
+    parent, _, leaf = dotted.rpartition(".")
+    node = config
+    for part in parent.split(".") if parent else []:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise ConfigError(unknown_key_message(dotted, node))
+      node = node[part]
+    if leaf not in node:
+      raise ConfigError(unknown_key_message(dotted, node))
+    node[leaf] = value
+  config.lock()
+  return config
+
+
+def unknown_key_message(dotted: str, node: ml_collections.ConfigDict) -> str:
+  known = ", ".join(sorted(node.keys()))
+  return f"Unknown config key {dotted!r}. Keys at that level: {known}. Check the spelling."
+
+
+def _require(condition: bool, message: str) -> None:
+  if not condition:
+    raise ConfigError(message)
+
+
+def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
+  """Checks values before anything runs; raises ConfigError naming the field and the fix."""
+  _require(mode in MODES, f"--mode={mode!r} is not one of {MODES}.")
+  for key in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_every",
+              "checkpoint_every", "keep_checkpoints"):
+    _require(int(config[key]) > 0, f"config.{key} must be a positive integer (got {config[key]!r}).")
+  _require(config.batch_size % config.grad_accum_steps == 0,
+           f"config.batch_size={config.batch_size} must be divisible by "
+           f"config.grad_accum_steps={config.grad_accum_steps}.")
+  _require(not (config.warm_start and config.init_from),
+           "Set at most one of config.warm_start (weights + optimizer) and config.init_from (weights only).")
+  model = config.model
+  for key in ("num_layers", "num_heads", "width"):
+    _require(int(model[key]) > 0, f"config.model.{key} must be a positive integer (got {model[key]!r}).")
+  for key, allowed in MODEL_CHOICES.items():
+    value = model.get(key)
+    _require(value is None or value in allowed, f"config.model.{key}={value!r} is not one of {allowed}.")
+  _require(model.width % model.num_heads == 0,
+           f"config.model.width={model.width} must be divisible by config.model.num_heads={model.num_heads}.")
+  if model.num_kv_heads:
+    _require(model.num_heads % model.num_kv_heads == 0,
+             f"config.model.num_heads={model.num_heads} must be a multiple of "
+             f"config.model.num_kv_heads={model.num_kv_heads}.")
+  _require(0.0 <= model.dropout < 1.0, f"config.model.dropout must be in [0, 1) (got {model.dropout}).")
+  _require(model.vocab_multiple >= 1, "config.model.vocab_multiple must be >= 1.")
+  if model.max_len is not None:
+    _require(model.max_len >= config.seq_len,
+             f"config.model.max_len={model.max_len} is shorter than config.seq_len={config.seq_len}.")
+  optim = config.optim
+  _require(optim.lr > 0, f"config.optim.lr must be > 0 (got {optim.lr}).")
+  _require(0 <= optim.min_lr <= optim.lr,
+           f"config.optim.min_lr={optim.min_lr} must be between 0 and config.optim.lr={optim.lr}.")
+  _require(optim.warmup_steps >= 0, "config.optim.warmup_steps must be >= 0.")
+  _require(optim.schedule in ("cosine", "linear", "constant"),
+           f"config.optim.schedule={optim.schedule!r} is not one of ('cosine', 'linear', 'constant').")
+  for key in ("b1", "b2"):
+    _require(0 <= optim[key] < 1, f"config.optim.{key} must be in [0, 1) (got {optim[key]}).")
+  _require(optim.weight_decay >= 0 and optim.grad_clip >= 0,
+           "config.optim.weight_decay and config.optim.grad_clip must be >= 0.")
+  data = config.data
+  _require(isinstance(data.source, str) and data.source.strip() != "",
+           "config.data.source is empty: set it to tfds:NAME[:SPLIT] or a path to a .txt/.jsonl/.tsv corpus.")
+  _require(data.tokenizer in TOKENIZERS, f"config.data.tokenizer={data.tokenizer!r} is not one of {TOKENIZERS}.")
+  _require(data.train_stride >= 1, "config.data.train_stride must be >= 1.")
+  sample = config.sample
+  _require(sample.temperature >= 0, "config.sample.temperature must be >= 0 (0 means greedy).")
+  _require(0 < sample.top_p <= 1, "config.sample.top_p must be in (0, 1].")
+  _require(sample.top_k >= 0 and sample.max_tokens > 0 and sample.num_samples > 0,
+           "config.sample.top_k must be >= 0; max_tokens and num_samples must be > 0.")
+  _require(config.bench.steps > 0 and config.bench.warmup_steps >= 0,
+           "config.bench.steps must be > 0 and config.bench.warmup_steps >= 0.")
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Plain JSON-serializable dict of the config (tuples become lists)."""
+  return ml_collections.ConfigDict(config).to_dict()

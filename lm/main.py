@@ -1,0 +1,83 @@
+r"""Command-line entry point: `python -m lm.main` or the `lm` console script.
+
+  python -m lm.main --config experiments/shakespeare_char.py --workdir runs/x \
+      [--config.KEY=VALUE ...] [--mode train|eval|sample|bench]
+
+Everything here is flag parsing and error reporting; the work is done by
+importable functions (lm.train.loop.train, lm.run_modes.*, lm.train.bench).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from lm import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/NAME.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tokenizer, config.")
+_MODE = flags.DEFINE_enum("mode", "train", list(config_lib.MODES), "What to do.")
+flags.mark_flags_as_required(["config"])
+
+# Errors a user can fix; anything else is a bug and keeps its traceback.
+EXIT_USER_ERROR = 2
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+  from lm.data.sources import DataError  # pylint: disable=g-import-not-at-top
+  from lm.data.tokenizers import TokenizerError
+  from lm.train.checkpoint import CheckpointError
+  from lm.train.loop import NonFiniteError
+  from lm.train.sharding import MeshError
+  return (config_lib.ConfigError, DataError, TokenizerError, CheckpointError, MeshError, NonFiniteError)
+
+
+def run_mode(config, workdir: str | None, mode: str) -> int:
+  """Runs one mode; returns the process exit code."""
+  from lm import run_modes  # pylint: disable=g-import-not-at-top
+  from lm.train import bench, loop
+  if mode != "bench" and not workdir:
+    raise config_lib.ConfigError(f"--mode {mode} needs --workdir (the run directory).")
+  if mode == "train":
+    result = loop.train(config, workdir)
+    summary = {"step": result.step, "train/loss": result.train_loss, "eval/loss": result.eval_loss}
+    print(json.dumps(summary))
+    if result.interrupted:
+      logging.warning("Stopped by %s at step %d; the checkpoint is saved. Rerun the same command to resume.",
+                      result.interrupted, result.step)
+      return 0 if result.interrupted == "SIGTERM" else 128 + 2
+    return 0
+  if mode == "eval":
+    print(json.dumps(run_modes.evaluate_checkpoint(config, workdir)))
+    return 0
+  if mode == "sample":
+    for index, text in enumerate(run_modes.sample_checkpoint(config, workdir)):
+      print(f"--- sample {index} ---\n{text}")
+    return 0
+  figures = bench.benchmark(config, workdir or "")
+  print(json.dumps(figures))
+  return 0
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    code = run_mode(_CONFIG.value, _WORKDIR.value, _MODE.value)
+  except _user_errors() as error:
+    print(f"error: {error}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+  sys.exit(code)
+
+
+def run() -> None:
+  """Console-script entry point (`lm ...`)."""
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

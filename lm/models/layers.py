@@ -1,0 +1,201 @@
+"""Building blocks of the Transformer: norms, rotary embeddings, attention, MLP.
+
+Every parameter is created with `nn.with_logical_partitioning` and every large
+activation passes through `nn.with_logical_constraint`, both with logical axis
+names (`batch`, `length`, `embed`, `heads`, `kv`, `mlp`, `vocab`). Which mesh
+axis each name maps to is decided by the rules in the experiment config, so
+sharding never needs a code change.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+if TYPE_CHECKING:
+  from lm.models.transformer import TransformerConfig
+
+Initializer = Callable[..., jax.Array]
+
+
+def param_init(std: float, axes: tuple[str, ...]) -> Initializer:
+  """Normal(0, std) initializer that records the parameter's logical axes."""
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), axes)
+
+
+def zeros_init(axes: tuple[str, ...]) -> Initializer:
+  return nn.with_logical_partitioning(nn.initializers.zeros_init(), axes)
+
+
+def ones_init(axes: tuple[str, ...]) -> Initializer:
+  return nn.with_logical_partitioning(nn.initializers.ones_init(), axes)
+
+
+class Projection(nn.Module):
+  """A linear map between named axes, `y = einsum(x, kernel) + bias`.
+
+  flax's DenseGeneral initializes its kernel flattened to 2-D, which breaks
+  logical sharding constraints on 3-D kernels; this creates the kernel in its
+  real shape (`in_features + out_features`) so every axis keeps its name.
+  """
+
+  out_features: tuple[int, ...]
+  kernel_axes: tuple[str, ...]
+  num_in_axes: int = 1
+  use_bias: bool = True
+  std: float = 0.02
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    in_shape = x.shape[x.ndim - self.num_in_axes:]
+    kernel = self.param("kernel", param_init(self.std, self.kernel_axes), in_shape + tuple(self.out_features),
+                        self.param_dtype)
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    contract = tuple(range(x.ndim - self.num_in_axes, x.ndim))
+    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.num_in_axes))), ((), ())))
+    if self.use_bias:
+      bias_axes = self.kernel_axes[self.num_in_axes:]
+      bias = self.param("bias", zeros_init(bias_axes), tuple(self.out_features), self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def make_norm(config: TransformerConfig, name: str) -> nn.Module:
+  """LayerNorm (GPT-2) or RMSNorm (Llama), parameters on the `embed` axis."""
+  if config.norm == "layernorm":
+    return nn.LayerNorm(
+        epsilon=config.norm_eps,
+        use_bias=config.use_bias,
+        dtype=config.compute_dtype,
+        param_dtype=config.weight_dtype,
+        scale_init=ones_init(("embed",)),
+        bias_init=zeros_init(("embed",)),
+        name=name,
+    )
+  return nn.RMSNorm(
+      epsilon=config.norm_eps,
+      dtype=config.compute_dtype,
+      param_dtype=config.weight_dtype,
+      scale_init=ones_init(("embed",)),
+      name=name,
+  )
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary position embedding (Su et al. 2021), rotate-half convention.
+
+  Args:
+    x: [batch, length, heads, head_dim].
+    positions: [batch, length] integer positions.
+    theta: base of the geometric frequency progression.
+  Returns:
+    [batch, length, heads, head_dim], same dtype as `x`.
+  """
+  head_dim = x.shape[-1]
+  half = head_dim // 2
+  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [b, l, half]
+  sin = jnp.sin(angles)[:, :, None, :]
+  cos = jnp.cos(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+class Attention(nn.Module):
+  """Multi-head (or grouped-query) causal self-attention with a KV cache.
+
+  In decode mode the keys and values of every call are written into the
+  `cache` collection at the running `cache_index`, so a prompt can be
+  prefilled in one call and then extended one token at a time.
+  """
+
+  config: TransformerConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+    """x: [batch, length, embed], positions: [batch, length] -> [batch, length, embed]."""
+    cfg = self.config
+    head_dim = cfg.width // cfg.num_heads
+    def dense(features, axes, name, num_in_axes=1, std=cfg.init_std):
+      return Projection(features, axes, num_in_axes=num_in_axes, use_bias=cfg.use_bias, std=std,
+                        dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
+
+    query = dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), "query")(x)
+    key = dense((cfg.kv_heads, head_dim), ("embed", "heads", "kv"), "key")(x)
+    value = dense((cfg.kv_heads, head_dim), ("embed", "heads", "kv"), "value")(x)
+    if cfg.position == "rope":
+      query = apply_rope(query, positions, cfg.rope_theta)
+      key = apply_rope(key, positions, cfg.rope_theta)
+    axes = ("batch", "length", "heads", "kv")
+    query = nn.with_logical_constraint(query, axes)
+    key = nn.with_logical_constraint(key, axes)
+    value = nn.with_logical_constraint(value, axes)
+
+    if self.decode:
+      key, value, mask = self._update_cache(key, value)
+      out = jax.nn.dot_product_attention(
+          query, key, value, mask=mask, implementation=cfg.attention_impl_for_decode)
+    else:
+      out = jax.nn.dot_product_attention(
+          query, key, value, is_causal=True, implementation=cfg.attention_impl)
+    out = nn.with_logical_constraint(out, axes)
+    # GPT-2 scales the residual projections by 1/sqrt(2 * num_layers) so the
+    # residual stream's variance does not grow with depth.
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    out = dense((cfg.width,), ("heads", "kv", "embed"), "out", num_in_axes=2, std=residual_std)(out)
+    return nn.Dropout(rate=cfg.dropout)(out, deterministic=deterministic)
+
+  def _update_cache(self, key: jax.Array, value: jax.Array):
+    """Writes [batch, new, kv_heads, head_dim] keys/values at the cache index.
+
+    Returns the full cached keys and values [batch, max_len, kv_heads,
+    head_dim] and the mask [1, 1, new, max_len] that lets each new token see
+    every cached position up to and including its own.
+    """
+    batch, new, kv_heads, head_dim = key.shape
+    max_len = self.config.max_len
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, (batch, max_len, kv_heads, head_dim), key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, (batch, max_len, kv_heads, head_dim), value.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, dtype=jnp.int32))
+    index = cache_index.value
+    if initialized:
+      cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+      cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value, (0, index, 0, 0))
+      cache_index.value = index + new
+    query_positions = index + jnp.arange(new)
+    mask = jnp.arange(max_len)[None, :] <= query_positions[:, None]
+    return cached_key.value, cached_value.value, mask[None, None]
+
+
+class Mlp(nn.Module):
+  """GELU MLP (GPT-2) or SwiGLU (Llama); hidden units on the `mlp` axis."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: jax.Array, deterministic: bool) -> jax.Array:
+    """x: [batch, length, embed] -> [batch, length, embed]."""
+    cfg = self.config
+    def dense(features, axes, name, std=cfg.init_std):
+      return Projection((features,), axes, use_bias=cfg.use_bias, std=std, dtype=cfg.compute_dtype,
+                        param_dtype=cfg.weight_dtype, name=name)
+
+    if cfg.mlp == "swiglu":
+      gate = dense(cfg.hidden_dim, ("embed", "mlp"), "gate")(x)
+      up = dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x)
+      hidden = nn.silu(gate) * up
+    else:
+      hidden = nn.gelu(dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x), approximate=True)
+    hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
+    residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+    out = dense(cfg.width, ("mlp", "embed"), "down", std=residual_std)(hidden)
+    return nn.Dropout(rate=cfg.dropout)(out, deterministic=deterministic)

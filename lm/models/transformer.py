@@ -1,0 +1,234 @@
+"""Decoder-only Transformer language model (GPT-2 and Llama families).
+
+`TransformerConfig.variant` picks the family's defaults; every choice can also
+be set on its own (e.g. GPT-2 without biases, as nanoGPT's baseline uses):
+
+| option          | gpt2        | llama     |
+|-----------------|-------------|-----------|
+| position        | learned     | rope      |
+| norm            | layernorm   | rmsnorm   |
+| mlp             | gelu        | swiglu    |
+| use_bias        | True        | False     |
+| tie_embeddings  | True        | False     |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm.models import layers
+
+VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True),
+    "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False),
+}
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+CHOICES = {
+    "variant": tuple(VARIANT_DEFAULTS),
+    "position": ("learned", "rope"),
+    "norm": ("layernorm", "rmsnorm"),
+    "mlp": ("gelu", "swiglu"),
+    "attention_impl": ("xla", "cudnn"),
+    "remat_policy": tuple(REMAT_POLICIES),
+    "dtype": tuple(DTYPES),
+    "param_dtype": tuple(DTYPES),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Static hyperparameters of `TransformerLM` (hashable, so jit can close over it)."""
+
+  vocab_size: int
+  num_layers: int
+  num_heads: int
+  width: int
+  max_len: int
+  num_kv_heads: int | None = None  # grouped-query attention when < num_heads
+  mlp_dim: int | None = None  # default: 4 * width (gelu), 8/3 * width rounded to 64 (swiglu)
+  variant: str = "gpt2"
+  position: str = "learned"
+  norm: str = "layernorm"
+  mlp: str = "gelu"
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout: float = 0.0
+  norm_eps: float = 1e-5
+  rope_theta: float = 10_000.0
+  init_std: float = 0.02
+  dtype: str = "float32"  # computation
+  param_dtype: str = "float32"  # storage (master weights)
+  attention_impl: str = "xla"
+  remat_policy: str = "none"
+  scan_layers: bool = False
+
+  @classmethod
+  def from_config(cls, model: Mapping[str, Any], vocab_size: int, max_len: int) -> TransformerConfig:
+    """Builds the config from the `model` group of an experiment config.
+
+    Fields left as None take the variant's default (table in the module doc).
+    """
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in dict(model).items() if k in fields and v is not None}
+    values.update(vocab_size=vocab_size, max_len=max_len)
+    for key, default in VARIANT_DEFAULTS[values.get("variant", "gpt2")].items():
+      values.setdefault(key, default)
+    return cls(**values)
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_kv_heads or self.num_heads
+
+  @property
+  def hidden_dim(self) -> int:
+    if self.mlp_dim:
+      return self.mlp_dim
+    if self.mlp == "swiglu":
+      return 64 * round(8 * self.width / 3 / 64) or 64
+    return 4 * self.width
+
+  @property
+  def attention_impl_for_decode(self) -> str:
+    # cuDNN's fused kernel needs query and key lengths to match the causal
+    # pattern; decoding attends a few queries over the whole cache, which XLA
+    # handles well.
+    return "xla"
+
+  @property
+  def compute_dtype(self) -> Any:
+    return DTYPES[self.dtype]
+
+  @property
+  def weight_dtype(self) -> Any:
+    return DTYPES[self.param_dtype]
+
+  def __post_init__(self):
+    for name, allowed in CHOICES.items():
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}.")
+    if self.width % self.num_heads:
+      raise ValueError(f"model.width={self.width} must be divisible by model.num_heads={self.num_heads}.")
+    if self.num_heads % self.kv_heads:
+      raise ValueError(
+          f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}.")
+    if self.position == "rope" and (self.width // self.num_heads) % 2:
+      raise ValueError("RoPE needs an even head dimension (model.width / model.num_heads).")
+
+
+class Block(nn.Module):
+  """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  config: TransformerConfig
+  decode: bool = False
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
+    """x: [batch, length, embed] -> ([batch, length, embed], None) (scan carry form)."""
+    cfg = self.config
+    attn_in = layers.make_norm(cfg, "attn_norm")(x)
+    x = x + layers.Attention(cfg, decode=self.decode, name="attn")(attn_in, positions, self.deterministic)
+    mlp_in = layers.make_norm(cfg, "mlp_norm")(x)
+    x = x + layers.Mlp(cfg, name="mlp")(mlp_in, self.deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+    return x, None
+
+
+class TransformerLM(nn.Module):
+  """Decoder-only language model.
+
+  Call with tokens [batch, length] (int32) and get logits [batch, length,
+  vocab] (float32). With `decode=True` the module reads and writes the `cache`
+  collection (create it with `init_cache`), and positions continue from the
+  number of tokens already cached.
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(
+      self,
+      tokens: jax.Array,
+      *,
+      deterministic: bool = True,
+      decode: bool = False,
+      return_hidden: bool = False,
+  ) -> jax.Array:
+    cfg = self.config
+    batch, length = tokens.shape
+    tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
+    if decode:
+      index = self.variable("cache", "position", lambda: jnp.array(0, dtype=jnp.int32))
+      start = index.value
+      if self.has_variable("cache", "position") and not self.is_initializing():
+        index.value = start + length
+    else:
+      start = 0
+    positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+    embed = nn.Embed(
+        num_embeddings=cfg.vocab_size,
+        features=cfg.width,
+        dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype,
+        embedding_init=layers.param_init(cfg.init_std, ("vocab", "embed")),
+        name="embed",
+    )
+    x = embed(tokens)
+    if cfg.position == "learned":
+      position_embedding = self.param(
+          "position_embedding",
+          layers.param_init(cfg.init_std, ("length", "embed")),
+          (cfg.max_len, cfg.width),
+          cfg.weight_dtype,
+      )
+      x = x + jnp.take(position_embedding, positions, axis=0).astype(cfg.compute_dtype)
+    x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
+    x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
+
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+    if cfg.scan_layers:
+      stack = nn.scan(
+          block,
+          variable_axes={"params": 0, "cache": 0},
+          split_rngs={"params": True, "dropout": True},
+          in_axes=(nn.broadcast,),
+          length=cfg.num_layers,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(cfg, decode=decode, deterministic=deterministic, name="layers")
+      x, _ = stack(x, positions)
+    else:
+      for i in range(cfg.num_layers):
+        x, _ = block(cfg, decode=decode, deterministic=deterministic, name=f"layer_{i}")(x, positions)
+
+    x = layers.make_norm(cfg, "final_norm")(x)
+    if return_hidden:
+      return x
+    if cfg.tie_embeddings:
+      logits = embed.attend(x)
+    else:
+      logits = layers.Projection((cfg.vocab_size,), ("embed", "vocab"), use_bias=False, std=cfg.init_std,
+                                 dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name="unembed")(x)
+    logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
+    return logits.astype(jnp.float32)
+
+  def init_cache(self, batch_size: int) -> Any:
+    """Empty KV cache for `batch_size` sequences of up to `max_len` tokens."""
+    tokens = jnp.zeros((batch_size, 1), jnp.int32)
+    variables = jax.eval_shape(lambda: self.init(jax.random.key(0), tokens, decode=True))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])

@@ -1,0 +1,65 @@
+"""What each `--mode` does, as functions a notebook can call.
+
+  train  -> lm.train.loop.train
+  eval   -> evaluate_checkpoint: loss, perplexity, bits per char/byte of the latest checkpoint
+  sample -> sample_checkpoint: text from the latest checkpoint
+  bench  -> lm.train.bench.benchmark: step time, tokens/s, MFU, compile time, memory
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from lm.train import checkpoint as checkpoint_lib
+from lm.train.experiment import Experiment, build_experiment, open_eval_split, token_windows
+from lm.train.loop import evaluate_params
+from lm.train.metrics import MetricWriter
+from lm import sample as sample_lib
+
+
+def load_trained(config: ml_collections.ConfigDict, workdir: str, mode: str) -> tuple[Experiment, Any, int]:
+  """Experiment + params of the latest checkpoint in `workdir`."""
+  if not checkpoint_lib.has_checkpoint(workdir):
+    raise checkpoint_lib.CheckpointError(
+        f"--mode {mode} needs a checkpoint, and {workdir!r} has none. Train first "
+        f"(--mode train --workdir {workdir}) or point --workdir at a trained run.")
+  experiment, _ = build_experiment(config, workdir, mode)
+  state, _, _, step = checkpoint_lib.restore(workdir, experiment.abstract_state, with_data=False)
+  return experiment, state.params, step
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: str | None = None) -> dict[str, float]:
+  """Evaluates the latest checkpoint on `split` (default config.data.eval_split); records to metrics.jsonl."""
+  experiment, params, step = load_trained(config, workdir, "eval")
+  split = split or config.data.eval_split
+  windows = token_windows(experiment, open_eval_split(config, split), config.seq_len)
+  metrics = evaluate_params(experiment, params, windows, config.eval_batches)
+  metrics = {key.replace("eval/", f"eval_{_split_key(split)}/"): value for key, value in metrics.items()}
+  MetricWriter(workdir, tensorboard=False).write(step, metrics)
+  return {"step": step, "split": split, **metrics}
+
+
+def _split_key(split: str) -> str:
+  return "".join(ch if ch.isalnum() else "_" for ch in split).strip("_")
+
+
+def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str, prompt: str | None = None) -> list[str]:
+  """Generates `config.sample.num_samples` continuations of the prompt with the latest checkpoint."""
+  experiment, params, _ = load_trained(config, workdir, "sample")
+  options = config.sample
+  prompt = options.prompt if prompt is None else prompt
+  ids = experiment.tokenizer.encode(prompt)
+  if len(ids) == 0:
+    raise ValueError("config.sample.prompt encodes to no tokens; give at least one character.")
+  prompt_ids = jnp.asarray(np.tile(np.asarray(ids, np.int32)[None], (options.num_samples, 1)))
+  tokens = sample_lib.generate_long(
+      experiment.model, params, prompt_ids, jax.random.key(options.seed), max_new_tokens=options.max_tokens,
+      temperature=float(options.temperature), top_k=int(options.top_k), top_p=float(options.top_p))
+  return [prompt + experiment.tokenizer.decode(np.asarray(row)) for row in tokens]

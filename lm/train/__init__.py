@@ -1,0 +1,1 @@
+"""Training: state, optimizer, sharding, the jitted steps, checkpoints and the loop."""

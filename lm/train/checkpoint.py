@@ -1,0 +1,178 @@
+"""Orbax checkpoints: one composite checkpoint per saved step.
+
+Each step directory holds three items:
+  * `state`    - the TrainState (params, optimizer state, step, rng), saved
+                 by every process through Orbax's multi-host path;
+  * `data`     - the data iterator's state (JSON), so a resume continues the
+                 exact data order;
+  * `metadata` - the resolved config, the model config and the tokenizer
+                 description (JSON), used to check that a checkpoint fits the
+                 run that wants to restore it.
+Saves are asynchronous; `keep` latest steps and the `keep_best` by
+`eval/loss` are preserved.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from lm.train.state import TrainState
+
+ITEMS = ("state", "data", "metadata")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, unreadable or does not fit this run."""
+
+
+def checkpoint_dir(workdir: str) -> str:
+  return os.path.join(os.fspath(workdir), "checkpoints")
+
+
+def has_checkpoint(directory: str) -> bool:
+  """True if `directory` (a workdir or its checkpoints folder) holds a finished checkpoint."""
+  return latest_step(directory) is not None
+
+
+def latest_step(directory: str) -> int | None:
+  """The newest finished step in a workdir or checkpoints folder (None if none).
+
+  Looks without creating anything, so probing a workdir never changes it.
+  """
+  for candidate in (checkpoint_dir(directory), os.fspath(directory)):
+    path = epath.Path(candidate)
+    if path.is_dir():
+      steps = ocp.utils.checkpoint_steps(path)
+      if steps:
+        return max(steps)
+  return None
+
+
+def resolve_checkpoint_root(directory: str) -> str:
+  """Accepts a workdir or its `checkpoints/` folder; returns the folder holding step dirs."""
+  for candidate in (checkpoint_dir(directory), os.fspath(directory)):
+    if epath.Path(candidate).is_dir() and ocp.utils.checkpoint_steps(epath.Path(candidate)):
+      return candidate
+  raise CheckpointError(
+      f"No checkpoint found in {directory!r} (looked for numbered step folders in it and in its "
+      "checkpoints/ subfolder). Point the option at a workdir of a finished run.")
+
+
+class Checkpointer:
+  """Thin wrapper over `ocp.CheckpointManager` with this project's items."""
+
+  def __init__(self, directory: str, *, keep: int = 3, keep_best: int = 1, asynchronous: bool = True):
+    policies = [ocp.checkpoint_managers.LatestN(n=max(keep, 1))]
+    if keep_best:
+      policies.append(
+          ocp.checkpoint_managers.BestN(
+              get_metric_fn=lambda metrics: metrics["eval/loss"],
+              reverse=True,  # BestN keeps the tail of the sorted list: descending puts the lowest loss there.
+              n=keep_best,
+              keep_checkpoints_without_metrics=False,
+          ))
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        enable_async_checkpointing=asynchronous,
+        create=True,
+    )
+    self.directory = directory
+    self._manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: TrainState, data_state: dict[str, Any], metadata: dict[str, Any],
+           eval_loss: float | None = None) -> bool:
+    metrics = {"eval/loss": float(eval_loss)} if eval_loss is not None else None
+    return self._manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave(data_state),
+            metadata=ocp.args.JsonSave(metadata),
+        ),
+        metrics=metrics,
+        force=True,
+    )
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings (restore straight into the mesh)."""
+  return jax.tree.map(lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+                      abstract, shardings)
+
+
+def read_metadata(directory: str, step: int | None = None) -> dict[str, Any]:
+  """The metadata item of a checkpoint (latest step by default), without touching the state."""
+  root = resolve_checkpoint_root(directory)
+  step = step if step is not None else latest_step(root)
+  path = epath.Path(root) / str(step) / "metadata"
+  try:
+    return ocp.CheckpointManager(root, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
+        create=False, read_only=True)).restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
+            "metadata"]
+  except Exception as error:  # Orbax raises several types for unreadable items.
+    raise CheckpointError(f"Cannot read checkpoint metadata at {path}: {error}. The checkpoint may be "
+                          "incomplete or from another program; use a different workdir.") from error
+
+
+def restore(directory: str, abstract_state: TrainState, *, step: int | None = None,
+            with_data: bool = True) -> tuple[TrainState, dict[str, Any] | None, dict[str, Any], int]:
+  """Restores (state, data_state, metadata, step) with the shardings carried by `abstract_state`.
+
+  `abstract_state` leaves are ShapeDtypeStructs with `.sharding` set, so the
+  checkpoint lands directly in the target mesh's layout, whatever mesh wrote it.
+  """
+  root = resolve_checkpoint_root(directory)
+  manager = ocp.CheckpointManager(root, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True))
+  step = step if step is not None else manager.latest_step()
+  items = {"state": ocp.args.StandardRestore(abstract_state), "metadata": ocp.args.JsonRestore()}
+  if with_data:
+    items["data"] = ocp.args.JsonRestore()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(**items))
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+    raise CheckpointError(
+        f"Checkpoint step {step} in {root} does not fit this run's train state: {error}. "
+        "It was probably written for a different model or optimizer; use a new --workdir, or start "
+        "from its weights with --config.init_from.") from error
+  finally:
+    manager.close()
+  return restored["state"], restored.get("data") if with_data else None, restored["metadata"], step
+
+
+def restore_params(directory: str, abstract_params: Any, *, step: int | None = None) -> tuple[Any, int]:
+  """Restores only the parameters of a checkpoint (init-from), into `abstract_params`' shardings.
+
+  The optimizer state of the source run is not read, so its optimizer may
+  differ from this run's.
+  """
+  root = resolve_checkpoint_root(directory)
+  step = step if step is not None else latest_step(root)
+  path = epath.Path(root) / str(step) / "state"
+  item = {"params": abstract_params}
+  restore_args = ocp.checkpoint_utils.construct_restore_args(item)
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(
+        path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True))
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+    raise CheckpointError(
+        f"The parameters in {path} do not fit this model: {error}. init_from needs a checkpoint of a "
+        "model with the same shapes (layers, heads, width, vocabulary).") from error
+  return restored["params"], step

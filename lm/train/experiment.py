@@ -1,0 +1,172 @@
+"""Builds everything a run needs from a config, without writing anything.
+
+`build_experiment(config, workdir)` resolves the tokenizer, tokenizes the
+data, builds the model, optimizer and mesh, and checks that an existing
+checkpoint fits, all before the workdir is touched: a bad config, data path
+or checkpoint stops the run with the workdir exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from lm import config as config_lib
+from lm.data import pipeline, sources
+from lm.data import tokenizers as tokenizers_lib
+from lm.models import TransformerConfig, TransformerLM
+from lm.train import checkpoint as checkpoint_lib
+from lm.train import optim, sharding, step as step_lib
+from lm.train import state as state_lib
+
+TOKENIZER_DIR = "tokenizer"
+# Model fields that change parameter shapes: a checkpoint written with other
+# values cannot be restored into this model.
+SHAPE_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "width", "mlp_dim", "max_len", "position",
+                "norm", "mlp", "use_bias", "tie_embeddings", "scan_layers", "param_dtype")
+
+
+@dataclasses.dataclass
+class Experiment:
+  """A built run: config, tokenizer, model, optimizer, mesh and compiled steps."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  tokenizer: tokenizers_lib.Tokenizer
+  model_config: TransformerConfig
+  model: TransformerLM
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: Mesh
+  rules: sharding.Rules
+  steps: step_lib.CompiledSteps
+  abstract_state: Any  # ShapeDtypeStructs with target shardings
+  example_tokens: jax.Array
+
+  @property
+  def checkpoint_dir(self) -> str:
+    return checkpoint_lib.checkpoint_dir(self.workdir)
+
+  def metadata(self) -> dict[str, Any]:
+    return {
+        "config": config_lib.to_json_dict(self.config),
+        "model": dataclasses.asdict(self.model_config),
+        "tokenizer": self.tokenizer.to_json(),
+        "lm_version": __import__("lm").__version__,
+    }
+
+  def init_state(self) -> state_lib.TrainState:
+    state, _ = state_lib.create_state(self.model, self.tx, self.example_tokens, self.mesh, self.rules,
+                                      self.config.seed)
+    return state
+
+
+def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tuple[tokenizers_lib.Tokenizer, bool]:
+  """The run's tokenizer and whether it is new (must be saved into the workdir).
+
+  Order: the workdir's own (resume), the tokenizer of the warm_start/init_from
+  run (so weights and ids agree), else one built from the training split.
+  """
+  for directory in (workdir, config.warm_start, config.init_from):
+    if directory and os.path.exists(os.path.join(directory, TOKENIZER_DIR, "tokenizer.json")):
+      return tokenizers_lib.load_tokenizer(os.path.join(directory, TOKENIZER_DIR)), directory != workdir
+  data = config.data
+  texts = None
+  if data.tokenizer == "char" or (data.tokenizer == "sentencepiece" and not data.tokenizer_model):
+    split = open_train_split(config)
+    texts = (split[i] for i in range(len(split)))
+  tokenizer = tokenizers_lib.build_tokenizer(
+      data.tokenizer, texts, vocab_size=data.tokenizer_vocab_size, model_file=data.tokenizer_model or None)
+  return tokenizer, True
+
+
+def _cache_dir(config: ml_collections.ConfigDict) -> str | None:
+  return config.data.cache_dir or None
+
+
+def open_train_split(config: ml_collections.ConfigDict) -> sources.TextSource:
+  _, _, split = sources.parse_source(config.data.source)
+  return sources.open_split(config.data.source, split or config.data.train_split,
+                            text_field=config.data.text_field, cache_dir=_cache_dir(config))
+
+
+def open_eval_split(config: ml_collections.ConfigDict, split: str | None = None) -> sources.TextSource:
+  return sources.open_split(config.data.source, split or config.data.eval_split,
+                            text_field=config.data.text_field, cache_dir=_cache_dir(config))
+
+
+def model_config_for(config: ml_collections.ConfigDict, tokenizer: tokenizers_lib.Tokenizer) -> TransformerConfig:
+  model = config.model
+  multiple = model.vocab_multiple
+  vocab_size = model.vocab_size or -(-tokenizer.vocab_size // multiple) * multiple
+  if vocab_size < tokenizer.vocab_size:
+    raise config_lib.ConfigError(
+        f"config.model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
+        "leave it unset to use the tokenizer's size.")
+  try:
+    return TransformerConfig.from_config(model.to_dict(), vocab_size=vocab_size,
+                                         max_len=model.max_len or config.seq_len)
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from error
+
+
+def check_checkpoint_fits(directory: str, model_config: TransformerConfig) -> None:
+  """Raises CheckpointError if the checkpoint in `directory` has other parameter shapes."""
+  metadata = checkpoint_lib.read_metadata(directory)
+  saved = metadata.get("model", {})
+  current = dataclasses.asdict(model_config)
+  differences = [f"{key}: checkpoint {saved.get(key)!r}, config {current[key]!r}"
+                 for key in SHAPE_FIELDS if key in saved and saved.get(key) != current[key]]
+  if differences:
+    raise checkpoint_lib.CheckpointError(
+        f"The checkpoint in {directory} was written for a different model ({'; '.join(differences)}). "
+        "Use a new --workdir for this config, or set the model fields back to the checkpoint's values; "
+        "to start a different model from these weights is not possible, but init_from works for the same shapes.")
+
+
+def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> tuple[Experiment, bool]:
+  """Validates and builds a run. Returns (experiment, tokenizer_is_new). Writes nothing."""
+  config_lib.validate(config, mode)
+  tokenizer, tokenizer_is_new = resolve_tokenizer(config, workdir)
+  model_config = model_config_for(config, tokenizer)
+  model = TransformerLM(model_config)
+  tx, schedule = optim.make_optimizer(config.optim, config.steps)
+  try:
+    rules = sharding.normalize_rules(config.mesh.rules)
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from error
+  mesh = sharding.make_mesh(config.mesh)
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % (data_parallel * config.grad_accum_steps):
+    raise config_lib.ConfigError(
+        f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
+        f"{data_parallel} (mesh.data x mesh.fsdp) times grad_accum_steps={config.grad_accum_steps}; "
+        "make batch_size a multiple of it.")
+  example_tokens = jnp.zeros((config.batch_size // config.grad_accum_steps, config.seq_len), jnp.int32)
+  shardings = state_lib.state_shardings(model, tx, example_tokens, mesh, rules, config.seed)
+  abstract = jax.eval_shape(lambda: nn.meta.unbox(state_lib.boxed_state(model, tx, example_tokens, config.seed)))
+  abstract = checkpoint_lib.abstract_with_shardings(abstract, shardings)
+  compiled = step_lib.compile_steps(model, tx, schedule, shardings, mesh, rules, config.grad_accum_steps)
+  for directory in (workdir if checkpoint_lib.has_checkpoint(workdir) and config.resume else None,
+                    config.warm_start, config.init_from):
+    if directory:
+      check_checkpoint_fits(directory, model_config)
+  experiment = Experiment(config, workdir, tokenizer, model_config, model, tx, schedule, mesh, rules, compiled,
+                          abstract, example_tokens)
+  logging.info("Model %s: %s parameters.", model_config.variant,
+               f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}")
+  return experiment, tokenizer_is_new
+
+
+def token_windows(experiment: Experiment, source: sources.TextSource, stride: int) -> pipeline.Windows:
+  tokens = pipeline.tokenize_split(source, experiment.tokenizer)
+  return pipeline.Windows(tokens, experiment.config.seq_len, stride, name=source.name)

@@ -1,0 +1,226 @@
+"""The training loop: build, restore or initialize, train, evaluate, checkpoint.
+
+`train(config, workdir)` is what `--mode train` runs and what a notebook
+calls. It guards itself: a NaN/Inf loss or gradient norm stops the run before
+a bad state is checkpointed, and SIGTERM/SIGINT save a checkpoint and exit
+cleanly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+
+from lm import config as config_lib
+from lm.data import pipeline
+from lm.train import checkpoint as checkpoint_lib
+from lm.train import perf
+from lm.train.experiment import TOKENIZER_DIR, Experiment, build_experiment, open_eval_split, open_train_split, token_windows
+from lm.train.metrics import MetricWriter
+from lm.train.state import TrainState
+
+
+class NonFiniteError(RuntimeError):
+  """The loss or gradient norm became NaN/Inf."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int
+  train_loss: float | None
+  eval_loss: float | None
+  interrupted: str | None  # name of the signal that stopped the run, if any
+  workdir: str
+
+
+class StopSignal:
+  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+
+  def __init__(self):
+    self.received: str | None = None
+
+  @contextlib.contextmanager
+  def installed(self) -> Iterator[StopSignal]:
+    if threading.current_thread() is not threading.main_thread():
+      yield self  # signal handlers can only be set from the main thread (e.g. some notebook kernels)
+      return
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum, frame):  # pylint: disable=unused-argument
+      self.received = signal.Signals(signum).name
+
+    for sig in previous:
+      signal.signal(sig, handler)
+    try:
+      yield self
+    finally:
+      for sig, old in previous.items():
+        signal.signal(sig, old)
+
+
+def evaluate_params(experiment: Experiment, params: Any, windows: pipeline.Windows,
+                    num_batches: int | None = None) -> dict[str, float]:
+  """Mean token loss over eval windows, with perplexity and bits per token/character."""
+  dataset = pipeline.eval_dataset(windows, global_batch_size=experiment.config.batch_size,
+                                  num_batches=num_batches or None)
+  if len(dataset) == 0:
+    raise ValueError(f"The eval split has {len(windows)} windows, fewer than one batch of "
+                     f"{experiment.config.batch_size}; lower batch_size or use a larger split.")
+  loss_sum, tokens = 0.0, 0.0
+  with experiment.steps.context():
+    for local in dataset:
+      batch = {k: pipeline.to_global(v, experiment.steps.batch_sharding, experiment.config.batch_size)
+               for k, v in local.items()}
+      out = experiment.steps.eval_step(params, batch)
+      loss_sum += float(out["loss_sum"])
+      tokens += float(out["tokens"])
+  loss = loss_sum / tokens
+  chars_per_token = windows.chars_per_token(experiment.tokenizer)
+  return {
+      "eval/loss": loss,
+      "eval/perplexity": math.exp(min(loss, 50.0)),
+      "eval/bits_per_token": loss / math.log(2),
+      "eval/bits_per_char": loss / math.log(2) / chars_per_token,
+      "eval/tokens": tokens,
+  }
+
+
+def _check_finite(step: int, metrics: dict[str, Any]) -> None:
+  for name in ("train/loss", "train/grad_norm"):
+    value = float(metrics[name])
+    if not math.isfinite(value):
+      raise NonFiniteError(
+          f"{name} is {value} at step {step}. The run stopped without saving this state; the last good "
+          "checkpoint is intact. Lower optim.lr, check the data, or raise optim.warmup_steps, then resume.")
+
+
+def _write_run_files(experiment: Experiment, tokenizer_is_new: bool) -> None:
+  """Tokenizer and resolved config into the workdir (process 0; called only after all checks)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(experiment.workdir, exist_ok=True)
+  if tokenizer_is_new:
+    experiment.tokenizer.save(os.path.join(experiment.workdir, TOKENIZER_DIR))
+  with open(os.path.join(experiment.workdir, "config.json"), "w") as f:
+    json.dump(experiment.metadata(), f, indent=2, default=str)
+
+
+def initial_state(experiment: Experiment) -> tuple[TrainState, dict[str, Any] | None, str]:
+  """Resume, warm-start, init-from or fresh init, in that order of precedence."""
+  config = experiment.config
+  if config.resume and checkpoint_lib.has_checkpoint(experiment.workdir):
+    state, data_state, _, step = checkpoint_lib.restore(experiment.workdir, experiment.abstract_state)
+    return state, data_state, f"resumed from step {step}"
+  if config.warm_start:
+    state, _, _, step = checkpoint_lib.restore(config.warm_start, experiment.abstract_state, with_data=False)
+    return state, None, f"warm-started from {config.warm_start} step {step}"
+  state = experiment.init_state()
+  if config.init_from:
+    params, step = checkpoint_lib.restore_params(config.init_from, experiment.abstract_state.params)
+    state = state.replace(params=params)
+    return state, None, f"initialized weights from {config.init_from} step {step}"
+  return state, None, "initialized from scratch"
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints)."""
+  experiment, tokenizer_is_new = build_experiment(config, workdir, "train")
+  train_windows = token_windows(experiment, open_train_split(config), config.data.train_stride)
+  eval_windows = token_windows(experiment, open_eval_split(config), config.seq_len)
+  state, data_state, how = initial_state(experiment)
+  _write_run_files(experiment, tokenizer_is_new)
+  logging.info("Train state %s; %d training windows, %d eval windows.", how, len(train_windows), len(eval_windows))
+
+  dataset = pipeline.train_dataset(train_windows, seed=config.seed, global_batch_size=config.batch_size)
+  batches = pipeline.BatchIterator(dataset, experiment.steps.batch_sharding, global_batch_size=config.batch_size,
+                                   prefetch=config.data.prefetch, threads=config.data.threads)
+  if data_state:
+    batches.set_state(data_state["iterator"])
+  checkpointer = checkpoint_lib.Checkpointer(experiment.checkpoint_dir, keep=config.keep_checkpoints,
+                                             keep_best=config.keep_best, asynchronous=config.async_checkpointing)
+  writer = MetricWriter(workdir)
+  metadata = experiment.metadata()
+  num_params = perf.matmul_params(state.params, experiment.model_config)
+  flops_per_step = perf.flops_per_token(num_params, experiment.model_config, config.seq_len) * (
+      config.batch_size * config.seq_len)
+  peak = perf.peak_flops_per_device(experiment.model_config.dtype, config.bench.peak_flops_per_device) * (
+      jax.device_count())
+
+  start_step = int(state.step)
+  step = start_step
+  last_eval: float | None = None
+  last_train: float | None = None
+  pending: tuple[int, dict[str, Any]] | None = None  # metrics of the previous step, checked one step late
+  window_start, window_steps = time.perf_counter(), 0
+  progress = _progress_bar(start_step, config.steps)
+
+  def save(at_step: int, eval_loss: float | None = None) -> None:
+    if pending is not None:
+      _check_finite(*pending)
+    checkpointer.save(at_step, state, {"iterator": batches.get_state(), "step": at_step,
+                                       "process_count": jax.process_count()}, metadata, eval_loss)
+
+  stop = StopSignal()
+  try:
+    with stop.installed(), experiment.steps.context():
+      while step < config.steps:
+        batch = next(batches)
+        state, metrics = experiment.steps.train_step(state, batch)
+        if pending is not None:
+          # Checking the previous step's metrics here keeps one step in flight
+          # on the device instead of synchronizing on every step.
+          _check_finite(*pending)
+        step += 1
+        pending = (step, metrics)
+        window_steps += 1
+        if step % config.log_every == 0 or step == config.steps:
+          _check_finite(*pending)
+          elapsed = time.perf_counter() - window_start
+          step_time = elapsed / window_steps
+          logged = {k: float(v) for k, v in metrics.items()}
+          logged["perf/step_time_ms"] = 1e3 * step_time
+          logged["perf/tokens_per_sec"] = config.batch_size * config.seq_len / step_time
+          logged["perf/mfu"] = flops_per_step / step_time / peak
+          writer.write(step, logged)
+          last_train = logged["train/loss"]
+          progress.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{logged['perf/tokens_per_sec']:,.0f}")
+          window_start, window_steps = time.perf_counter(), 0
+        eval_loss = None
+        if step % config.eval_every == 0 or step == config.steps:
+          eval_metrics = evaluate_params(experiment, state.params, eval_windows, config.eval_batches)
+          writer.write(step, eval_metrics)
+          eval_loss = last_eval = eval_metrics["eval/loss"]
+          logging.info("step %d: eval/loss %.4f", step, eval_loss)
+          window_start = time.perf_counter()  # keep eval time out of the step-time figure
+        if step % config.checkpoint_every == 0 or step == config.steps:
+          save(step, eval_loss)
+        progress.update(1)
+        if stop.received:
+          logging.warning("%s received: saving step %d and stopping.", stop.received, step)
+          if step % config.checkpoint_every and step != config.steps:
+            save(step)
+          break
+  finally:
+    progress.close()
+    checkpointer.wait()
+    checkpointer.close()
+    writer.close()
+  return TrainResult(step, last_train, last_eval, stop.received, workdir)
+
+
+def _progress_bar(start: int, total: int):
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
+              dynamic_ncols=True, mininterval=1.0)

@@ -1,0 +1,53 @@
+"""Optax optimizer and learning-rate schedule from the `optim` config group."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import optax
+
+
+def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0 to `lr`, then decay to `min_lr` at `decay_steps` (default: total steps).
+
+  `schedule` is "cosine" (nanoGPT, Chinchilla), "linear", or "constant" (no decay).
+  """
+  warmup = int(optim["warmup_steps"])
+  decay_steps = int(optim.get("decay_steps") or total_steps)
+  lr, min_lr = float(optim["lr"]), float(optim["min_lr"])
+  kind = optim.get("schedule", "cosine")
+  warmup_fn = optax.linear_schedule(0.0, lr, max(warmup, 1))
+  remaining = max(decay_steps - warmup, 1)
+  if kind == "cosine":
+    decay_fn = optax.cosine_decay_schedule(lr, remaining, alpha=min_lr / lr if lr else 0.0)
+  elif kind == "linear":
+    decay_fn = optax.linear_schedule(lr, min_lr, remaining)
+  elif kind == "constant":
+    decay_fn = optax.constant_schedule(lr)
+  else:
+    raise ValueError(f"optim.schedule={kind!r} is not one of ('cosine', 'linear', 'constant').")
+  return optax.join_schedules([warmup_fn, decay_fn], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+  """Weight decay on matrices (kernels, embeddings) only, not on biases or norm scales."""
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """AdamW with global-norm clipping; returns the transformation and its schedule."""
+  schedule = learning_rate_schedule(optim, total_steps)
+  parts = []
+  if optim.get("grad_clip"):
+    parts.append(optax.clip_by_global_norm(float(optim["grad_clip"])))
+  parts.append(
+      optax.adamw(
+          schedule,
+          b1=float(optim["b1"]),
+          b2=float(optim["b2"]),
+          eps=float(optim.get("eps", 1e-8)),
+          weight_decay=float(optim["weight_decay"]),
+          mask=decay_mask,
+      ))
+  return optax.chain(*parts), schedule

@@ -1,0 +1,132 @@
+"""Pure, jitted train and eval steps.
+
+`train_step(state, batch) -> (state, metrics)` and `eval_step(params, batch)
+-> metrics` are plain functions of pytrees; `compile_steps` jits them with
+explicit input/output shardings over the mesh and donates the state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding
+
+from lm.train import sharding as sharding_lib
+from lm.train.state import TrainState
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Summed token cross-entropy and token count.
+
+  logits: [batch, length, vocab] float32; targets: [batch, length] int32.
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+  """Builds `train_step(state, batch)`.
+
+  batch: {'inputs': [batch, length], 'targets': [batch, length]}. With
+  `grad_accum_steps = k` the batch is split into k micro-batches whose
+  gradients are averaged (scan, so memory is that of one micro-batch).
+  """
+  deterministic = model.config.dropout == 0.0
+
+  def loss_fn(params: Any, micro: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
+    logits = model.apply({"params": params}, micro["inputs"], deterministic=deterministic,
+                         rngs={"dropout": rng})
+    loss_sum, count = cross_entropy(logits, micro["targets"])
+    return loss_sum / count, loss_sum
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+    rng = jax.random.fold_in(state.key, state.step)
+    if grad_accum_steps == 1:
+      (loss, _), grads = grad_fn(state.params, batch, rng)
+    else:
+      micro_batches = jax.tree.map(
+          lambda x: x.reshape((grad_accum_steps, x.shape[0] // grad_accum_steps) + x.shape[1:]), batch)
+
+      def accumulate(carry, inputs):
+        index, micro = inputs
+        (loss, _), grads = grad_fn(state.params, micro, jax.random.fold_in(rng, index))
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro_batches))
+      loss, grads = jax.tree.map(lambda x: x / grad_accum_steps, (loss, grads))
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    metrics = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": schedule(state.step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
+  """Builds `eval_step(params, batch) -> {'loss_sum', 'tokens'}` (summed, so batches add up)."""
+
+  def eval_step(params: Any, batch: Batch) -> Metrics:
+    logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
+    loss_sum, count = cross_entropy(logits, batch["targets"])
+    return {"loss_sum": loss_sum, "tokens": count}
+
+  return eval_step
+
+
+@dataclasses.dataclass
+class CompiledSteps:
+  """The jitted steps and the shardings they were compiled for."""
+
+  train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
+  eval_step: Callable[[Any, Batch], Metrics]
+  state_shardings: TrainState
+  batch_sharding: NamedSharding
+  mesh: Mesh
+  rules: sharding_lib.Rules
+
+  def context(self) -> contextlib.AbstractContextManager:
+    """Mesh + logical-rule context every call of the steps (and tracing) runs under."""
+    return mesh_context(self.mesh, self.rules)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules: sharding_lib.Rules) -> Iterator[None]:
+  """Activates the mesh and the logical-axis rules (needed while tracing the model)."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
+
+
+def compile_steps(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                  state_shardings: TrainState, mesh: Mesh, rules: sharding_lib.Rules,
+                  grad_accum_steps: int = 1) -> CompiledSteps:
+  """Jits the steps with explicit shardings; the train state is donated."""
+  batch_sharding = sharding_lib.batch_sharding(mesh, rules)
+  batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+  replicated = sharding_lib.replicated(mesh)
+  train_step = jax.jit(
+      make_train_step(model, tx, schedule, grad_accum_steps),
+      in_shardings=(state_shardings, batch_shardings),
+      out_shardings=(state_shardings, replicated),
+      donate_argnums=0,
+  )
+  eval_step = jax.jit(
+      make_eval_step(model),
+      in_shardings=(state_shardings.params, batch_shardings),
+      out_shardings=replicated,
+  )
+  return CompiledSteps(train_step, eval_step, state_shardings, batch_sharding, mesh, rules)
