@@ -1,0 +1,480 @@
+"""Where text comes from: TFDS catalog datasets and local files, both read through TFDS.
+
+A source string names the data:
+
+  * ``tfds:NAME``, ``tfds:NAME:SPLIT``, ``tfds:NAME/CONFIG:VERSION:SPLIT`` — a dataset
+    from the TFDS catalog (or any dataset prepared under ``$TFDS_DATA_DIR``).
+  * a path to a ``.txt``, ``.jsonl`` or ``.tsv`` file, or to a folder of such files.
+    Local files are prepared once into ``array_record`` by the project's own TFDS
+    builder, in a cache keyed on the files, so both kinds are read the same way:
+    random access, no TensorFlow.
+
+Every split string may use TFDS slicing (``train[:90%]``, ``train[90%:]``,
+``validation+test``); it is passed through to TFDS.
+
+A document is one TFDS example: a paragraph of a ``.txt`` file, one line of a
+``.jsonl`` file, one row of a ``.tsv`` file. Joining the documents of a ``.txt``
+file with ``PARAGRAPH_SEPARATOR`` restores its text (up to runs of blank lines).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import tensorflow_datasets as tfds
+
+try:  # POSIX only; without it, concurrent preparation falls back to TFDS's atomic rename.
+  import fcntl
+except ImportError:  # pragma: no cover
+  fcntl = None
+
+PARAGRAPH_SEPARATOR = "\n\n"
+SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".tsv")
+# A file in a folder whose stem (or the stem's last dotted part, as in ptb.valid.txt)
+# is one of these names holds that split; every other file is part of "train".
+SPLIT_NAMES = ("train", "validation", "valid", "dev", "test")
+# Used as "validation" when a folder has exactly one of them and no validation file.
+_VALIDATION_ALIASES = ("valid", "dev")
+# Columns that hold the text in common TSV corpora (SST-2 uses "sentence" or "content").
+_TSV_FALLBACK_COLUMNS = ("sentence", "text", "content")
+# Bump when parsing rules change, so caches prepared under the old rules are not reused.
+_PARSER_VERSION = 1
+_CACHE_ENV = "LM_DATA_CACHE"
+_DEFAULT_CACHE_DIR = "~/.cache/lm/tfds"
+_LOCAL_FEATURE = "text"
+_READ_CHUNK = 1024  # documents per batched read when iterating
+_VERSION_RE = re.compile(r"^(\d+(\.(\d+|\*)){0,2}|\*)$")
+
+
+class DataError(ValueError):
+  """Bad data input: the message names the problem and the fix."""
+
+
+class TextSource:
+  """Random access over the documents of one split, each a decoded ``str``.
+
+  Wraps a TFDS data source (``ArrayRecordDataSource``); indexing reads one record.
+  Reading many at once through ``__getitems__`` (or iterating) is ~10x faster per
+  document, because TFDS decodes a batch in one call.
+  """
+
+  def __init__(self, records: Sequence[Mapping[str, Any]], *, field: str, name: str):
+    self._records = records
+    self._field = field
+    self.name = name
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, index: int) -> str:
+    length = len(self._records)
+    if index < -length or index >= length:
+      raise IndexError(f"document {index} out of range for {self.name} ({length} documents)")
+    return self._decode(self._records[index % length])
+
+  def __getitems__(self, indices: Sequence[int]) -> list[str]:
+    """Documents at ``indices``, read in one batch."""
+    indices = [int(index) for index in indices]
+    batched_read = getattr(self._records, "__getitems__", None)
+    rows = batched_read(indices) if batched_read else [self._records[i] for i in indices]
+    return [self._decode(row) for row in rows]
+
+  # Grain's batched-read protocol (SupportsBatchedReadRandomAccessDataSource) uses this name.
+  _getitems = __getitems__
+
+  def __iter__(self) -> Iterator[str]:
+    for start in range(0, len(self), _READ_CHUNK):
+      yield from self.__getitems__(range(start, min(start + _READ_CHUNK, len(self))))
+
+  def __repr__(self) -> str:
+    return f"TextSource({self.name!r}, {len(self)} documents)"
+
+  def _decode(self, row: Mapping[str, Any]) -> str:
+    value = row[self._field]  # a Text feature: open_split checked
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+
+
+def parse_source(source: str) -> tuple[str, str, str | None]:
+  """Splits a source string into ``(kind, target, split or None)``.
+
+  ``kind`` is ``"tfds"`` (target: the name TFDS accepts, e.g. ``"wmt/de-en:1.0.0"``)
+  or ``"local"`` (target: the path). A local path may carry a split after a colon
+  (``corpus.txt:train[:90%]``) only when the part before the colon exists; paths
+  that do not exist are returned whole, so ``open_split`` reports them.
+  """
+  if source.startswith("tfds:"):
+    name, version, split = source[len("tfds:") :], None, None
+    if ":" in name:
+      name, rest = name.split(":", 1)
+      head, _, tail = rest.partition(":")
+      if _VERSION_RE.match(head):
+        version, split = head, tail or None
+      else:
+        split = rest
+    if not name:
+      raise DataError(f"Source {source!r} names no dataset. Fix: write tfds:NAME, e.g. tfds:tiny_shakespeare.")
+    return "tfds", f"{name}:{version}" if version else name, split
+  if not Path(source).expanduser().exists():
+    for position, char in enumerate(source):
+      if char == ":" and position > 0 and Path(source[:position]).expanduser().exists():
+        return "local", source[:position], source[position + 1 :] or None
+  return "local", source, None
+
+
+def open_split(source: str, split: str, *, text_field: str = "text",
+               cache_dir: str | None = None) -> TextSource:
+  """Opens one split of ``source`` for random access.
+
+  Args:
+    source: ``tfds:NAME[...]`` or a local path (see the module docstring). A split
+      written into the source string is ignored here; callers that honour it read
+      it with ``parse_source``.
+    split: split name, TFDS slicing allowed (``train[:90%]``).
+    text_field: the TFDS feature, JSONL field or TSV column holding the text.
+    cache_dir: where local files are prepared; default ``$LM_DATA_CACHE`` or
+      ``~/.cache/lm/tfds``. TFDS catalog data is read from ``$TFDS_DATA_DIR``.
+  Raises:
+    DataError: the source, split or files are unusable; the message says how to fix it.
+  """
+  kind, target, _ = parse_source(source)
+  if kind == "tfds":
+    builder = _catalog_builder(target)
+    features = dict(builder.info.features.items())
+    if not isinstance(features.get(text_field), tfds.features.Text):
+      present = {name: type(feature).__name__ for name, feature in features.items()}
+      raise DataError(
+          f"TFDS dataset {target!r} has no text feature {text_field!r}; its features are {present}. "
+          "Fix: pass text_field= naming one of its Text features.")
+    return _open_builder_split(builder, split, text_field, label=f"tfds:{target}")
+  root = _resolve_path(target)
+  builder = _prepared_local_builder(_discover_splits(root), text_field, _cache_root(cache_dir))
+  return _open_builder_split(builder, split, _LOCAL_FEATURE, label=str(root))
+
+
+def list_splits(source: str, *, cache_dir: str | None = None) -> list[str]:
+  """Names of the splits ``source`` provides (local files are not prepared for this)."""
+  del cache_dir  # Splits of local files follow from their names; nothing is read.
+  kind, target, _ = parse_source(source)
+  if kind == "tfds":
+    return list(_catalog_builder(target).info.splits.keys())
+  splits = _discover_splits(_resolve_path(target))
+  return sorted(splits, key=lambda s: SPLIT_NAMES.index(s) if s in SPLIT_NAMES else len(SPLIT_NAMES))
+
+
+# ----------------------------------------------------------------------------- TFDS
+
+
+@contextlib.contextmanager
+def _quiet_tfds() -> Iterator[None]:
+  """Hides TFDS's per-folder warnings and progress bars; restores them afterwards."""
+  absl_logger = logging.getLogger("absl")
+  previous_level = absl_logger.level
+  progress_was_on = getattr(tfds.core.utils.tqdm_utils, "_active", True)
+  absl_logger.setLevel(logging.ERROR)
+  tfds.display_progress_bar(False)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(previous_level)
+    tfds.display_progress_bar(progress_was_on)
+
+
+def _catalog_builder(name: str) -> tfds.core.DatasetBuilder:
+  """A prepared TFDS builder for ``name``; never downloads."""
+  data_dir = os.environ.get("TFDS_DATA_DIR") or None  # read now: TFDS reads it once, at import
+  shown_dir = data_dir or f"{tfds.core.constants.DATA_DIR} (TFDS default; TFDS_DATA_DIR is not set)"
+  try:
+    with _quiet_tfds():
+      builder = tfds.builder(name, data_dir=data_dir)
+      is_prepared = builder.is_prepared()
+  except tfds.core.registered.DatasetNotFoundError:
+    # TFDS's own message lists every dataset in the catalog; say only what helps.
+    raise DataError(
+        f"TFDS dataset {name!r} is unknown: it is neither in the TFDS catalog nor prepared in the "
+        f"TFDS data dir {shown_dir}. Fix: check the name (https://www.tensorflow.org/datasets/catalog); "
+        "on a machine without internet, set TFDS_DATA_DIR to a folder holding prepared data "
+        "(<dir>/<name>/<version>/dataset_info.json).") from None
+  except (AssertionError, ValueError, ImportError) as error:  # bad config or version, missing extra
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0].rstrip(".: ")
+    raise DataError(
+        f"Cannot open TFDS dataset {name!r}: {first_line}. Fix: check the config and version "
+        "in the name (tfds:NAME/CONFIG:VERSION) against the catalog or the TFDS data dir.") from error
+  if not is_prepared:
+    raise DataError(
+        f"TFDS dataset {name!r} is known but not prepared in the TFDS data dir {shown_dir} "
+        f"(looked in {builder.data_dir}). Fix: set TFDS_DATA_DIR to a folder holding it prepared, or "
+        "prepare it once on a machine with internet (`pip install tensorflow-cpu` may be needed): "
+        f"tfds.builder({name!r}).download_and_prepare(file_format='array_record').")
+  return builder
+
+
+def _open_builder_split(builder: tfds.core.DatasetBuilder, split: str, field: str, *,
+                        label: str) -> TextSource:
+  """Checks ``split`` against the builder's splits and opens it; ``label`` names the source in errors."""
+  available = list(builder.info.splits.keys())
+  try:
+    num_examples = builder.info.splits[split].num_examples
+  except (ValueError, KeyError, AssertionError) as error:
+    reason = (str(error).strip().splitlines() or ["unknown split"])[-1].rstrip(". ")
+    raise DataError(
+        f"Split {split!r} is not available for {label} ({reason}). Available splits: {available}. "
+        "Fix: use one of them, optionally sliced to hold out a part, e.g. 'train[:90%]' and "
+        "'train[90%:]'.") from None
+  if num_examples == 0:
+    sizes = {s: builder.info.splits[s].num_examples for s in available}
+    raise DataError(
+        f"Split {split!r} of {label} selects no documents (documents per split: {sizes}). "
+        "Fix: widen the slice; percent slices pick whole documents, so a split with one document "
+        "cannot be sliced by percent.")
+  with _quiet_tfds():
+    records = builder.as_data_source(split=split)
+  return TextSource(records, field=field, name=f"{label}:{split}")
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def _resolve_path(target: str) -> Path:
+  path = Path(target).expanduser()
+  if not path.exists():
+    raise DataError(
+        f"Data path {str(path)!r} does not exist. Fix: check the path, or name a TFDS dataset as "
+        "tfds:NAME (e.g. tfds:tiny_shakespeare).")
+  return path.resolve()
+
+
+def _cache_root(cache_dir: str | None) -> Path:
+  return Path(cache_dir or os.environ.get(_CACHE_ENV) or _DEFAULT_CACHE_DIR).expanduser().resolve()
+
+
+def _split_of(path: Path) -> str:
+  stem = path.stem.lower()
+  for candidate in (stem, stem.rsplit(".", 1)[-1]):
+    if candidate in SPLIT_NAMES:
+      return candidate
+  return "train"
+
+
+def _discover_splits(root: Path) -> dict[str, list[Path]]:
+  """Maps each split to its files, in name order."""
+  if root.is_file():
+    if root.suffix.lower() not in SUPPORTED_EXTENSIONS:
+      raise DataError(
+          f"Unsupported file type {root.suffix or '(no extension)'!r} for {root}. Fix: use .txt "
+          "(paragraphs separated by blank lines), .jsonl (one JSON object per line) or .tsv "
+          "(header row, then tab-separated rows).")
+    return {"train": [root]}
+  entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
+  files = [p for p in entries if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS]
+  if not files:
+    found = ", ".join(p.name for p in entries[:10]) or "nothing"
+    raise DataError(
+        f"Folder {root} has no .txt, .jsonl or .tsv files (found: {found}). Fix: add files with one "
+        "of these extensions (train.txt, validation.jsonl, ...), or point at a single file.")
+  splits: dict[str, list[Path]] = {}
+  for path in files:
+    splits.setdefault(_split_of(path), []).append(path)
+  aliases = [alias for alias in _VALIDATION_ALIASES if alias in splits]
+  if "validation" not in splits and len(aliases) == 1:
+    splits["validation"] = splits[aliases[0]]
+  return splits
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+  """Yields ``(line_number, line)`` without line endings, checking UTF-8 as it goes."""
+  offset = 0
+  with path.open("rb") as file:
+    for line_number, raw in enumerate(file, start=1):
+      body = raw[3:] if line_number == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
+      try:
+        line = body.decode("utf-8")
+      except UnicodeDecodeError as error:
+        raise DataError(
+            f"{path} is not valid UTF-8: byte offset {offset + len(raw) - len(body) + error.start} "
+            f"(line {line_number}) holds {body[error.start:error.start + 4]!r}. Fix: re-encode the "
+            f"file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed_{path.name}`.") from None
+      offset += len(raw)
+      yield line_number, line.rstrip("\n").removesuffix("\r")
+
+
+def _txt_documents(path: Path, text_field: str) -> Iterator[str]:
+  del text_field  # A .txt file has no fields.
+  paragraph: list[str] = []
+  for _, line in _lines(path):
+    if line.strip():
+      paragraph.append(line)
+    elif paragraph:
+      yield "\n".join(paragraph)
+      paragraph = []
+  if paragraph:
+    yield "\n".join(paragraph)
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+  for line_number, line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise DataError(
+          f"{path} line {line_number} is not valid JSON ({error.msg}). Fix: write one JSON object "
+          f'per line, e.g. {{"{text_field}": "..."}}.') from None
+    if not isinstance(record, dict) or text_field not in record:
+      fields = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+      raise DataError(
+          f"{path} line {line_number} has no field {text_field!r} (it has {fields}). Fix: pass "
+          "text_field= naming the field that holds the text, or add it to every line.")
+    if not isinstance(record[text_field], str):
+      raise DataError(
+          f"{path} line {line_number}: field {text_field!r} is {type(record[text_field]).__name__}, "
+          "not a string. Fix: store the text as a JSON string.")
+    yield record[text_field]
+
+
+def _tsv_documents(path: Path, text_field: str) -> Iterator[str]:
+  lines = _lines(path)
+  header = next(lines, (1, ""))[1].split("\t")
+  candidates = [text_field, *_TSV_FALLBACK_COLUMNS]
+  column = next((header.index(name) for name in candidates if name in header), None)
+  if column is None:
+    raise DataError(
+        f"{path} has no header naming a text column: its first line has columns {header[:10]}, none of "
+        f"{candidates}. Fix: make the first line a header such as 'label<TAB>sentence', or pass "
+        "text_field= naming the text column.")
+  for line_number, line in lines:
+    if not line:
+      continue
+    row = line.split("\t")
+    if len(row) != len(header):
+      raise DataError(
+          f"{path} line {line_number} has {len(row)} tab-separated columns; the header has "
+          f"{len(header)}. Fix: give every row the header's columns (tabs inside the text must go).")
+    yield row[column]
+
+
+_READERS = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".tsv": _tsv_documents}
+
+
+def read_documents(path: str | os.PathLike, *, text_field: str = "text") -> Iterator[str]:
+  """Streams the documents of one local file, checking it as it goes.
+
+  Raises:
+    DataError: the file is not UTF-8, is malformed, or holds no text.
+  """
+  path = Path(path)
+  has_text = False
+  for document in _READERS[path.suffix.lower()](path, text_field):
+    has_text = has_text or bool(document.strip())
+    yield document
+  if not has_text:
+    raise DataError(f"{path} holds no text (it is empty or blank). Fix: add text to it or remove it.")
+
+
+def _fingerprint(split_files: Mapping[str, Sequence[Path]], text_field: str) -> str:
+  """Names the cache entry; any edit to an input file (size or mtime) changes it."""
+  entries = []
+  for split, files in sorted(split_files.items()):
+    for path in files:
+      stat = path.stat()
+      entries.append([split, str(path), stat.st_size, stat.st_mtime_ns])
+  payload = json.dumps({"parser": _PARSER_VERSION, "text_field": text_field, "files": entries})
+  return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
+
+
+class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """Prepares local text files as an ``array_record`` TFDS dataset, in file order."""
+
+  name = "lm_local_text"
+  VERSION = tfds.core.Version("1.0.0")
+
+  def __init__(self, *, split_files: Mapping[str, Sequence[Path]], text_field: str, **kwargs: Any):
+    self._split_files = {split: list(files) for split, files in split_files.items()}
+    self._text_field = text_field
+    super().__init__(file_format="array_record", **kwargs)
+    # TFDS pickles a builder (e.g. into Grain workers) as its constructor arguments.
+    self._original_state.update(split_files=self._split_files, text_field=text_field)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    # disable_shuffling keeps documents in file order: LM training concatenates them.
+    # (dataset_info_from_configs would look for metadata beside a package that does not exist.)
+    features = tfds.features.FeaturesDict({_LOCAL_FEATURE: tfds.features.Text()})
+    return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, str]]]]:
+    del dl_manager  # Nothing to download.
+    return {split: self._generate_examples(files) for split, files in self._split_files.items()}
+
+  def _generate_examples(self, files: Sequence[Path]) -> Iterator[tuple[int, dict[str, str]]]:
+    ordinal = 0
+    for path in files:
+      for document in read_documents(path, text_field=self._text_field):
+        yield ordinal, {_LOCAL_FEATURE: document}
+        ordinal += 1
+
+  # TFDS looks beside a builder's code for download checksums. This builder downloads
+  # nothing, and the lookup itself fails on Python >= 3.9 installs that lack the
+  # `importlib_resources` backport, so say there is no code path to look in.
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> None:
+    return None
+
+  # TFDS prints a banner before and after preparing; preparing a local file is routine.
+  def _log_download_bytes(self) -> None:
+    logging.getLogger(__name__).info("Preparing %s into %s", self._split_files, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    pass
+
+
+@contextlib.contextmanager
+def _exclusive_lock(lock_path: Path) -> Iterator[None]:
+  """Serialises preparation of one cache entry across processes."""
+  if fcntl is None:  # pragma: no cover
+    yield
+    return
+  with lock_path.open("a") as lock_file:
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock_file, fcntl.LOCK_UN)
+
+
+def _prepared_local_builder(split_files: Mapping[str, Sequence[Path]], text_field: str,
+                            cache_root: Path) -> _LocalTextBuilder:
+  """A builder for these files, prepared in ``cache_root`` unless it already is."""
+  data_dir = cache_root / _fingerprint(split_files, text_field)
+  try:
+    data_dir.mkdir(parents=True, exist_ok=True)
+  except OSError as error:
+    raise DataError(
+        f"Cannot create the data cache {data_dir} ({error.strerror}). Fix: pass cache_dir= or set "
+        f"{_CACHE_ENV} to a writable folder.") from None
+
+  def make_builder() -> _LocalTextBuilder:
+    return _LocalTextBuilder(split_files=split_files, text_field=text_field, data_dir=str(data_dir))
+
+  # The lock makes a second process wait, then reuse what the first prepared.
+  with _exclusive_lock(data_dir / ".prepare.lock"), _quiet_tfds():
+    builder = make_builder()
+    if builder.is_prepared():
+      return builder
+    try:
+      builder.download_and_prepare()
+    except OSError:
+      # Without a working lock (e.g. some network filesystems) another process may
+      # have renamed its finished copy into place first; that copy is as good.
+      builder = make_builder()
+      if not builder.is_prepared():
+        raise
+    return make_builder()
