@@ -10,6 +10,7 @@ importable functions (lm.train.loop.train, lm.run_modes.*, lm.train.bench).
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 from absl import app, flags, logging
@@ -74,9 +75,63 @@ def main(argv: list[str]) -> None:
   sys.exit(code)
 
 
+def _config_file_and_overrides(argv: list[str]) -> tuple[str | None, list[str]]:
+  """The --config file and the dotted keys of its --config.KEY=VALUE overrides."""
+  path, keys = None, []
+  for index, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1]
+    elif arg == "--config" and index + 1 < len(argv):
+      path = argv[index + 1]
+    elif arg.startswith("--config."):
+      keys.append(arg[len("--config."):].split("=", 1)[0])
+  return path, keys
+
+
+def _explain_override_error(argv: list[str], error: BaseException) -> str:
+  """Names the --config.KEY override that does not exist, with the keys that do."""
+  path, keys = _config_file_and_overrides(argv)
+  if path:
+    try:
+      config = config_lib.load_config(path)
+      for key in keys:
+        node = config
+        parts = key.split(".")
+        for depth, part in enumerate(parts):
+          if not hasattr(node, "keys") or part not in node:
+            return config_lib.unknown_key_message("--config." + key, node) + (
+                "" if depth else " (top level)")
+          node = node[part]
+    except config_lib.ConfigError as config_error:
+      return str(config_error)
+  return f"Could not apply the --config overrides: {error}"
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing with one-line errors instead of tracebacks for bad flags."""
+  path, _ = _config_file_and_overrides(argv)
+  if path is not None and not os.path.isfile(path.split(":", 1)[0]):
+    print(f"error: config file {path!r} does not exist. Pass one of experiments/*.py with --config.",
+          file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+  try:
+    parsed = flags.FLAGS(argv)
+    if flags.FLAGS["config"].present:
+      flags.FLAGS.config.keys()  # a config file that fails to import reports its error lazily; surface it now
+    return parsed
+  except flags.Error as error:
+    message = str(error)
+  except OSError as error:  # the config file failed to load (syntax error, missing get_config)
+    message = f"could not load the config file: {error}"
+  except (AttributeError, KeyError, TypeError, ValueError) as error:  # raised by --config.KEY overrides
+    message = _explain_override_error(argv, error)
+  print(f"error: {message}\nRun `python -m lm.main --helpfull` for the flags.", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
 def run() -> None:
   """Console-script entry point (`lm ...`)."""
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)
 
 
 if __name__ == "__main__":

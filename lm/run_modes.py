@@ -59,7 +59,8 @@ def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str, prompt: s
   if len(ids) == 0:
     raise ValueError("config.sample.prompt encodes to no tokens; give at least one character.")
   prompt_ids = jnp.asarray(np.tile(np.asarray(ids, np.int32)[None], (options.num_samples, 1)))
-  tokens = sample_lib.generate_long(
-      experiment.model, params, prompt_ids, jax.random.key(options.seed), max_new_tokens=options.max_tokens,
-      temperature=float(options.temperature), top_k=int(options.top_k), top_p=float(options.top_p))
+  with experiment.steps.context():
+    tokens = sample_lib.generate_long(
+        experiment.model, params, prompt_ids, jax.random.key(options.seed), max_new_tokens=options.max_tokens,
+        temperature=float(options.temperature), top_k=int(options.top_k), top_p=float(options.top_p))
   return [prompt + experiment.tokenizer.decode(np.asarray(row)) for row in tokens]

@@ -124,7 +124,7 @@ def read_metadata(directory: str, step: int | None = None) -> dict[str, Any]:
   path = epath.Path(root) / str(step) / "metadata"
   try:
     return ocp.CheckpointManager(root, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
-        create=False, read_only=True)).restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
+        create=False, read_only=True, save_interval_steps=0)).restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore()))[
             "metadata"]
   except Exception as error:  # Orbax raises several types for unreadable items.
     raise CheckpointError(f"Cannot read checkpoint metadata at {path}: {error}. The checkpoint may be "
@@ -140,7 +140,7 @@ def restore(directory: str, abstract_state: TrainState, *, step: int | None = No
   """
   root = resolve_checkpoint_root(directory)
   manager = ocp.CheckpointManager(root, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
-      create=False, read_only=True))
+      create=False, read_only=True, save_interval_steps=0))
   step = step if step is not None else manager.latest_step()
   items = {"state": ocp.args.StandardRestore(abstract_state), "metadata": ocp.args.JsonRestore()}
   if with_data:

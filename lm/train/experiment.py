@@ -9,6 +9,7 @@ or checkpoint stops the run with the workdir exactly as it was.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any
 
@@ -64,10 +65,22 @@ class Experiment:
         "lm_version": __import__("lm").__version__,
     }
 
+  def logits(self, params: Any, tokens: Any) -> jax.Array:
+    """Forward pass [batch, length] -> [batch, length, vocab] on the run's mesh (jitted, notebook helper)."""
+    with self.steps.context():
+      return _jitted_apply(self.model, params, jnp.asarray(tokens, jnp.int32))
+
   def init_state(self) -> state_lib.TrainState:
     state, _ = state_lib.create_state(self.model, self.tx, self.example_tokens, self.mesh, self.rules,
                                       self.config.seed)
     return state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_apply(model: TransformerLM, params: Any, tokens: jax.Array) -> jax.Array:
+  # The logical sharding constraints inside the model need a traced context:
+  # under a mesh they are sharding annotations, which eager calls cannot take.
+  return model.apply({"params": params}, tokens)
 
 
 def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) -> tuple[tokenizers_lib.Tokenizer, bool]:

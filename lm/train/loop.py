@@ -221,6 +221,6 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
 
 def _progress_bar(start: int, total: int):
-  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+  from tqdm import tqdm  # plain text bar: works in terminals, logs and notebooks alike  # pylint: disable=g-import-not-at-top
   return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
               dynamic_ncols=True, mininterval=1.0)

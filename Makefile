@@ -1,0 +1,52 @@
+# `make train` and `make test` each set up .venv/ first, so both work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+# TFDS reads prepared datasets from TFDS_DATA_DIR. Use the prepared copy beside
+# the checkout when there is one; otherwise TFDS's default (~/tensorflow_datasets),
+# where an online machine downloads tiny_shakespeare by itself.
+ifneq ($(wildcard ../shared/tfds),)
+TFDS_DATA_DIR ?= $(abspath ../shared/tfds)
+endif
+ifdef TFDS_DATA_DIR
+export TFDS_DATA_DIR
+endif
+
+CONFIG ?= experiments/shakespeare_char.py
+WORKDIR ?= runs/shakespeare_char
+ARGS ?=
+# Tests run in 2 pytest workers (the CI machine has 2 cores).
+PYTEST_ARGS ?= -n 2
+
+.PHONY: install train test bench eval sample clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m ipykernel install --prefix $(VENV) --name python3 > /dev/null
+	touch $(STAMP)
+
+train: install
+	$(PY) -m lm.main --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
+
+eval: install
+	$(PY) -m lm.main --config $(CONFIG) --workdir $(WORKDIR) --mode eval $(ARGS)
+
+sample: install
+	$(PY) -m lm.main --config $(CONFIG) --workdir $(WORKDIR) --mode sample $(ARGS)
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The JAX step and its PyTorch eager peer, same shapes, same machine, same run.
+bench: install
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) benchmarks/run.py --config $(CONFIG) $(ARGS)
+
+clean:
+	rm -rf $(VENV) *.egg-info runs .pytest_cache
