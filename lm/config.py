@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.use_bias = placeholder(bool)
   config.model.tie_embeddings = placeholder(bool)
   config.model.dropout = 0.0
+  config.model.gelu_approximate = False  # True: GPT-2's tanh approximation of GELU
   config.model.dtype = "float32"  # computation dtype: bfloat16 on accelerators
   config.model.param_dtype = "float32"  # master weights
   config.model.attention_impl = "xla"  # xla | cudnn
@@ -99,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.optim.decay_steps = placeholder(int)  # None: steps
   config.optim.schedule = "cosine"  # cosine | linear | constant
   config.optim.weight_decay = 0.1
+  config.optim.decay_embeddings = True  # weight decay on the token/position tables too (nanoGPT: yes)
   config.optim.b1 = 0.9
   config.optim.b2 = 0.95
   config.optim.eps = 1e-8

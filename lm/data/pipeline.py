@@ -32,7 +32,9 @@ def tokenize_split(source: sources.TextSource, tokenizer: Tokenizer) -> np.ndarr
   else:
     separator = tokenizer.encode(sources.PARAGRAPH_SEPARATOR).astype(np.int32)
   pieces = []
-  for index, ids in enumerate(grain.MapDataset.source(source).map(tokenizer.encode)):
+  # Iterating the source reads records in batches (~50 us per document); random
+  # access through a Grain map costs ~15x more per document on large corpora.
+  for index, ids in enumerate(map(tokenizer.encode, source)):
     if index and len(separator):
       pieces.append(separator)
     pieces.append(np.asarray(ids, np.int32))

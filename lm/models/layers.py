@@ -194,7 +194,7 @@ class Mlp(nn.Module):
       up = dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x)
       hidden = nn.silu(gate) * up
     else:
-      hidden = nn.gelu(dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x), approximate=True)
+      hidden = nn.gelu(dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x), approximate=cfg.gelu_approximate)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     out = dense(cfg.width, ("mlp", "embed"), "down", std=residual_std)(hidden)

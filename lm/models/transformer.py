@@ -67,6 +67,7 @@ class TransformerConfig:
   tie_embeddings: bool = True
   dropout: float = 0.0
   norm_eps: float = 1e-5
+  gelu_approximate: bool = False  # exact erf GELU (nanoGPT, PyTorch's default); True: GPT-2's tanh form
   rope_theta: float = 10_000.0
   init_std: float = 0.02
   dtype: str = "float32"  # computation

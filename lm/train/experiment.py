@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 from typing import Any
 
@@ -96,7 +97,8 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) ->
   texts = None
   if data.tokenizer == "char" or (data.tokenizer == "sentencepiece" and not data.tokenizer_model):
     split = open_train_split(config)
-    texts = (split[i] for i in range(len(split)))
+    # The separator joins documents in the token stream, so its characters must be in the vocabulary.
+    texts = itertools.chain(split, [sources.PARAGRAPH_SEPARATOR])
   tokenizer = tokenizers_lib.build_tokenizer(
       data.tokenizer, texts, vocab_size=data.tokenizer_vocab_size, model_file=data.tokenizer_model or None)
   return tokenizer, True

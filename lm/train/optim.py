@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import jax
@@ -30,9 +31,24 @@ def learning_rate_schedule(optim: Mapping[str, Any], total_steps: int) -> optax.
   return optax.join_schedules([warmup_fn, decay_fn], [warmup])
 
 
-def decay_mask(params: Any) -> Any:
-  """Weight decay on matrices (kernels, embeddings) only, not on biases or norm scales."""
-  return jax.tree.map(lambda p: p.ndim >= 2, params)
+EMBEDDING_NAMES = ("embedding", "position_embedding")
+
+
+def decay_mask(params: Any, decay_embeddings: bool = True) -> Any:
+  """Weight decay on matrices only, not on biases or norm scales (nanoGPT's rule).
+
+  With `decay_embeddings=False` the token and position tables are not decayed
+  either: their rows are only updated for tokens/positions that occur, so
+  decay shrinks rare rows toward zero between their updates.
+  """
+
+  def decays(path, p) -> bool:
+    # The last dict key names the parameter (flax's partitioning boxes add an attribute key after it).
+    names = [entry.key for entry in path if isinstance(entry, jax.tree_util.DictKey)]
+    name = names[-1] if names else ""
+    return p.ndim >= 2 and (decay_embeddings or name not in EMBEDDING_NAMES)
+
+  return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -48,6 +64,6 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.Gr
           b2=float(optim["b2"]),
           eps=float(optim.get("eps", 1e-8)),
           weight_decay=float(optim["weight_decay"]),
-          mask=decay_mask,
+          mask=functools.partial(decay_mask, decay_embeddings=bool(optim.get("decay_embeddings", True))),
       ))
   return optax.chain(*parts), schedule
