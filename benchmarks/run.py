@@ -48,7 +48,7 @@ def torch_command(figures: dict[str, Any], steps: int, config: str) -> list[str]
   return [sys.executable, str(ROOT / "benchmarks" / "torch_peer.py"), "--steps", str(steps), "--warmup", "10",
           "--layers", str(cfg.model.num_layers), "--heads", str(cfg.model.num_heads), "--width",
           str(cfg.model.width), "--context", str(cfg.seq_len), "--batch", str(cfg.batch_size), "--vocab",
-          str(figures.get("vocab_size", 66))]
+          str(figures.get("vocab_size", 66)), *([] if cfg.model.tie_embeddings in (None, True) else ["--untied"])]
 
 
 def main() -> None:

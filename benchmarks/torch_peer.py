@@ -108,7 +108,8 @@ class Block(nn.Module):
 class GPT(nn.Module):
   """nanoGPT's GPT, bias=False, dropout 0: tokens [batch, length] -> logits [batch, length, vocab]."""
 
-  def __init__(self, vocab_size: int, context: int, n_layer: int, n_head: int, n_embd: int) -> None:
+  def __init__(self, vocab_size: int, context: int, n_layer: int, n_head: int, n_embd: int,
+               tied: bool = True) -> None:
     super().__init__()
     self.context = context
     self.wte = nn.Embedding(vocab_size, n_embd)
@@ -116,8 +117,9 @@ class GPT(nn.Module):
     self.blocks = nn.ModuleList(Block(n_embd, n_head) for _ in range(n_layer))
     self.ln_f = nn.LayerNorm(n_embd, bias=False)
     self.lm_head = nn.Linear(n_embd, vocab_size, bias=False)
-    # Tied input/output embedding, so both ends train one matrix as in nanoGPT.
-    self.wte.weight = self.lm_head.weight
+    if tied:
+      # Tied input/output embedding, so both ends train one matrix as in nanoGPT.
+      self.wte.weight = self.lm_head.weight
 
   def forward(self, tokens: torch.Tensor) -> torch.Tensor:
     length = tokens.shape[1]
@@ -137,6 +139,7 @@ def build_model(
     n_head: int = DEFAULT_N_HEAD,
     n_embd: int = DEFAULT_N_EMBD,
     seed: int = PARAM_SEED,
+    tied: bool = True,
 ) -> GPT:
   """Builds the GPT with nanoGPT's initialization, on the CPU.
 
@@ -145,7 +148,7 @@ def build_model(
   variance does not grow with depth (GPT-2's scheme). LayerNorm scales start at 1.
   """
   generator = torch.Generator().manual_seed(seed)
-  model = GPT(vocab_size, context, n_layer, n_head, n_embd)
+  model = GPT(vocab_size, context, n_layer, n_head, n_embd, tied)
   for name, param in model.named_parameters():
     if param.dim() < 2:
       continue  # LayerNorm scales keep their ones.
@@ -250,6 +253,7 @@ def run_benchmark(
     vocab_size: int = DEFAULT_VOCAB_SIZE,
     torch_compile: bool = False,
     bf16: bool = False,
+    tied: bool = True,
 ) -> dict[str, Any]:
   """Times `steps` optimizer steps after `warmup` untimed ones; returns the result record.
 
@@ -275,7 +279,7 @@ def run_benchmark(
   if threads is not None:
     torch.set_num_threads(threads)
   try:
-    model = build_model(vocab_size, context, n_layer, n_head, n_embd).to(torch_device)
+    model = build_model(vocab_size, context, n_layer, n_head, n_embd, tied=tied).to(torch_device)
     optimizer = build_optimizer(model)
     # Compile only the model: the optimizer and clipping stay eager, so --compile
     # measures what torch.compile does to the network, not a whole-step graph.
@@ -330,7 +334,7 @@ def run_benchmark(
         "bf16": bf16,
         "shape": {
             "layers": n_layer, "heads": n_head, "width": n_embd,
-            "context": context, "batch": batch_size, "vocab": vocab_size,
+            "context": context, "batch": batch_size, "vocab": vocab_size, "tied": tied,
         },
         "final_loss": round(final_loss, 4),
         "other_cpu_load": other_cpu_load,
@@ -355,6 +359,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   # Off by default: the peer the comparison names is eager PyTorch.
   parser.add_argument("--compile", action="store_true", help="torch.compile the model")
   parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass")
+  parser.add_argument("--untied", action="store_true", help="separate output projection (lm's baseline)")
   return parser.parse_args(argv)
 
 
@@ -376,6 +381,7 @@ def main(argv: list[str] | None = None) -> None:
       vocab_size=args.vocab,
       torch_compile=args.compile,
       bf16=args.bf16,
+      tied=not args.untied,
   )
   load = result["other_cpu_load"]
   if load is not None and load > OTHER_LOAD_WARNING:

@@ -22,6 +22,7 @@ import optax
 from absl import logging
 from jax.sharding import Mesh
 
+from lm import __version__ as lm_version
 from lm import config as config_lib
 from lm.data import pipeline, sources
 from lm.data import tokenizers as tokenizers_lib
@@ -63,7 +64,7 @@ class Experiment:
         "config": config_lib.to_json_dict(self.config),
         "model": dataclasses.asdict(self.model_config),
         "tokenizer": self.tokenizer.to_json(),
-        "lm_version": __import__("lm").__version__,
+        "lm_version": lm_version,
     }
 
   def logits(self, params: Any, tokens: Any) -> jax.Array:

@@ -25,6 +25,7 @@ from absl import logging
 
 from lm import config as config_lib
 from lm.data import pipeline
+from lm.data.sources import DataError
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import perf
 from lm.train.experiment import TOKENIZER_DIR, Experiment, build_experiment, open_eval_split, open_train_split, token_windows
@@ -76,8 +77,8 @@ def evaluate_params(experiment: Experiment, params: Any, windows: pipeline.Windo
   dataset = pipeline.eval_dataset(windows, global_batch_size=experiment.config.batch_size,
                                   num_batches=num_batches or None)
   if len(dataset) == 0:
-    raise ValueError(f"The eval split has {len(windows)} windows, fewer than one batch of "
-                     f"{experiment.config.batch_size}; lower batch_size or use a larger split.")
+    raise DataError(f"The eval split has {len(windows)} windows, fewer than one batch of "
+                    f"{experiment.config.batch_size}; lower batch_size or use a larger eval split.")
   loss_sum, tokens = 0.0, 0.0
   with experiment.steps.context():
     for local in dataset:
