@@ -12,6 +12,7 @@ from lm.config import apply_overrides
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import loop, optim
 from lm.train.metrics import read_metrics
+from tests.helpers import ROOT
 
 
 def losses_by_step(workdir) -> dict[int, float]:
@@ -97,3 +98,26 @@ def test_overrides_reject_unknown_keys(tiny_config):
   from lm.config import ConfigError  # pylint: disable=g-import-not-at-top
   with pytest.raises(ConfigError, match="lrr.*lr"):
     apply_overrides(tiny_config(), {"optim.lrr": 1})
+
+
+def test_local_corpus_with_sentencepiece_trains_and_resumes_with_the_saved_tokenizer(tiny_config, tmp_path):
+  corpus = tmp_path / "corpus"
+  corpus.mkdir()
+  source = (ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt")
+  if not source.exists():
+    pytest.skip("../shared/data/tinyshakespeare/input.txt is not beside the checkout")
+  text = source.read_text()
+  (corpus / "train.txt").write_text(text[:60_000])
+  (corpus / "validation.txt").write_text(text[60_000:70_000])
+  overrides = {"data.source": str(corpus), "data.tokenizer": "sentencepiece", "data.tokenizer_vocab_size": 400,
+               "data.cache_dir": str(tmp_path / "cache"), "steps": 4, "eval_every": 4, "checkpoint_every": 4}
+  workdir = tmp_path / "run"
+  first = loop.train(tiny_config(**overrides), str(workdir))
+  saved = (workdir / "tokenizer" / "spm.model").read_bytes()
+  assert first.step == 4 and np.isfinite(first.eval_loss)
+  # Resuming must reuse the saved tokenizer, not train a new one.
+  (workdir / "tokenizer" / "spm.model").touch()
+  resumed = loop.train(tiny_config(**{**overrides, "steps": 6}), str(workdir))
+  assert resumed.step == 6 and (workdir / "tokenizer" / "spm.model").read_bytes() == saved
+  metadata = json.loads((workdir / "config.json").read_text())
+  assert metadata["tokenizer"]["kind"] == "sentencepiece" and metadata["model"]["vocab_size"] == 400
