@@ -186,25 +186,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
         step += 1
         pending = (step, metrics)
         window_steps += 1
+        row: dict[str, float] = {}  # one metrics.jsonl line per step, train and eval together
         if step % config.log_every == 0 or step == config.steps:
           _check_finite(*pending)
-          elapsed = time.perf_counter() - window_start
-          step_time = elapsed / window_steps
-          logged = {k: float(v) for k, v in metrics.items()}
-          logged["perf/step_time_ms"] = 1e3 * step_time
-          logged["perf/tokens_per_sec"] = config.batch_size * config.seq_len / step_time
-          logged["perf/mfu"] = flops_per_step / step_time / peak
-          writer.write(step, logged)
-          last_train = logged["train/loss"]
-          progress.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{logged['perf/tokens_per_sec']:,.0f}")
+          step_time = (time.perf_counter() - window_start) / window_steps
+          row.update({k: float(v) for k, v in metrics.items()})
+          row["perf/step_time_ms"] = 1e3 * step_time
+          row["perf/tokens_per_sec"] = config.batch_size * config.seq_len / step_time
+          row["perf/mfu"] = flops_per_step / step_time / peak
+          last_train = row["train/loss"]
+          progress.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{row['perf/tokens_per_sec']:,.0f}")
           window_start, window_steps = time.perf_counter(), 0
         eval_loss = None
         if step % config.eval_every == 0 or step == config.steps:
-          eval_metrics = evaluate_params(experiment, state.params, eval_windows, config.eval_batches)
-          writer.write(step, eval_metrics)
-          eval_loss = last_eval = eval_metrics["eval/loss"]
+          row.update(evaluate_params(experiment, state.params, eval_windows, config.eval_batches))
+          eval_loss = last_eval = row["eval/loss"]
           logging.info("step %d: eval/loss %.4f", step, eval_loss)
-          window_start = time.perf_counter()  # keep eval time out of the step-time figure
+          window_start, window_steps = time.perf_counter(), 0  # keep eval time out of the step-time figure
+        if row:
+          writer.write(step, row)
         if step % config.checkpoint_every == 0 or step == config.steps:
           save(step, eval_loss)
         progress.update(1)
