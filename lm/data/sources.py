@@ -31,20 +31,15 @@ from typing import Any
 
 import tensorflow_datasets as tfds
 
+from lm.data import local_files
+from lm.data.errors import DataError  # re-exported: callers catch sources.DataError
+
 try:  # POSIX only; without it, concurrent preparation falls back to TFDS's atomic rename.
   import fcntl
 except ImportError:  # pragma: no cover
   fcntl = None
 
 PARAGRAPH_SEPARATOR = "\n\n"
-SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".tsv")
-# A file in a folder whose stem (or the stem's last dotted part, as in ptb.valid.txt)
-# is one of these names holds that split; every other file is part of "train".
-SPLIT_NAMES = ("train", "validation", "valid", "dev", "test")
-# Used as "validation" when a folder has exactly one of them and no validation file.
-_VALIDATION_ALIASES = ("valid", "dev")
-# Columns that hold the text in common TSV corpora (SST-2 uses "sentence" or "content").
-_TSV_FALLBACK_COLUMNS = ("sentence", "text", "content")
 # Bump when parsing rules change, so caches prepared under the old rules are not reused.
 _PARSER_VERSION = 1
 _CACHE_ENV = "LM_DATA_CACHE"
@@ -52,10 +47,6 @@ _DEFAULT_CACHE_DIR = "~/.cache/lm/tfds"
 _LOCAL_FEATURE = "text"
 _READ_CHUNK = 1024  # documents per batched read when iterating
 _VERSION_RE = re.compile(r"^(\d+(\.(\d+|\*)){0,2}|\*)$")
-
-
-class DataError(ValueError):
-  """Bad data input: the message names the problem and the fix."""
 
 
 class TextSource:
@@ -154,8 +145,8 @@ def open_split(source: str, split: str, *, text_field: str = "text",
           f"TFDS dataset {target!r} has no text feature {text_field!r}; its features are {present}. "
           "Fix: pass text_field= naming one of its Text features.")
     return _open_builder_split(builder, split, text_field, label=f"tfds:{target}")
-  root = _resolve_path(target)
-  builder = _prepared_local_builder(_discover_splits(root), text_field, _cache_root(cache_dir))
+  root = local_files.resolve_path(target)
+  builder = _prepared_local_builder(local_files.discover_splits(root), text_field, _cache_root(cache_dir))
   return _open_builder_split(builder, split, _LOCAL_FEATURE, label=str(root))
 
 
@@ -165,8 +156,8 @@ def list_splits(source: str, *, cache_dir: str | None = None) -> list[str]:
   kind, target, _ = parse_source(source)
   if kind == "tfds":
     return list(_catalog_builder(target).info.splits.keys())
-  splits = _discover_splits(_resolve_path(target))
-  return sorted(splits, key=lambda s: SPLIT_NAMES.index(s) if s in SPLIT_NAMES else len(SPLIT_NAMES))
+  splits = local_files.discover_splits(local_files.resolve_path(target))
+  return sorted(splits, key=lambda s: local_files.SPLIT_NAMES.index(s) if s in local_files.SPLIT_NAMES else len(local_files.SPLIT_NAMES))
 
 
 # ----------------------------------------------------------------------------- TFDS
@@ -239,144 +230,11 @@ def _open_builder_split(builder: tfds.core.DatasetBuilder, split: str, field: st
   return TextSource(records, field=field, name=f"{label}:{split}")
 
 
-# ----------------------------------------------------------------------------- local files
-
-
-def _resolve_path(target: str) -> Path:
-  path = Path(target).expanduser()
-  if not path.exists():
-    raise DataError(
-        f"Data path {str(path)!r} does not exist. Fix: check the path, or name a TFDS dataset as "
-        "tfds:NAME (e.g. tfds:tiny_shakespeare).")
-  return path.resolve()
+# ----------------------------------------------------------------------------- local-file builder
 
 
 def _cache_root(cache_dir: str | None) -> Path:
   return Path(cache_dir or os.environ.get(_CACHE_ENV) or _DEFAULT_CACHE_DIR).expanduser().resolve()
-
-
-def _split_of(path: Path) -> str:
-  stem = path.stem.lower()
-  for candidate in (stem, stem.rsplit(".", 1)[-1]):
-    if candidate in SPLIT_NAMES:
-      return candidate
-  return "train"
-
-
-def _discover_splits(root: Path) -> dict[str, list[Path]]:
-  """Maps each split to its files, in name order."""
-  if root.is_file():
-    if root.suffix.lower() not in SUPPORTED_EXTENSIONS:
-      raise DataError(
-          f"Unsupported file type {root.suffix or '(no extension)'!r} for {root}. Fix: use .txt "
-          "(paragraphs separated by blank lines), .jsonl (one JSON object per line) or .tsv "
-          "(header row, then tab-separated rows).")
-    return {"train": [root]}
-  entries = sorted(p for p in root.iterdir() if not p.name.startswith("."))
-  files = [p for p in entries if p.is_file() and p.suffix.lower() in SUPPORTED_EXTENSIONS]
-  if not files:
-    found = ", ".join(p.name for p in entries[:10]) or "nothing"
-    raise DataError(
-        f"Folder {root} has no .txt, .jsonl or .tsv files (found: {found}). Fix: add files with one "
-        "of these extensions (train.txt, validation.jsonl, ...), or point at a single file.")
-  splits: dict[str, list[Path]] = {}
-  for path in files:
-    splits.setdefault(_split_of(path), []).append(path)
-  aliases = [alias for alias in _VALIDATION_ALIASES if alias in splits]
-  if "validation" not in splits and len(aliases) == 1:
-    splits["validation"] = splits[aliases[0]]
-  return splits
-
-
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-  """Yields ``(line_number, line)`` without line endings, checking UTF-8 as it goes."""
-  offset = 0
-  with path.open("rb") as file:
-    for line_number, raw in enumerate(file, start=1):
-      body = raw[3:] if line_number == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
-      try:
-        line = body.decode("utf-8")
-      except UnicodeDecodeError as error:
-        raise DataError(
-            f"{path} is not valid UTF-8: byte offset {offset + len(raw) - len(body) + error.start} "
-            f"(line {line_number}) holds {body[error.start:error.start + 4]!r}. Fix: re-encode the "
-            f"file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed_{path.name}`.") from None
-      offset += len(raw)
-      yield line_number, line.rstrip("\n").removesuffix("\r")
-
-
-def _txt_documents(path: Path, text_field: str) -> Iterator[str]:
-  del text_field  # A .txt file has no fields.
-  paragraph: list[str] = []
-  for _, line in _lines(path):
-    if line.strip():
-      paragraph.append(line)
-    elif paragraph:
-      yield "\n".join(paragraph)
-      paragraph = []
-  if paragraph:
-    yield "\n".join(paragraph)
-
-
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-  for line_number, line in _lines(path):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as error:
-      raise DataError(
-          f"{path} line {line_number} is not valid JSON ({error.msg}). Fix: write one JSON object "
-          f'per line, e.g. {{"{text_field}": "..."}}.') from None
-    if not isinstance(record, dict) or text_field not in record:
-      fields = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
-      raise DataError(
-          f"{path} line {line_number} has no field {text_field!r} (it has {fields}). Fix: pass "
-          "text_field= naming the field that holds the text, or add it to every line.")
-    if not isinstance(record[text_field], str):
-      raise DataError(
-          f"{path} line {line_number}: field {text_field!r} is {type(record[text_field]).__name__}, "
-          "not a string. Fix: store the text as a JSON string.")
-    yield record[text_field]
-
-
-def _tsv_documents(path: Path, text_field: str) -> Iterator[str]:
-  lines = _lines(path)
-  header = next(lines, (1, ""))[1].split("\t")
-  candidates = [text_field, *_TSV_FALLBACK_COLUMNS]
-  column = next((header.index(name) for name in candidates if name in header), None)
-  if column is None:
-    raise DataError(
-        f"{path} has no header naming a text column: its first line has columns {header[:10]}, none of "
-        f"{candidates}. Fix: make the first line a header such as 'label<TAB>sentence', or pass "
-        "text_field= naming the text column.")
-  for line_number, line in lines:
-    if not line:
-      continue
-    row = line.split("\t")
-    if len(row) != len(header):
-      raise DataError(
-          f"{path} line {line_number} has {len(row)} tab-separated columns; the header has "
-          f"{len(header)}. Fix: give every row the header's columns (tabs inside the text must go).")
-    yield row[column]
-
-
-_READERS = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".tsv": _tsv_documents}
-
-
-def read_documents(path: str | os.PathLike, *, text_field: str = "text") -> Iterator[str]:
-  """Streams the documents of one local file, checking it as it goes.
-
-  Raises:
-    DataError: the file is not UTF-8, is malformed, or holds no text.
-  """
-  path = Path(path)
-  has_text = False
-  for document in _READERS[path.suffix.lower()](path, text_field):
-    has_text = has_text or bool(document.strip())
-    yield document
-  if not has_text:
-    raise DataError(f"{path} holds no text (it is empty or blank). Fix: add text to it or remove it.")
 
 
 def _fingerprint(split_files: Mapping[str, Sequence[Path]], text_field: str) -> str:
@@ -416,7 +274,7 @@ class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   def _generate_examples(self, files: Sequence[Path]) -> Iterator[tuple[int, dict[str, str]]]:
     ordinal = 0
     for path in files:
-      for document in read_documents(path, text_field=self._text_field):
+      for document in local_files.read_documents(path, text_field=self._text_field):
         yield ordinal, {_LOCAL_FEATURE: document}
         ordinal += 1
 
