@@ -89,7 +89,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.gelu_approximate = False  # True: GPT-2's tanh approximation of GELU
   config.model.dtype = "float32"  # computation dtype: bfloat16 on accelerators
   config.model.param_dtype = "float32"  # master weights
-  config.model.attention_impl = "xla"  # xla | cudnn
+  # einsum: attention written out (lm.models.layers.einsum_attention), the fastest on CPU;
+  # xla | cudnn: jax.nn.dot_product_attention with that implementation (cudnn: fused, GPU only).
+  config.model.attention_impl = "einsum"
   config.model.remat_policy = "none"
   config.model.scan_layers = False
 

@@ -57,8 +57,15 @@ class Projection(nn.Module):
     kernel = self.param("kernel", param_init(self.std, self.kernel_axes), in_shape + tuple(self.out_features),
                         self.param_dtype)
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    contract = tuple(range(x.ndim - self.num_in_axes, x.ndim))
-    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(self.num_in_axes))), ((), ())))
+    # The same contraction as one 2-D matmul [rows, in] @ [in, out]: reshapes of
+    # contiguous axes are free, and XLA:CPU lowers a 2-D dot (and its two
+    # gradients) to plain GEMMs. With the leading [batch, length] axes kept, the
+    # kernel gradient contracts two axes, and XLA fused that transpose into the
+    # GELU's backward as one slow strided loop (BENCHMARKS.md, CPU section).
+    batch_shape = x.shape[:x.ndim - self.num_in_axes]
+    rows = math.prod(batch_shape)
+    y = jnp.dot(x.reshape(rows, math.prod(in_shape)), kernel.reshape(math.prod(in_shape), -1))
+    y = y.reshape(batch_shape + tuple(self.out_features))
     if self.use_bias:
       bias_axes = self.kernel_axes[self.num_in_axes:]
       bias = self.param("bias", zeros_init(bias_axes), tuple(self.out_features), self.param_dtype)
@@ -108,6 +115,34 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return rotated.astype(x.dtype)
 
 
+def einsum_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
+  """Softmax attention written out: two einsums and a masked softmax in float32.
+
+  The math of `jax.nn.dot_product_attention(implementation="xla")`, which
+  vmaps its core over the query groups; on XLA:CPU that leaves size-1 axes in
+  the softmax reductions, which run about half as fast (BENCHMARKS.md, CPU
+  section).
+
+  Args:
+    query: [batch, length, heads, head_dim].
+    key, value: [batch, kv_length, kv_heads, head_dim]; heads is a multiple of kv_heads.
+    mask: [length, kv_length], True where a query may attend.
+  Returns:
+    [batch, length, heads, head_dim], the dtype of `value`.
+  """
+  batch, length, heads, head_dim = query.shape
+  kv_heads = key.shape[2]
+  grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
+  logits = jnp.einsum("btkgh,bskh->bkgts", grouped, key, preferred_element_type=jnp.float32)
+  logits = logits * jnp.float32(head_dim ** -0.5)
+  # A large finite negative, not -inf, as jax.nn.dot_product_attention: a row
+  # with every key masked stays finite.
+  logits = jnp.where(mask, logits, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
+  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
+  out = jnp.einsum("bkgts,bskh->btkgh", probs, value)
+  return out.reshape(batch, length, heads, head_dim)
+
+
 class Attention(nn.Module):
   """Multi-head (or grouped-query) causal self-attention with a KV cache.
 
@@ -141,8 +176,14 @@ class Attention(nn.Module):
 
     if self.decode:
       key, value, mask = self._update_cache(key, value)
-      out = jax.nn.dot_product_attention(
-          query, key, value, mask=mask, implementation=cfg.attention_impl_for_decode)
+      if cfg.attention_impl_for_decode == "einsum":
+        out = einsum_attention(query, key, value, mask[0, 0])
+      else:
+        out = jax.nn.dot_product_attention(
+            query, key, value, mask=mask, implementation=cfg.attention_impl_for_decode)
+    elif cfg.attention_impl == "einsum":
+      length = query.shape[1]
+      out = einsum_attention(query, key, value, jnp.tril(jnp.ones((length, length), bool)))
     else:
       out = jax.nn.dot_product_attention(
           query, key, value, is_causal=True, implementation=cfg.attention_impl)
@@ -176,6 +217,20 @@ class Attention(nn.Module):
     return cached_key.value, cached_value.value, mask[None, None]
 
 
+def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
+  """GELU; exact as `x/2 * (1 + erf(x/sqrt(2)))`, PyTorch's and nanoGPT's formula.
+
+  jax.nn.gelu writes the exact form with erfc, which XLA:CPU expands into two
+  branches (one with an exp) where erf is a single rational polynomial: the
+  MLP's elementwise work costs about 3x as much (BENCHMARKS.md, CPU section).
+  The two agree to float32 rounding except far in the negative tail, where
+  both are ~0.
+  """
+  if approximate:
+    return nn.gelu(x, approximate=True)
+  return 0.5 * x * (1.0 + jax.lax.erf(x * jnp.asarray(math.sqrt(0.5), x.dtype)))
+
+
 class Mlp(nn.Module):
   """GELU MLP (GPT-2) or SwiGLU (Llama); hidden units on the `mlp` axis."""
 
@@ -194,7 +249,7 @@ class Mlp(nn.Module):
       up = dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x)
       hidden = nn.silu(gate) * up
     else:
-      hidden = nn.gelu(dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x), approximate=cfg.gelu_approximate)
+      hidden = gelu(dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x), approximate=cfg.gelu_approximate)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     out = dense(cfg.width, ("mlp", "embed"), "down", std=residual_std)(hidden)

@@ -161,6 +161,9 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   start_step = int(state.step)
   step = start_step
+  if start_step >= config.steps:
+    logging.warning("%s already holds step %d of %d: nothing to train. Raise config.steps to train on, "
+                    "or use a new --workdir.", workdir, start_step, config.steps)
   last_eval: float | None = None
   last_train: float | None = None
   pending: tuple[int, dict[str, Any]] | None = None  # metrics of the previous step, checked one step late
