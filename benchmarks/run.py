@@ -42,13 +42,14 @@ def lm_command(config: str, steps: int, extra: list[str]) -> list[str]:
 
 
 def torch_command(figures: dict[str, Any], steps: int, config: str) -> list[str]:
-  # The peer takes the shapes of the config being benchmarked.
+  # The peer takes the shapes of the config being benchmarked, and the tie choice of the lm run
+  # just measured (which sees --config.* overrides that this loader does not).
   from lm.config import load_config  # pylint: disable=g-import-not-at-top
   cfg = load_config(config)
   return [sys.executable, str(ROOT / "benchmarks" / "torch_peer.py"), "--steps", str(steps), "--warmup", "10",
           "--layers", str(cfg.model.num_layers), "--heads", str(cfg.model.num_heads), "--width",
           str(cfg.model.width), "--context", str(cfg.seq_len), "--batch", str(cfg.batch_size), "--vocab",
-          str(figures.get("vocab_size", 66)), *([] if cfg.model.tie_embeddings in (None, True) else ["--untied"])]
+          str(figures.get("vocab_size", 66)), *([] if figures.get("tie_embeddings", True) else ["--untied"])]
 
 
 def main() -> None:
@@ -58,21 +59,26 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=100)
   parser.add_argument("--no-torch", action="store_true", help="time lm only")
   args, extra = parser.parse_known_args()
-  lm_times, torch_times, lm_figures, torch_figures = [], [], {}, {}
+  lm_times, lm_compile_times, torch_times, lm_figures, torch_figures = [], [], [], {}, {}
   for round_index in range(args.rounds):
     lm_figures = run(lm_command(args.config, args.steps, extra))
     lm_times.append(lm_figures["step_time_ms"])
+    lm_compile_times.append(lm_figures["compile_time_s"])
     line = f"round {round_index + 1}: lm {lm_figures['step_time_ms']:.2f} ms"
     if not args.no_torch:
       torch_figures = run(torch_command(lm_figures, args.steps, args.config))
       torch_times.append(torch_figures["step_time_ms"])
       line += f", torch eager {torch_figures['step_time_ms']:.2f} ms"
     print(line, flush=True)
+  step_time = statistics.median(lm_times)
+  # Throughput and MFU of the median step time, not of the last round: both
+  # scale with 1 / step time (same FLOPs and peak in every round).
+  last_time = lm_figures["step_time_ms"]
   summary = {
-      "lm_step_time_ms": statistics.median(lm_times),
-      "lm_tokens_per_sec": lm_figures["tokens_per_sec"],
-      "lm_mfu": lm_figures["mfu"],
-      "lm_compile_time_s": lm_figures["compile_time_s"],
+      "lm_step_time_ms": step_time,
+      "lm_tokens_per_sec": lm_figures["tokens_per_sec"] * last_time / step_time,
+      "lm_mfu": lm_figures["mfu"] * last_time / step_time,
+      "lm_compile_time_s": statistics.median(lm_compile_times),
       "device": lm_figures["device"],
       "rounds": args.rounds,
       "steps_per_round": args.steps,

@@ -20,7 +20,7 @@ The tied model matches nanoGPT's own figure (1.88, reproduced 1.8857 on its
 clears it by a seed-independent margin.
 
 Expected result: eval/loss 1.857 at step 2000 (target <= 1.88).
-Runtime: about 4 minutes on a 2-core CPU (make train).
+Runtime: about 1.5 minutes on a 2-core CPU (make train).
 
 Command:
   TFDS_DATA_DIR=../shared/tfds python -m lm.main \

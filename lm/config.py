@@ -89,9 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.gelu_approximate = False  # True: GPT-2's tanh approximation of GELU
   config.model.dtype = "float32"  # computation dtype: bfloat16 on accelerators
   config.model.param_dtype = "float32"  # master weights
-  # einsum: attention written out (lm.models.layers.einsum_attention), the fastest on CPU;
-  # xla | cudnn: jax.nn.dot_product_attention with that implementation (cudnn: fused, GPU only).
-  config.model.attention_impl = "einsum"
+  config.model.attention_impl = "xla"  # xla | cudnn
   config.model.remat_policy = "none"
   config.model.scan_layers = False
 
@@ -126,6 +124,13 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
   config.mesh.rules = default_rules()
+
+  # XLA options for the jitted train/eval steps when the devices are CPUs; one
+  # set in XLA_FLAGS wins. YNNPACK runs the matmuls only: its reduction kernels
+  # (on by default in jaxlib 0.10) ran the attention softmax's gradient ~4x
+  # slower than XLA's own loops (BENCHMARKS.md, "CPU: train step vs PyTorch eager").
+  config.xla_cpu_options = ml_collections.ConfigDict()
+  config.xla_cpu_options.xla_cpu_experimental_ynn_fusion_type = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
   config.sample = ml_collections.ConfigDict()
   config.sample.prompt = "\n"

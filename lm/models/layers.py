@@ -115,34 +115,6 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return rotated.astype(x.dtype)
 
 
-def einsum_attention(query: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
-  """Softmax attention written out: two einsums and a masked softmax in float32.
-
-  The math of `jax.nn.dot_product_attention(implementation="xla")`, which
-  vmaps its core over the query groups; on XLA:CPU that leaves size-1 axes in
-  the softmax reductions, which run about half as fast (BENCHMARKS.md, CPU
-  section).
-
-  Args:
-    query: [batch, length, heads, head_dim].
-    key, value: [batch, kv_length, kv_heads, head_dim]; heads is a multiple of kv_heads.
-    mask: [length, kv_length], True where a query may attend.
-  Returns:
-    [batch, length, heads, head_dim], the dtype of `value`.
-  """
-  batch, length, heads, head_dim = query.shape
-  kv_heads = key.shape[2]
-  grouped = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
-  logits = jnp.einsum("btkgh,bskh->bkgts", grouped, key, preferred_element_type=jnp.float32)
-  logits = logits * jnp.float32(head_dim ** -0.5)
-  # A large finite negative, not -inf, as jax.nn.dot_product_attention: a row
-  # with every key masked stays finite.
-  logits = jnp.where(mask, logits, jnp.float32(-0.7 * jnp.finfo(jnp.float32).max))
-  probs = jax.nn.softmax(logits, axis=-1).astype(value.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, value)
-  return out.reshape(batch, length, heads, head_dim)
-
-
 class Attention(nn.Module):
   """Multi-head (or grouped-query) causal self-attention with a KV cache.
 
@@ -176,14 +148,8 @@ class Attention(nn.Module):
 
     if self.decode:
       key, value, mask = self._update_cache(key, value)
-      if cfg.attention_impl_for_decode == "einsum":
-        out = einsum_attention(query, key, value, mask[0, 0])
-      else:
-        out = jax.nn.dot_product_attention(
-            query, key, value, mask=mask, implementation=cfg.attention_impl_for_decode)
-    elif cfg.attention_impl == "einsum":
-      length = query.shape[1]
-      out = einsum_attention(query, key, value, jnp.tril(jnp.ones((length, length), bool)))
+      out = jax.nn.dot_product_attention(
+          query, key, value, mask=mask, implementation=cfg.attention_impl_for_decode)
     else:
       out = jax.nn.dot_product_attention(
           query, key, value, is_causal=True, implementation=cfg.attention_impl)
@@ -218,13 +184,11 @@ class Attention(nn.Module):
 
 
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
-  """GELU; exact as `x/2 * (1 + erf(x/sqrt(2)))`, PyTorch's and nanoGPT's formula.
+  """GELU; the exact form as `x/2 * (1 + erf(x/sqrt(2)))`, PyTorch's formula.
 
-  jax.nn.gelu writes the exact form with erfc, which XLA:CPU expands into two
-  branches (one with an exp) where erf is a single rational polynomial: the
-  MLP's elementwise work costs about 3x as much (BENCHMARKS.md, CPU section).
-  The two agree to float32 rounding except far in the negative tail, where
-  both are ~0.
+  jax.nn.gelu writes it with erfc, which XLA:CPU expands into two branches
+  (one with an exp) where erf is one rational polynomial: about 1.5x the
+  elementwise work (BENCHMARKS.md, CPU section). The two differ by < 1e-6.
   """
   if approximate:
     return nn.gelu(x, approximate=True)

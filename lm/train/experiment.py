@@ -171,7 +171,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
   shardings = state_lib.state_shardings(model, tx, example_tokens, mesh, rules, config.seed)
   abstract = jax.eval_shape(lambda: nn.meta.unbox(state_lib.boxed_state(model, tx, example_tokens, config.seed)))
   abstract = checkpoint_lib.abstract_with_shardings(abstract, shardings)
-  compiled = step_lib.compile_steps(model, tx, schedule, shardings, mesh, rules, config.grad_accum_steps)
+  compiled = step_lib.compile_steps(model, tx, schedule, shardings, mesh, rules, config.grad_accum_steps,
+                                    step_lib.cpu_compiler_options(config.xla_cpu_options, mesh))
   for directory in (workdir if checkpoint_lib.has_checkpoint(workdir) and config.resume else None,
                     config.warm_start, config.init_from):
     if directory:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import Any, Callable, Iterator
+import os
+from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
 import jax
@@ -111,22 +112,42 @@ def mesh_context(mesh: Mesh, rules: sharding_lib.Rules) -> Iterator[None]:
     yield
 
 
+def cpu_compiler_options(options: Mapping[str, Any], mesh: Mesh) -> dict[str, Any] | None:
+  """XLA options for steps compiled for a mesh of CPUs (None on accelerators).
+
+  An option the user also sets in XLA_FLAGS is left out, so the environment
+  wins over the config, as it would without this.
+  """
+  if mesh.devices.flat[0].platform != "cpu":
+    return None
+  user_flags = os.environ.get("XLA_FLAGS", "")
+  chosen = {name: value for name, value in options.items() if f"--{name}=" not in user_flags}
+  return chosen or None
+
+
 def compile_steps(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                   state_shardings: TrainState, mesh: Mesh, rules: sharding_lib.Rules,
-                  grad_accum_steps: int = 1) -> CompiledSteps:
-  """Jits the steps with explicit shardings; the train state is donated."""
+                  grad_accum_steps: int = 1, compiler_options: Mapping[str, Any] | None = None) -> CompiledSteps:
+  """Jits the steps with explicit shardings; the train state is donated.
+
+  `compiler_options` are XLA debug options for both steps (e.g. from
+  `cpu_compiler_options`).
+  """
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
   replicated = sharding_lib.replicated(mesh)
+  options = dict(compiler_options) if compiler_options else None
   train_step = jax.jit(
       make_train_step(model, tx, schedule, grad_accum_steps),
       in_shardings=(state_shardings, batch_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=0,
+      compiler_options=options,
   )
   eval_step = jax.jit(
       make_eval_step(model),
       in_shardings=(state_shardings.params, batch_shardings),
       out_shardings=replicated,
+      compiler_options=options,
   )
   return CompiledSteps(train_step, eval_step, state_shardings, batch_sharding, mesh, rules)

@@ -115,3 +115,27 @@ def test_invalid_model_options_are_rejected():
   with pytest.raises(ValueError, match="attention_impl"):
     TransformerConfig.from_config(dict(num_layers=1, num_heads=2, width=32, attention_impl="flash"),
                                   vocab_size=10, max_len=8)
+
+
+@pytest.mark.parametrize("num_in_axes,out_features", [(1, (4, 8)), (2, (32,)), (1, (32,))])
+def test_projection_is_the_named_axes_contraction(num_in_axes, out_features):
+  from lm.models.layers import Projection  # pylint: disable=g-import-not-at-top
+  in_shape = (32,) if num_in_axes == 1 else (4, 8)
+  x = jax.random.normal(jax.random.key(0), (2, 5) + in_shape)
+  axes = ("embed", "heads", "kv")[:num_in_axes + len(out_features)]
+  layer = Projection(out_features, axes, num_in_axes=num_in_axes, use_bias=False)
+  params = layer.init(jax.random.key(1), x)
+  kernel = jax.tree.leaves(params)[0]
+  assert kernel.shape == in_shape + out_features  # parameters keep their named axes
+  contract = tuple(range(2, 2 + num_in_axes))
+  expected = jax.lax.dot_general(x, kernel, ((contract, tuple(range(num_in_axes))), ((), ())))
+  np.testing.assert_allclose(layer.apply(params, x), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_exact_gelu_matches_jax_and_its_gradient():
+  from lm.models.layers import gelu  # pylint: disable=g-import-not-at-top
+  x = jnp.linspace(-10.0, 10.0, 4001)
+  np.testing.assert_allclose(gelu(x), jax.nn.gelu(x, approximate=False), atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(gelu))(x),
+                             jax.vmap(jax.grad(lambda v: jax.nn.gelu(v, approximate=False)))(x), atol=1e-6)
+  np.testing.assert_array_equal(gelu(x, approximate=True), jax.nn.gelu(x, approximate=True))
