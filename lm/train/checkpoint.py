@@ -30,8 +30,14 @@ class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable or does not fit this run."""
 
 
+def absolute(path: str) -> str:
+  """Orbax's storage layer wants absolute paths; URLs such as gs://... are absolute already."""
+  path = os.fspath(path)
+  return path if "://" in path else os.path.abspath(path)
+
+
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.fspath(workdir), "checkpoints")
+  return os.path.join(absolute(workdir), "checkpoints")
 
 
 def has_checkpoint(directory: str) -> bool:
@@ -44,7 +50,7 @@ def latest_step(directory: str) -> int | None:
 
   Looks without creating anything, so probing a workdir never changes it.
   """
-  for candidate in (checkpoint_dir(directory), os.fspath(directory)):
+  for candidate in (checkpoint_dir(directory), absolute(directory)):
     path = epath.Path(candidate)
     if path.is_dir():
       steps = ocp.utils.checkpoint_steps(path)
@@ -55,7 +61,7 @@ def latest_step(directory: str) -> int | None:
 
 def resolve_checkpoint_root(directory: str) -> str:
   """Accepts a workdir or its `checkpoints/` folder; returns the folder holding step dirs."""
-  for candidate in (checkpoint_dir(directory), os.fspath(directory)):
+  for candidate in (checkpoint_dir(directory), absolute(directory)):
     if epath.Path(candidate).is_dir() and ocp.utils.checkpoint_steps(epath.Path(candidate)):
       return candidate
   raise CheckpointError(
@@ -81,7 +87,7 @@ class Checkpointer:
         enable_async_checkpointing=asynchronous,
         create=True,
     )
-    self.directory = directory
+    self.directory = directory = absolute(directory)
     self._manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
 
   def latest_step(self) -> int | None:

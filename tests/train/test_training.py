@@ -121,3 +121,11 @@ def test_local_corpus_with_sentencepiece_trains_and_resumes_with_the_saved_token
   assert resumed.step == 6 and (workdir / "tokenizer" / "spm.model").read_bytes() == saved
   metadata = json.loads((workdir / "config.json").read_text())
   assert metadata["tokenizer"]["kind"] == "sentencepiece" and metadata["model"]["vocab_size"] == 400
+
+
+def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
+  # `make train` passes runs/NAME; Orbax only accepts absolute paths.
+  monkeypatch.chdir(tmp_path)
+  result = loop.train(tiny_config(steps=10), "runs/relative")
+  assert result.step == 10 and checkpoint_lib.latest_step("runs/relative") == 10
+  assert loop.train(tiny_config(steps=12), "runs/relative").step == 12  # and resumes from it
