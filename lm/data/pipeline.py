@@ -61,15 +61,17 @@ class Windows:
     self.seq_len = seq_len
     self.stride = stride
     self._count = (len(tokens) - seq_len - 1) // stride + 1
+    self._chars_per_token: float | None = None  # computed once: evaluation asks on every eval
 
   def __len__(self) -> int:
     return self._count
 
   def chars_per_token(self, tokenizer: Tokenizer) -> float:
     """Characters per token of the stream (1 for character tokenizers), for bits per character."""
-    if tokenizer.kind == "char":
-      return 1.0
-    return max(len(tokenizer.decode(self.tokens)), 1) / len(self.tokens)
+    if self._chars_per_token is None:
+      chars = len(self.tokens) if tokenizer.kind == "char" else len(tokenizer.decode(self.tokens))
+      self._chars_per_token = max(chars, 1) / len(self.tokens)
+    return self._chars_per_token
 
   def __getitem__(self, index: int) -> np.ndarray:
     start = int(index) * self.stride
