@@ -8,8 +8,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax

@@ -74,7 +74,7 @@ class Experiment:
 
   def init_state(self) -> state_lib.TrainState:
     state, _ = state_lib.create_state(self.model, self.tx, self.example_tokens, self.mesh, self.rules,
-                                      self.config.seed)
+                                      self.config.seed, self.steps.state_shardings)
     return state
 
 

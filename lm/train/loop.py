@@ -20,10 +20,8 @@ from typing import Any, Iterator
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
-from lm import config as config_lib
 from lm.data import pipeline
 from lm.data.sources import DataError
 from lm.train import checkpoint as checkpoint_lib

@@ -61,13 +61,16 @@ def state_shardings(model: nn.Module, tx: optax.GradientTransformation, example_
 
 
 def create_state(model: nn.Module, tx: optax.GradientTransformation, example_tokens: jax.Array,
-                 mesh: Mesh, rules: sharding_lib.Rules, seed: int) -> tuple[TrainState, TrainState]:
+                 mesh: Mesh, rules: sharding_lib.Rules, seed: int,
+                 shardings: TrainState | None = None) -> tuple[TrainState, TrainState]:
   """Initializes the state directly in its sharded layout.
 
-  Returns (state, shardings). Initialization is jitted with the output
+  Returns (state, shardings); pass `shardings` when already computed, to skip
+  tracing the initializer again. Initialization is jitted with the output
   shardings, so no device ever holds an unsharded copy of the parameters.
   """
-  shardings = state_shardings(model, tx, example_tokens, mesh, rules, seed)
+  if shardings is None:
+    shardings = state_shardings(model, tx, example_tokens, mesh, rules, seed)
   init: Callable[[], TrainState] = lambda: nn.meta.unbox(boxed_state(model, tx, example_tokens, seed))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(init, out_shardings=shardings)()

@@ -237,29 +237,19 @@ def test_failed_preparation_leaves_nothing_and_fixing_the_file_works(tmp_path, c
 
 
 @pytest.mark.parametrize(
-    "content, pattern",
+    "name, content, pattern",
     [
-        ('{"text": "ok"}\n\n{"text": broken}\n', r"line 3 is not valid JSON"),
-        ('{"text": "ok"}\n{"body": "x"}\n', r"line 2 has no field 'text' \(it has \['body'\]\)"),
-        ('{"text": "ok"}\n["a list"]\n', r"line 2 has no field 'text'"),
-        ('{"text": 5}\n', r"line 1: field 'text' is int"),
+        ("bad.jsonl", '{"text": "ok"}\n\n{"text": broken}\n', r"line 3 is not valid JSON"),
+        ("bad.jsonl", '{"text": "ok"}\n{"body": "x"}\n', r"line 2 has no field 'text' \(it has \['body'\]\)"),
+        ("bad.jsonl", '{"text": "ok"}\n["a list"]\n', r"line 2 has no field 'text'"),
+        ("bad.jsonl", '{"text": 5}\n', r"line 1: field 'text' is int"),
+        ("bad.tsv", "0\tno header here\n1\tsecond\n", r"no header naming a text column"),
+        ("bad.tsv", "label\tsentence\n1\tfine\n0\ttoo\tmany\n",
+         r"line 3 has 3 tab-separated columns; the header has 2"),
     ],
 )
-def test_bad_jsonl(tmp_path, cache, content, pattern):
-  path = write(tmp_path / "bad.jsonl", content)
-  with pytest.raises(DataError, match=pattern):
-    sources.open_split(str(path), "train", cache_dir=cache)
-
-
-@pytest.mark.parametrize(
-    "content, pattern",
-    [
-        ("0\tno header here\n1\tsecond\n", r"no header naming a text column"),
-        ("label\tsentence\n1\tfine\n0\ttoo\tmany\n", r"line 3 has 3 tab-separated columns; the header has 2"),
-    ],
-)
-def test_bad_tsv(tmp_path, cache, content, pattern):
-  path = write(tmp_path / "bad.tsv", content)
+def test_malformed_jsonl_and_tsv(tmp_path, cache, name, content, pattern):
+  path = write(tmp_path / name, content)
   with pytest.raises(DataError, match=pattern):
     sources.open_split(str(path), "train", cache_dir=cache)
 
