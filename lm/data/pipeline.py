@@ -1,10 +1,13 @@
 """Grain input pipeline: documents -> tokens -> fixed-length windows -> batches.
 
 The training order is a pure function of (seed, step): window `i` of the
-shuffled, repeated stream is the same on every run, and process `p` of `P`
-reads the windows `p, p + P, p + 2P, ...` of it, so global batch `s` holds the
-windows `s*B ... s*B + B - 1` whatever the number of processes. Resuming is
-setting the iterator's index; nothing is replayed.
+shuffled, repeated stream is the same on every run, and global batch `s` is
+the windows `s*B ... s*B + B - 1`, in that order, whatever the number of
+processes. Each process reads only the rows of every global batch that its
+own devices hold (`ProcessRows`, from the batch sharding), so the assembled
+global array is the same as a single process would build. Resuming is setting
+the iterator's index (= the global step); nothing is replayed, and a run may
+resume with another process count.
 """
 
 from __future__ import annotations
@@ -84,51 +87,91 @@ def _split_inputs_targets(windows: np.ndarray) -> dict[str, np.ndarray]:
 
 
 @dataclasses.dataclass(frozen=True)
-class ProcessSlice:
-  """Which rows of every global batch this process reads."""
+class ProcessRows:
+  """The rows `[start, stop)` of every global batch that this process reads.
 
-  index: int
-  count: int
+  With the mesh's devices ordered by process (as `jax.devices()` is), a
+  process's devices hold one contiguous block of the batch; processes whose
+  devices hold the same rows (the batch replicated over a `tensor` axis that
+  spans processes) read the same block.
+  """
+
+  start: int
+  stop: int
+  global_batch_size: int
+
+  @property
+  def size(self) -> int:
+    return self.stop - self.start
 
   @classmethod
-  def current(cls) -> ProcessSlice:
-    return cls(jax.process_index(), jax.process_count())
+  def everything(cls, global_batch_size: int) -> ProcessRows:
+    return cls(0, global_batch_size, global_batch_size)
+
+  @classmethod
+  def for_sharding(cls, sharding: jax.sharding.Sharding, global_batch_size: int) -> ProcessRows:
+    """The block of rows of a [global_batch_size, ...] batch that this process's devices hold."""
+    ranges = set()
+    for index in sharding.addressable_devices_indices_map((global_batch_size, 1)).values():
+      start, stop, _ = index[0].indices(global_batch_size)
+      ranges.add((start, stop))
+    start, stop = min(r[0] for r in ranges), max(r[1] for r in ranges)
+    covered = sum(b - a for a, b in sorted(ranges))
+    size = stop - start
+    if covered != size or global_batch_size % size or start % size:
+      raise ValueError(
+          f"process {jax.process_index()} holds rows {sorted(ranges)} of the batch of {global_batch_size}, not "
+          "one aligned block: the mesh places other processes' devices between its own. Order the mesh's "
+          "devices by process (the default of lm.train.sharding.make_mesh).")
+    return cls(start, stop, global_batch_size)
+
+
+def _rows(rows: ProcessRows | None, global_batch_size: int) -> ProcessRows:
+  if rows is None:
+    if jax.process_count() > 1:
+      raise ValueError("With several processes, pass rows=ProcessRows.for_sharding(batch_sharding, batch_size) "
+                       "so each process reads the rows its devices hold.")
+    return ProcessRows.everything(global_batch_size)
+  if rows.global_batch_size != global_batch_size:
+    raise ValueError(f"rows were computed for a batch of {rows.global_batch_size}, not {global_batch_size}.")
+  return rows
+
+
+def _local_batches(dataset: grain.MapDataset, rows: ProcessRows) -> grain.MapDataset:
+  """Element `s` -> this process's rows of global batch `s` (Grain sharding by process)."""
+  # Batching by the block size first means a process fetches only its own windows.
+  blocks_per_batch = rows.global_batch_size // rows.size
+  dataset = dataset.batch(rows.size, drop_remainder=True)[rows.start // rows.size::blocks_per_batch]
+  return dataset.map(_split_inputs_targets)
 
 
 def train_dataset(
-    windows: Windows, *, seed: int, global_batch_size: int, process: ProcessSlice | None = None
+    windows: Windows, *, seed: int, global_batch_size: int, rows: ProcessRows | None = None
 ) -> grain.MapDataset:
-  """Infinite map dataset: element `s` is this process's part of global batch `s`.
+  """Infinite map dataset: element `s` is this process's rows of global batch `s`.
 
-  Returns dicts of int32 arrays [global_batch_size / process count, seq_len].
+  Returns dicts of int32 arrays [rows.size, seq_len] ('inputs', 'targets').
   """
-  process = process or ProcessSlice.current()
-  if global_batch_size % process.count:
-    raise ValueError(
-        f"batch_size={global_batch_size} is not divisible by the {process.count} processes; "
-        "set batch_size to a multiple of the process count.")
-  local_batch = global_batch_size // process.count
+  rows = _rows(rows, global_batch_size)
   dataset = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
-  dataset = dataset[process.index::process.count]
-  return dataset.batch(local_batch, drop_remainder=True).map(_split_inputs_targets)
+  return _local_batches(dataset, rows)
 
 
 def eval_dataset(
     windows: Windows, *, global_batch_size: int, num_batches: int | None = None,
-    process: ProcessSlice | None = None,
+    rows: ProcessRows | None = None,
 ) -> grain.MapDataset:
   """Finite map dataset over non-overlapping windows, in corpus order.
 
   The final partial batch is dropped (at most `global_batch_size - 1` windows)
   so every process runs the same number of steps.
   """
-  process = process or ProcessSlice.current()
-  local_batch = global_batch_size // process.count
-  dataset = grain.MapDataset.source(windows)[process.index::process.count]
-  dataset = dataset.batch(local_batch, drop_remainder=True).map(_split_inputs_targets)
+  rows = _rows(rows, global_batch_size)
+  num_global = len(windows) // global_batch_size
   if num_batches is not None:
-    dataset = dataset[:num_batches]
-  return dataset
+    num_global = min(num_global, num_batches)
+  dataset = grain.MapDataset.source(windows)[:num_global * global_batch_size]
+  return _local_batches(dataset, rows)
 
 
 class BatchIterator:

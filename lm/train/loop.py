@@ -73,7 +73,7 @@ def evaluate_params(experiment: Experiment, params: Any, windows: pipeline.Windo
                     num_batches: int | None = None) -> dict[str, float]:
   """Mean token loss over eval windows, with perplexity and bits per token/character."""
   dataset = pipeline.eval_dataset(windows, global_batch_size=experiment.config.batch_size,
-                                  num_batches=num_batches or None)
+                                  num_batches=num_batches or None, rows=experiment.process_rows)
   if len(dataset) == 0:
     raise DataError(f"The eval split has {len(windows)} windows, fewer than one batch of "
                     f"{experiment.config.batch_size}; lower batch_size or use a larger eval split.")
@@ -142,7 +142,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   _write_run_files(experiment, tokenizer_is_new)
   logging.info("Train state %s; %d training windows, %d eval windows.", how, len(train_windows), len(eval_windows))
 
-  dataset = pipeline.train_dataset(train_windows, seed=config.seed, global_batch_size=config.batch_size)
+  dataset = pipeline.train_dataset(train_windows, seed=config.seed, global_batch_size=config.batch_size,
+                                   rows=experiment.process_rows)
   batches = pipeline.BatchIterator(dataset, experiment.steps.batch_sharding, global_batch_size=config.batch_size,
                                    prefetch=config.data.prefetch, threads=config.data.threads)
   if data_state:
