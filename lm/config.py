@@ -120,10 +120,23 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.threads = 1
 
   config.mesh = ml_collections.ConfigDict()
+  # dp | fsdp | fsdp_tp: sets the sizes and rules below (lm.train.sharding.PRESETS);
+  # empty: use them as set. fsdp_tp takes its tensor size from mesh.tensor (2 if 1).
+  config.mesh.preset = ""
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
   config.mesh.rules = default_rules()
+
+  # Multi-process runs (lm.distributed): explicit settings, or JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment (lm.launch_local sets them).
+  config.distributed = ml_collections.ConfigDict()
+  config.distributed.coordinator_address = ""  # HOST:PORT of process 0; empty: environment or auto
+  config.distributed.num_processes = placeholder(int)
+  config.distributed.process_id = placeholder(int)
+  config.distributed.auto = True  # detect Cloud TPU VMs, SLURM steps and Open MPI jobs
+  config.distributed.initialization_timeout = 300  # seconds for all processes to reach the coordinator
+  config.distributed.heartbeat_timeout = 100  # seconds after which a silent process counts as dead
 
   # XLA options for the jitted train/eval steps when the devices are CPUs; one
   # set in XLA_FLAGS wins. YNNPACK runs the matmuls only: its reduction kernels
@@ -144,7 +157,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.bench = ml_collections.ConfigDict()
   config.bench.steps = 50
   config.bench.warmup_steps = 5
-  config.bench.peak_flops_per_device = placeholder(float)  # None: from the device table in lm.train.perf
+  config.bench.peak_flops_per_device = placeholder(float)
+  config.bench.compile_only = False  # True: memory per device from the compiled step, no timing  # None: from the device table in lm.train.perf
   return config
 
 
@@ -233,6 +247,12 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
            "config.data.source is empty: set it to tfds:NAME[:SPLIT] or a path to a .txt/.jsonl/.tsv corpus.")
   _require(data.tokenizer in TOKENIZERS, f"config.data.tokenizer={data.tokenizer!r} is not one of {TOKENIZERS}.")
   _require(data.train_stride >= 1, "config.data.train_stride must be >= 1.")
+  _require(config.mesh.preset in ("", "dp", "fsdp", "fsdp_tp"),
+           f"config.mesh.preset={config.mesh.preset!r} is not one of 'dp', 'fsdp', 'fsdp_tp' "
+           "(or empty to use mesh.data/fsdp/tensor/rules as set).")
+  distributed = config.distributed
+  _require(distributed.initialization_timeout > 0 and distributed.heartbeat_timeout > 0,
+           "config.distributed.initialization_timeout and heartbeat_timeout must be > 0 seconds.")
   sample = config.sample
   _require(sample.temperature >= 0, "config.sample.temperature must be >= 0 (0 means greedy).")
   _require(0 < sample.top_p <= 1, "config.sample.top_p must be in (0, 1].")

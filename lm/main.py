@@ -17,6 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from lm import config as config_lib
+from lm import distributed
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/NAME.py).",
                                           lock_config=True)
@@ -34,39 +35,59 @@ def _user_errors() -> tuple[type[BaseException], ...]:
   from lm.train.checkpoint import CheckpointError
   from lm.train.loop import NonFiniteError
   from lm.train.sharding import MeshError
-  return (config_lib.ConfigError, DataError, TokenizerError, CheckpointError, MeshError, NonFiniteError)
+  return (config_lib.ConfigError, DataError, TokenizerError, CheckpointError, MeshError, NonFiniteError,
+          distributed.DistributedError)
 
 
 def run_mode(config, workdir: str | None, mode: str) -> int:
   """Runs one mode; returns the process exit code."""
-  from lm import run_modes  # pylint: disable=g-import-not-at-top
-  from lm.train import bench, loop
   if mode != "bench" and not workdir:
     raise config_lib.ConfigError(f"--mode {mode} needs --workdir (the run directory).")
+  cluster = distributed.initialize(config.distributed)  # before anything touches a device
+  import jax  # pylint: disable=g-import-not-at-top
+  from lm import run_modes  # pylint: disable=g-import-not-at-top
+  from lm.train import bench, loop
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.ERROR)  # logs, metrics and progress come from process 0
+  elif cluster.how != "single":
+    logging.info("Process 0 of %d (%s start-up); %d devices in all.", jax.process_count(), cluster.how,
+                 jax.device_count())
+  report = print if jax.process_index() == 0 else (lambda *args, **kwargs: None)
   if mode == "train":
     result = loop.train(config, workdir)
     summary = {"step": result.step, "train/loss": result.train_loss, "eval/loss": result.eval_loss}
-    print(json.dumps(summary))
+    report(json.dumps(summary))
     if result.interrupted:
       logging.warning("Stopped by %s at step %d; the checkpoint is saved. Rerun the same command to resume.",
                       result.interrupted, result.step)
       return 0 if result.interrupted == "SIGTERM" else 128 + 2
     return 0
   if mode == "eval":
-    print(json.dumps(run_modes.evaluate_checkpoint(config, workdir)))
+    report(json.dumps(run_modes.evaluate_checkpoint(config, workdir)))
     return 0
   if mode == "sample":
     for index, text in enumerate(run_modes.sample_checkpoint(config, workdir)):
-      print(f"--- sample {index} ---\n{text}")
+      report(f"--- sample {index} ---\n{text}")
     return 0
   figures = bench.benchmark(config, workdir or "")
-  print(json.dumps(figures))
+  report(json.dumps(figures))
   return 0
+
+
+class _QuietLibraries:
+  """Drops INFO lines of the libraries that narrate every checkpoint (warnings and errors pass)."""
+
+  PATHS = (f"{os.sep}orbax{os.sep}",)
+
+  def filter(self, record) -> bool:
+    return record.levelno >= logging.converter.STANDARD_WARNING or not any(
+        path in record.pathname for path in self.PATHS)
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     code = run_mode(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except _user_errors() as error:

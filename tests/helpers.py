@@ -57,3 +57,31 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
     return {}
   return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
           for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def device_env(devices: int) -> dict:
+  """Environment for a subprocess with `devices` simulated CPU devices."""
+  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+def run_launcher(num_processes: int, devices_per_process: int, *lm_args: str, timeout: float = 300,
+                 env: dict | None = None) -> subprocess.CompletedProcess:
+  """Runs `python -m lm.launch_local ... -- LM_ARGS` (output and errors together in stdout)."""
+  full_env = dict(os.environ)
+  full_env.update(env or {})
+  return subprocess.run([sys.executable, "-m", "lm.launch_local", f"--num_processes={num_processes}",
+                         f"--devices_per_process={devices_per_process}", "--", *lm_args],
+                        cwd=ROOT, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                        timeout=timeout)
+
+
+def train_losses(workdir: Path) -> dict[int, float]:
+  """step -> train/loss from a workdir's metrics.jsonl; a resumed run's rows replace earlier ones."""
+  import json  # pylint: disable=g-import-not-at-top
+  losses = {}
+  with open(Path(workdir) / "metrics.jsonl") as f:
+    for line in f:
+      row = json.loads(line)
+      if "train/loss" in row:
+        losses[row["step"]] = row["train/loss"]
+  return losses

@@ -1,4 +1,4 @@
-"""`--mode bench`: time the jitted train step of a config after compilation.
+"""`--mode bench`: time the jitted train step of a config, and its memory per device.
 
 Batches are taken from the real training data and placed on the devices
 before timing, so the figure is the step itself. Each step is timed to
@@ -25,26 +25,89 @@ def _bytes(value: Any) -> int | None:
 
 
 def memory_per_device(compiled: Any) -> dict[str, int | None]:
-  """Bytes per device from XLA's memory analysis of a compiled step (None where unsupported)."""
+  """Bytes per device from XLA's memory analysis of a compiled step ({} where unsupported).
+
+  `argument_bytes` are the step's inputs (train state + batch), `temp_bytes`
+  the activations and other buffers live during the step; the donated state
+  is updated in place, so `argument_bytes + temp_bytes` is the step's peak.
+  """
   try:
     analysis = compiled.memory_analysis()
   except Exception:  # pylint: disable=broad-except  # not every backend implements it
     return {}
   if analysis is None:
     return {}
-  return {
+  figures = {
       "argument_bytes": _bytes(getattr(analysis, "argument_size_in_bytes", None)),
       "output_bytes": _bytes(getattr(analysis, "output_size_in_bytes", None)),
+      "alias_bytes": _bytes(getattr(analysis, "alias_size_in_bytes", None)),
       "temp_bytes": _bytes(getattr(analysis, "temp_size_in_bytes", None)),
       "generated_code_bytes": _bytes(getattr(analysis, "generated_code_size_in_bytes", None)),
+  }
+  if figures["argument_bytes"] is not None and figures["temp_bytes"] is not None:
+    figures["peak_bytes"] = figures["argument_bytes"] + figures["temp_bytes"]
+  return figures
+
+
+def _shard_bytes(tree: Any) -> int:
+  """Bytes one device holds of a pytree of sharded arrays or ShapeDtypeStructs."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def state_bytes_per_device(state: Any) -> dict[str, int]:
+  """Parameter and optimizer-state bytes on one device, from the state's shardings."""
+  params, optimizer = _shard_bytes(state.params), _shard_bytes(state.opt_state)
+  return {"params_bytes": params, "optimizer_bytes": optimizer, "state_bytes": _shard_bytes(state)}
+
+
+def _mesh_figures(experiment: Any) -> dict[str, Any]:
+  return {"mesh": dict(experiment.mesh.shape), "preset": experiment.config.mesh.preset or "custom",
+          "devices": jax.device_count(), "processes": jax.process_count()}
+
+
+def compile_memory(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str, Any]:
+  """Compiles the train step for abstract inputs and reports memory per device; runs nothing.
+
+  Nothing is allocated, so this sizes models that would not fit (e.g. GPT-2
+  small on simulated CPU devices) to compare sharding strategies.
+  """
+  experiment, _ = build_experiment(config, workdir or "/nonexistent-bench-workdir", "bench")
+  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), np.int32,
+                               sharding=experiment.steps.batch_sharding)
+  with experiment.steps.context():
+    start = time.perf_counter()
+    compiled = experiment.steps.train_step.lower(experiment.abstract_state,
+                                                 {"inputs": batch, "targets": batch}).compile()
+    compile_time = time.perf_counter() - start
+  memory = state_bytes_per_device(experiment.abstract_state)
+  memory.update(memory_per_device(compiled))
+  return {
+      **_mesh_figures(experiment),
+      "memory_per_device": memory,
+      "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(experiment.abstract_state.params)),
+      "batch_size": config.batch_size,
+      "seq_len": config.seq_len,
+      "compile_time_s": compile_time,
+      "device": perf.device_description(),
+      "jax": jax.__version__,
   }
 
 
 def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str, Any]:
-  """Compiles and times `config.bench.steps` train steps; returns the figures."""
+  """Compiles and times `config.bench.steps` train steps; returns the figures.
+
+  With `config.bench.compile_only`, only compiles and reports memory (`compile_memory`).
+  """
+  if config.bench.compile_only:
+    return compile_memory(config, workdir)
   experiment, _ = build_experiment(config, workdir or "/nonexistent-bench-workdir", "bench")
   windows = token_windows(experiment, open_train_split(config), config.data.train_stride)
-  dataset = pipeline.train_dataset(windows, seed=config.seed, global_batch_size=config.batch_size)
+  dataset = pipeline.train_dataset(windows, seed=config.seed, global_batch_size=config.batch_size,
+                                   rows=experiment.process_rows)
   total = config.bench.warmup_steps + config.bench.steps
   sharding = experiment.steps.batch_sharding
   batches = [{k: pipeline.to_global(v, sharding, config.batch_size) for k, v in dataset[i].items()}
@@ -83,6 +146,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       "seq_len": config.seq_len,
       "steps_timed": len(times),
       "final_loss": float(metrics["train/loss"]),
-      "memory_per_device": memory_per_device(compiled),
+      "memory_per_device": {**state_bytes_per_device(state), **memory_per_device(compiled)},
+      **_mesh_figures(experiment),
       "jax": jax.__version__,
   }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import itertools
 import os
 from typing import Any
@@ -24,6 +25,7 @@ from jax.sharding import Mesh
 
 from lm import __version__ as lm_version
 from lm import config as config_lib
+from lm import distributed
 from lm.data import pipeline, sources
 from lm.data import tokenizers as tokenizers_lib
 from lm.models import TransformerConfig, TransformerLM
@@ -59,11 +61,21 @@ class Experiment:
   def checkpoint_dir(self) -> str:
     return checkpoint_lib.checkpoint_dir(self.workdir)
 
+  @property
+  def process_rows(self) -> pipeline.ProcessRows:
+    """The rows of every global batch this process reads (all of them with one process)."""
+    try:
+      return pipeline.ProcessRows.for_sharding(self.steps.batch_sharding, self.config.batch_size)
+    except ValueError as error:
+      raise sharding.MeshError(str(error)) from error
+
   def metadata(self) -> dict[str, Any]:
     return {
         "config": config_lib.to_json_dict(self.config),
         "model": dataclasses.asdict(self.model_config),
         "tokenizer": self.tokenizer.to_json(),
+        "mesh": {"shape": dict(self.mesh.shape), "rules": [list(rule) for rule in self.rules],
+                 "process_count": jax.process_count()},
         "lm_version": lm_version,
     }
 
@@ -103,6 +115,14 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) ->
   tokenizer = tokenizers_lib.build_tokenizer(
       data.tokenizer, texts, vocab_size=data.tokenizer_vocab_size, model_file=data.tokenizer_model or None)
   return tokenizer, True
+
+
+def tokenizer_identity(tokenizer: tokenizers_lib.Tokenizer) -> dict[str, Any]:
+  """What makes two tokenizers the same: their description and, for SentencePiece, the model bytes."""
+  identity = dict(tokenizer.to_json())
+  if isinstance(tokenizer, tokenizers_lib.SentencePieceTokenizer):
+    identity["model_sha256"] = hashlib.sha256(tokenizer.model_proto).hexdigest()
+  return identity
 
 
 def _cache_dir(config: ml_collections.ConfigDict) -> str | None:
@@ -153,14 +173,19 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
   """Validates and builds a run. Returns (experiment, tokenizer_is_new). Writes nothing."""
   config_lib.validate(config, mode)
   tokenizer, tokenizer_is_new = resolve_tokenizer(config, workdir)
+  # Processes started with different flags, data or tokenizers would train on
+  # inconsistent batches or deadlock later; stop them all now instead.
+  run_identity = config_lib.to_json_dict(config)
+  run_identity.pop("distributed")  # differs per process by design (process_id)
+  distributed.check_same_on_all_processes({"config": run_identity, "tokenizer": tokenizer_identity(tokenizer)})
   model_config = model_config_for(config, tokenizer)
   model = TransformerLM(model_config)
   tx, schedule = optim.make_optimizer(config.optim, config.steps)
   try:
-    rules = sharding.normalize_rules(config.mesh.rules)
+    mesh_sizes, rules = sharding.mesh_settings(config.mesh)
   except ValueError as error:
     raise config_lib.ConfigError(str(error)) from error
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(mesh_sizes)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % (data_parallel * config.grad_accum_steps):
     raise config_lib.ConfigError(
@@ -168,9 +193,10 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
         f"{data_parallel} (mesh.data x mesh.fsdp) times grad_accum_steps={config.grad_accum_steps}; "
         "make batch_size a multiple of it.")
   example_tokens = jnp.zeros((config.batch_size // config.grad_accum_steps, config.seq_len), jnp.int32)
-  shardings = state_lib.state_shardings(model, tx, example_tokens, mesh, rules, config.seed)
-  abstract = jax.eval_shape(lambda: nn.meta.unbox(state_lib.boxed_state(model, tx, example_tokens, config.seed)))
-  abstract = checkpoint_lib.abstract_with_shardings(abstract, shardings)
+  boxed = state_lib.abstract_state(model, tx, example_tokens, config.seed)
+  sharding.check_even(boxed.params, mesh, rules)
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
   compiled = step_lib.compile_steps(model, tx, schedule, shardings, mesh, rules, config.grad_accum_steps,
                                     step_lib.cpu_compiler_options(config.xla_cpu_options, mesh))
   for directory in (workdir if checkpoint_lib.has_checkpoint(workdir) and config.resume else None,

@@ -6,6 +6,19 @@ parallel with parameters and optimizer state sharded, ZeRO-3 style) and
 a parameter or activation lands on is a list of rules from the config, e.g.
 `("embed", "fsdp")`: the first rule whose mesh axes are still free wins, so
 an activation's `embed` axis stays unsharded when `batch` already took `fsdp`.
+
+Presets (`mesh.preset`) name the three usual strategies; each is nothing but
+mesh sizes and rules:
+  * `dp`      - data parallel: every device holds all parameters and
+                optimizer state; the batch is split over all devices.
+  * `fsdp`    - fully sharded data parallel (ZeRO-3): parameters and optimizer
+                state are split over all devices along `embed`; XLA gathers
+                each layer's weights when it needs them.
+  * `fsdp_tp` - FSDP times Megatron-style tensor parallelism: attention
+                heads and MLP hidden units are split over `tensor` (column-
+                parallel in-projections, row-parallel out-projections), the
+                rest as FSDP. `mesh.tensor` sets the tensor-parallel size
+                (2 when left at 1).
 """
 
 from __future__ import annotations
@@ -20,6 +33,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
+
+_REPLICATED_MODEL_AXES = (("kv", None), ("length", None), ("layers", None))
+PRESETS: dict[str, tuple[dict[str, int], Rules]] = {
+    "dp": ({"data": -1, "fsdp": 1, "tensor": 1},
+           (("batch", ("data", "fsdp")), ("embed", None), ("heads", None), ("mlp", None), ("vocab", None))
+           + _REPLICATED_MODEL_AXES),
+    "fsdp": ({"data": 1, "fsdp": -1, "tensor": 1},
+             (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", None), ("mlp", None), ("vocab", None))
+             + _REPLICATED_MODEL_AXES),
+    "fsdp_tp": ({"data": 1, "fsdp": -1, "tensor": 2},
+                (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
+                 ("vocab", "tensor")) + _REPLICATED_MODEL_AXES),
+}
 
 
 class MeshError(ValueError):
@@ -48,6 +74,22 @@ def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tupl
         f"available ({jax.devices()[0].platform}). Set the sizes so their product is {num_devices}, "
         "or set one of them to -1.")
   return tuple(sizes)  # type: ignore[return-value]
+
+
+def mesh_settings(mesh_config: Mapping[str, Any]) -> tuple[dict[str, int], Rules]:
+  """(mesh sizes, rules) of a `config.mesh`: its preset's, or its own fields when `preset` is empty."""
+  preset = mesh_config.get("preset") or ""
+  if not preset:
+    sizes = {axis: int(mesh_config[axis]) for axis in MESH_AXES}
+    return sizes, normalize_rules(mesh_config["rules"])
+  if preset not in PRESETS:
+    raise MeshError(f"mesh.preset={preset!r} is not one of {sorted(PRESETS)} (or empty for mesh.data/fsdp/"
+                    "tensor/rules as set).")
+  sizes, rules = PRESETS[preset]
+  sizes = dict(sizes)
+  if preset == "fsdp_tp" and int(mesh_config.get("tensor", 1)) > 1:
+    sizes["tensor"] = int(mesh_config["tensor"])
+  return sizes, rules
 
 
 def make_mesh(mesh_config: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -95,3 +137,38 @@ def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
+
+
+# What to change when a logical axis does not divide over its mesh axes.
+_EVEN_FIXES = {
+    "vocab": "set model.vocab_multiple to a multiple of {n} (pads the vocabulary)",
+    "heads": "choose model.num_heads (and model.num_kv_heads) divisible by {n}",
+    "mlp": "choose model.mlp_dim divisible by {n}",
+    "embed": "choose model.width divisible by {n}",
+}
+
+
+def check_even(abstract_params: Any, mesh: Mesh, rules: Rules) -> None:
+  """Raises MeshError if a parameter axis does not split evenly over its mesh axes.
+
+  XLA would pad such an axis (wasting memory) and Orbax cannot restore it, so
+  it is stopped here with the field to change.
+  """
+  problems = {}
+  leaves = jax.tree_util.tree_leaves_with_path(abstract_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  for path, leaf in leaves:
+    if not isinstance(leaf, nn.Partitioned):
+      continue
+    mesh_axes = nn.logical_to_mesh_axes(leaf.names, rules)
+    for logical, size, axes in zip(leaf.names, leaf.value.shape, mesh_axes):
+      axes = () if axes is None else (axes if isinstance(axes, tuple) else (axes,))
+      count = math.prod(mesh.shape[axis] for axis in axes)
+      if count > 1 and size % count:
+        name = "/".join(str(getattr(key, "key", key)) for key in path)
+        problems.setdefault(logical, (name, size, axes, count))
+  if problems:
+    details = "; ".join(
+        f"{name} axis {logical!r} has {size}, not divisible by {count} ({' x '.join(axes)}): "
+        + _EVEN_FIXES.get(logical, "change the mesh sizes or mesh.rules").format(n=count)
+        for logical, (name, size, axes, count) in problems.items())
+    raise MeshError(f"The parameters do not split evenly over mesh {dict(mesh.shape)}: {details}.")

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
 from lm.train import sharding
-from tests.helpers import ROOT, tiny_overrides
+from tests.helpers import cli_args, device_env, run_cli, train_losses
 
 
 def test_minus_one_takes_the_remaining_devices():
@@ -30,31 +26,71 @@ def test_bad_meshes_are_explained(mesh, match):
     sharding.resolve_mesh_shape(mesh, 8)
 
 
-SCRIPT = textwrap.dedent("""
-    import json, sys
-    from lm.config import load_config
-    from lm.train import loop
-    from lm.train.metrics import read_metrics
-    overrides, workdir = json.loads(sys.argv[1]), sys.argv[2]
-    loop.train(load_config("experiments/shakespeare_char.py", overrides), workdir)
-    print("LOSSES", json.dumps({r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}))
-""")
+def test_presets_are_sizes_and_rules():
+  sizes, rules = sharding.mesh_settings({"preset": "fsdp_tp", "tensor": 1})
+  assert sizes == {"data": 1, "fsdp": -1, "tensor": 2}
+  assert dict(rules)["heads"] == "tensor" and dict(rules)["embed"] == "fsdp"
+  assert sharding.mesh_settings({"preset": "fsdp_tp", "tensor": 4})[0]["tensor"] == 4
+  dp_sizes, dp_rules = sharding.mesh_settings({"preset": "dp"})
+  assert dp_sizes == {"data": -1, "fsdp": 1, "tensor": 1}
+  assert all(axes is None for logical, axes in dp_rules if logical != "batch")
+  custom = sharding.mesh_settings({"preset": "", "data": 2, "fsdp": 2, "tensor": 2, "rules": [["embed", "fsdp"]]})
+  assert custom == ({"data": 2, "fsdp": 2, "tensor": 2}, (("embed", "fsdp"),))
+  with pytest.raises(sharding.MeshError, match="not one of"):
+    sharding.mesh_settings({"preset": "zero3"})
 
 
-def run_losses(tmp_path, name, devices, **mesh):
-  overrides = tiny_overrides(steps=6, log_every=1, **{f"mesh.{k}": v for k, v in mesh.items()})
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-  result = subprocess.run([sys.executable, "-c", SCRIPT, json.dumps(overrides), str(tmp_path / name)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=600)
-  assert result.returncode == 0, result.stderr[-3000:]
-  line = next(l for l in result.stdout.splitlines() if l.startswith("LOSSES"))
-  return {int(k): v for k, v in json.loads(line[len("LOSSES"):]).items()}
+def run_losses(tmp_path, name, devices, *args):
+  """Trains the tiny model for 6 steps in a fresh process with `devices` CPU devices; step -> loss."""
+  workdir = tmp_path / name
+  run_cli("--config", "experiments/shakespeare_char.py", "--workdir", str(workdir),
+          *cli_args(steps=6, log_every=1), *args, env=device_env(devices), check=True)
+  return train_losses(workdir)
 
 
-def test_meshes_on_eight_devices_match_one_device(tmp_path):
-  single = run_losses(tmp_path, "single", 1, data=1, fsdp=1, tensor=1)
-  for name, mesh in {"data8": dict(data=8, fsdp=1, tensor=1), "fsdp8": dict(data=1, fsdp=8, tensor=1),
-                     "d2f2t2": dict(data=2, fsdp=2, tensor=2)}.items():
-    losses = run_losses(tmp_path, name, 8, **mesh)
+def test_each_preset_on_eight_devices_gives_the_single_device_losses(tmp_path):
+  single = run_losses(tmp_path, "single", 1)
+  assert sorted(single) == [1, 2, 3, 4, 5, 6]
+  for preset in ("dp", "fsdp", "fsdp_tp"):
+    losses = run_losses(tmp_path, preset, 8, f"--config.mesh.preset={preset}")
+    config = json.loads((tmp_path / preset / "config.json").read_text())
+    assert config["mesh"]["shape"] == {"dp": {"data": 8, "fsdp": 1, "tensor": 1},
+                                       "fsdp": {"data": 1, "fsdp": 8, "tensor": 1},
+                                       "fsdp_tp": {"data": 1, "fsdp": 4, "tensor": 2}}[preset]
     for step, loss in single.items():
-      assert losses[step] == pytest.approx(loss, rel=1e-4, abs=1e-4), (name, step)
+      assert losses[step] == pytest.approx(loss, rel=1e-5), (preset, step)
+
+
+def test_bench_reports_state_memory_divided_by_the_fsdp_shards():
+  figures = {}
+  for preset in ("dp", "fsdp", "fsdp_tp"):
+    result = run_cli("--config", "experiments/shakespeare_char.py", "--mode", "bench",
+                     *cli_args(**{"bench.compile_only": True, "mesh.preset": preset, "model.width": 64,
+                                  "model.vocab_size": 128}),
+                     env=device_env(8), check=True)
+    figures[preset] = json.loads(result.stdout.strip().splitlines()[-1])
+  dp, fsdp, tp = (figures[p]["memory_per_device"] for p in ("dp", "fsdp", "fsdp_tp"))
+  assert figures["fsdp"]["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  # Every parameter has an `embed` axis divisible by 8, so FSDP 8 holds exactly 1/8 of it.
+  assert fsdp["params_bytes"] * 8 == dp["params_bytes"]
+  assert fsdp["optimizer_bytes"] * 8 == pytest.approx(dp["optimizer_bytes"], rel=1e-3)  # + replicated counters
+  assert tp["params_bytes"] <= fsdp["params_bytes"] * 1.1  # biases and norms are not split over `tensor`
+  for memory in (dp, fsdp, tp):
+    assert memory["temp_bytes"] > 0 and memory["argument_bytes"] >= memory["state_bytes"]
+
+
+def test_parameters_that_do_not_split_evenly_name_the_field_to_change():
+  import types  # pylint: disable=g-import-not-at-top
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  params = {"embed": nn.Partitioned(jax.ShapeDtypeStruct((66, 32), jnp.float32), ("vocab", "embed")),
+            "query": nn.Partitioned(jax.ShapeDtypeStruct((32, 2, 16), jnp.float32), ("embed", "heads", "kv"))}
+  rules = sharding.PRESETS["fsdp_tp"][1]
+  mesh = types.SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 4})
+  with pytest.raises(sharding.MeshError) as error:
+    sharding.check_even(params, mesh, rules)
+  message = str(error.value)
+  assert "embed axis 'vocab' has 66, not divisible by 4 (tensor): set model.vocab_multiple" in message
+  assert "query axis 'heads' has 2" in message and "model.num_heads" in message
+  sharding.check_even(params, types.SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 2}), rules)
