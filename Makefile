@@ -20,7 +20,7 @@ ARGS ?=
 # Tests run in 2 pytest workers (the CI machine has 2 cores).
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install train test bench eval sample clean
+.PHONY: install train test bench bench-memory eval sample clean
 
 install: $(STAMP)
 
@@ -43,10 +43,14 @@ sample: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
-# The JAX step and its PyTorch eager peer, same shapes, same machine, same run.
-bench: install
+# The JAX step and its PyTorch eager peer, same shapes, same machine, same run;
+# then memory per device of GPT-2 small under each sharding preset.
+bench: install bench-memory
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) benchmarks/run.py --config $(CONFIG) $(ARGS)
+
+bench-memory: install
+	$(PY) benchmarks/memory.py --config experiments/gpt2_small.py --devices 8 --batch_size 8
 
 clean:
 	rm -rf $(VENV) *.egg-info runs .pytest_cache
