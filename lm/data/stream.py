@@ -1,0 +1,616 @@
+"""Where an online-learning loop gets new data: streams of chunks with stable ids.
+
+The online loop polls a stream for the next chunk of documents, trains on it and
+records the chunk's id as consumed in its checkpoint. After a crash it restarts
+with that set of ids, so a stream must (a) give every chunk an id that names the
+same documents on every run and (b) offer chunks in a deterministic order; then
+nothing is trained on twice and nothing is skipped. Three kinds exist:
+
+  * ``DirectoryStream`` — a watched folder. Every file (``.txt``, ``.jsonl``,
+    ``.tsv``) or finished TFDS dataset folder dropped into it is one chunk, id =
+    its name, taken in modification-time order once it has stopped changing.
+  * ``FixedStream`` — a fixed corpus (``tfds:NAME[:SPLIT]`` or local files) cut
+    into ``num_chunks`` contiguous chunks of about equal size in characters, for
+    experiments that replay a known corpus as if it arrived over time.
+  * ``IterableStream`` — texts from any iterable, for notebooks.
+
+A chunk that cannot be read raises ``ChunkError``; the loop quarantines it
+(``quarantine``) and marks it consumed, so one bad file never stops the stream.
+A stream that is itself gone raises ``StreamError``.
+"""
+
+from __future__ import annotations
+
+import abc
+import array
+import bisect
+import dataclasses
+import datetime
+import itertools
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator
+from pathlib import Path
+
+import tensorflow_datasets as tfds
+
+from lm.data import local_files, sources
+from lm.data.errors import DataError
+
+DIRECTORY_PREFIX = "dir:"
+# Names that writers use while a file is still being written (then renamed), and
+# hidden/private names (.DS_Store, _SUCCESS, editor swap files).
+_IGNORED_PREFIXES = (".", "_")
+_IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
+_TFDS_INFO_FILE = "dataset_info.json"
+_TFDS_RECORD_MARKERS = (".array_record", ".tfrecord")
+_TFDS_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
+# A fixed corpus is cut at a document boundary, else a paragraph boundary, else a
+# line or word boundary, if one lies within this fraction of a chunk's size from
+# the exact cut point; so chunk sizes differ by at most about twice this fraction.
+_CUT_WINDOW = 0.05
+_CUT_SEPARATORS = (sources.PARAGRAPH_SEPARATOR, "\n", " ")
+_QUARANTINE_DIR = "quarantine"
+_REASON_SUFFIX = ".reason.txt"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chunk:
+  """One unit of new data: the loop trains on it, then records ``id`` as consumed."""
+
+  id: str  # stable across restarts: the same id always names the same documents
+  domain: str  # the stream's domain name
+  documents: list[str]
+  path: str | None = None  # the file or folder it came from (directory streams), for quarantine
+
+
+class ChunkError(DataError):
+  """A chunk that cannot be read. The loop quarantines it and marks it consumed."""
+
+  def __init__(self, message: str, *, chunk_id: str, path: str | os.PathLike | None = None):
+    super().__init__(message)
+    self.chunk_id = chunk_id
+    self.path = None if path is None else str(path)
+
+  def __reduce__(self):  # keyword-only arguments: the default pickling would drop them
+    return _rebuild_chunk_error, (str(self), self.chunk_id, self.path)
+
+
+def _rebuild_chunk_error(message: str, chunk_id: str, path: str | None) -> ChunkError:
+  return ChunkError(message, chunk_id=chunk_id, path=path)
+
+
+class StreamError(DataError):
+  """The stream itself is broken (e.g. the watched folder disappeared): no chunk can come."""
+
+
+class Stream(abc.ABC):
+  """An ordered source of chunks with stable ids; see the module docstring."""
+
+  domain: str
+
+  @abc.abstractmethod
+  def next_chunk(self, consumed: Collection[str]) -> Chunk | None:
+    """The first chunk, in the stream's order, whose id is not in ``consumed`` and that is ready now.
+
+    Returns None when no such chunk is ready yet.
+    Raises:
+      ChunkError: that chunk cannot be read (quarantine it and add its id to ``consumed``).
+      StreamError: the stream is gone.
+    """
+
+  @abc.abstractmethod
+  def exhausted(self, consumed: Collection[str]) -> bool:
+    """True when no chunk will ever come again."""
+
+  @abc.abstractmethod
+  def describe(self) -> str:
+    """One line for logs: what the stream reads."""
+
+  def __repr__(self) -> str:
+    return f"{type(self).__name__}({self.describe()})"
+
+
+def _as_set(consumed: Collection[str]) -> Collection[str]:
+  # Membership is tested once per candidate chunk; a list of thousands of ids would make that slow.
+  return consumed if isinstance(consumed, (set, frozenset, dict)) else set(consumed)
+
+
+# ----------------------------------------------------------------------------- watched folder
+
+
+@dataclasses.dataclass
+class _Observation:
+  signature: tuple  # what "unchanged" compares: sizes and mtimes
+  since: float  # clock time at which this signature was first seen
+
+
+class DirectoryStream(Stream):
+  """A watched folder: each complete file or finished TFDS folder directly inside it is a chunk.
+
+  * Chunk id = the file or folder name; order = modification time, then name.
+  * Files: ``.txt``, ``.jsonl``, ``.tsv`` (read with ``lm.data.local_files``); a file
+    of any other type is offered too and raises ``ChunkError``, so it is quarantined
+    with a reason instead of being silently ignored forever.
+  * TFDS folders (e.g. written by ``tfds build``): a folder holding
+    ``dataset_info.json`` and record files, or holding one ``VERSION`` folder
+    (``1.0.0``) that does. Every split is read, in the dataset's split order.
+  * Ignored: names starting with "." or "_", names ending in .tmp, .part,
+    .partial, .crdownload or "~" (write such a name, then rename it when
+    complete), and folders that are not finished TFDS folders.
+  * A file is taken only once its size and mtime have stayed the same for
+    ``settle_seconds`` across polls, measured with ``clock``. The stream remembers
+    what each poll saw, so an entry seen for the first time (including after a
+    restart) is not ready until a later poll, unless ``settle_seconds == 0``.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, domain: str | None = None, text_field: str = "text",
+               settle_seconds: float = 2.0, clock: Callable[[], float] = time.monotonic):
+    self.path = Path(path).expanduser().resolve()
+    if not self.path.is_dir():
+      what = "is not a folder" if self.path.exists() else "does not exist"
+      raise StreamError(
+          f"Watched folder {self.path} {what}. Fix: create it (mkdir -p {self.path}) or point "
+          "config.online.stream at an existing folder, as dir:PATH.")
+    if settle_seconds < 0:
+      raise DataError(f"settle_seconds={settle_seconds} is negative. Fix: use 0 (take files at once) or more.")
+    self.domain = domain or self.path.name
+    self.text_field = text_field
+    self.settle_seconds = settle_seconds
+    self._clock = clock
+    self._observed: dict[str, _Observation] = {}
+
+  def describe(self) -> str:
+    return (f"watched folder {self.path} (domain {self.domain!r}; a .txt/.jsonl/.tsv file or TFDS folder is "
+            f"taken once unchanged for {self.settle_seconds:g}s)")
+
+  def exhausted(self, consumed: Collection[str]) -> bool:
+    del consumed  # A watched folder may always receive another file.
+    return False
+
+  def next_chunk(self, consumed: Collection[str]) -> Chunk | None:
+    consumed = _as_set(consumed)
+    now = self._clock()
+    candidates = []  # (mtime_ns, name, path)
+    observed: dict[str, _Observation] = {}
+    for entry in self._list():
+      if _is_ignored(entry.name):
+        continue
+      if entry.name in consumed:
+        # Not looked at (a folder may hold thousands of old chunks), but remembered:
+        # if a caller's consumed set shrinks, the settled state must still hold.
+        if entry.name in self._observed:
+          observed[entry.name] = self._observed[entry.name]
+        continue
+      try:
+        signature, mtime_ns = _signature(Path(entry.path))
+      except FileNotFoundError:  # removed or renamed since the listing: not there any more
+        continue
+      if signature is None:  # a folder that is not (yet) a finished TFDS folder
+        continue
+      previous = self._observed.get(entry.name)
+      observed[entry.name] = (previous if previous is not None and previous.signature == signature
+                              else _Observation(signature, now))
+      candidates.append((mtime_ns, entry.name, Path(entry.path)))
+    # Forgetting vanished names keeps this map as small as the folder.
+    self._observed = observed
+    for _, name, path in sorted(candidates):
+      if now - observed[name].since < self.settle_seconds:
+        continue
+      chunk = self._read(name, path)
+      if chunk is not None:
+        return chunk
+    return None
+
+  def _list(self) -> list[os.DirEntry]:
+    try:
+      with os.scandir(self.path) as entries:
+        return list(entries)
+    except (FileNotFoundError, NotADirectoryError):
+      raise StreamError(
+          f"Watched folder {self.path} no longer exists. Fix: restore or recreate it and restart; "
+          "chunks already consumed are recorded in the checkpoint and will not be trained on again.") from None
+    except PermissionError:
+      raise StreamError(
+          f"Watched folder {self.path} cannot be read (permission denied). Fix: give this process read "
+          "and execute permission on it (chmod u+rx) and restart; chunks already consumed are recorded "
+          "in the checkpoint.") from None
+
+  def _read(self, name: str, path: Path) -> Chunk | None:
+    """The chunk at ``path``; None if it vanished since the listing."""
+    try:
+      if path.is_dir():
+        documents = _read_tfds_folder(path, self.text_field)
+      else:
+        documents = self._read_file(path)
+    except FileNotFoundError:
+      if path.exists():  # something inside it is missing: the chunk is broken, not gone
+        raise ChunkError(f"Chunk {name!r} ({path}) is incomplete: a file inside it is missing. Fix: "
+                         "write the folder elsewhere and move it in when finished.", chunk_id=name,
+                         path=path) from None
+      self._observed.pop(name, None)
+      return None
+    except DataError as error:
+      raise ChunkError(f"Chunk {name!r} cannot be read: {error}", chunk_id=name, path=path) from None
+    except OSError as error:
+      raise ChunkError(
+          f"Chunk {name!r} cannot be read: {path}: {error.strerror or error}. Fix: give this process read "
+          "permission on it, or remove it.", chunk_id=name, path=path) from None
+    return Chunk(id=name, domain=self.domain, documents=documents, path=str(path))
+
+  def _read_file(self, path: Path) -> list[str]:
+    if path.suffix.lower() not in local_files.SUPPORTED_EXTENSIONS:
+      raise DataError(
+          f"{path} has unsupported type {path.suffix or '(no extension)'!r}. Fix: drop .txt (paragraphs "
+          "separated by blank lines), .jsonl (one JSON object per line) or .tsv (header row, then rows) "
+          "files, or finished TFDS dataset folders; write other files under a name starting with '.' or '_'.")
+    return list(local_files.read_documents(path, text_field=self.text_field))
+
+
+def _is_ignored(name: str) -> bool:
+  return name.startswith(_IGNORED_PREFIXES) or name.lower().endswith(_IGNORED_SUFFIXES)
+
+
+def _signature(path: Path) -> tuple[tuple | None, int]:
+  """``(signature, mtime_ns)`` of a directory entry; signature None: not a chunk (yet).
+
+  A file's signature is its size and mtime; a TFDS folder's covers every file in it.
+  """
+  stat = path.stat()
+  if not path.is_dir():
+    return (stat.st_size, stat.st_mtime_ns), stat.st_mtime_ns
+  try:
+    data_dir = _tfds_data_dir(path)
+  except PermissionError:  # cannot tell what it is; like any unfinished folder, not a chunk
+    return None, stat.st_mtime_ns
+  if data_dir is None:
+    return None, stat.st_mtime_ns
+  files = []
+  for child in sorted(data_dir.iterdir()):
+    child_stat = child.stat()
+    files.append((child.name, child_stat.st_size, child_stat.st_mtime_ns))
+  return (str(data_dir), tuple(files)), stat.st_mtime_ns
+
+
+def _is_tfds_data_dir(path: Path) -> bool:
+  if not (path / _TFDS_INFO_FILE).is_file():
+    return False
+  return any(marker in child.name for child in path.iterdir() for marker in _TFDS_RECORD_MARKERS)
+
+
+def _tfds_data_dir(path: Path) -> Path | None:
+  """The folder holding the TFDS files: ``path`` itself, or its newest finished ``VERSION`` folder."""
+  if _is_tfds_data_dir(path):
+    return path
+  # `tfds build --data_dir=D` writes D/NAME/VERSION/; TFDS names unfinished ones
+  # differently, so only a plain version folder counts.
+  versions = [child for child in path.iterdir()
+              if child.is_dir() and _TFDS_VERSION_RE.match(child.name) and _is_tfds_data_dir(child)]
+  if not versions:
+    return None
+  return max(versions, key=lambda v: tuple(int(part) for part in v.name.split(".")))
+
+
+def _read_tfds_folder(path: Path, text_field: str) -> list[str]:
+  """Every document of every split of the TFDS dataset in ``path``, split after split."""
+  data_dir = _tfds_data_dir(path)
+  if data_dir is None:
+    raise FileNotFoundError(path)  # it stopped being a finished folder since the listing
+  info = json.loads((data_dir / _TFDS_INFO_FILE).read_text(encoding="utf-8"))
+  file_format = info.get("fileFormat", "tfrecord")
+  if file_format != "array_record":
+    raise DataError(
+        f"TFDS folder {data_dir} holds {file_format} files; only array_record is read here (no "
+        "TensorFlow). Fix: rebuild it with `tfds build --file_format=array_record`.")
+  try:
+    with sources._quiet_tfds():  # pylint: disable=protected-access
+      builder = tfds.builder_from_directory(str(data_dir))
+      features = dict(builder.info.features.items())
+      if not isinstance(features.get(text_field), tfds.features.Text):
+        present = {name: type(feature).__name__ for name, feature in features.items()}
+        raise DataError(
+            f"TFDS folder {data_dir} has no text feature {text_field!r}; its features are {present}. "
+            "Fix: set text_field (config.data.text_field) to one of its Text features, or rebuild it "
+            "with that feature.")
+      documents = []
+      for split, split_info in builder.info.splits.items():
+        if split_info.num_examples:
+          records = builder.as_data_source(split=split)
+          documents.extend(sources.TextSource(records, field=text_field, name=f"{data_dir}:{split}"))
+  except DataError:
+    raise
+  # TFDS and array_record raise many types for damaged folders (ValueError,
+  # RuntimeError, AssertionError, ...); any of them makes this one chunk unreadable,
+  # which must not stop the stream.
+  except Exception as error:  # pylint: disable=broad-except
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    raise DataError(
+        f"TFDS folder {data_dir} cannot be opened ({type(error).__name__}: {first_line}). Fix: rebuild it "
+        "with `tfds build --file_format=array_record`, and move it into the watched folder only when "
+        "finished.") from error
+  if not any(document.strip() for document in documents):
+    raise DataError(f"TFDS folder {data_dir} holds no text (every split is empty). Fix: rebuild it with data.")
+  return documents
+
+
+# ----------------------------------------------------------------------------- fixed corpus
+
+
+@dataclasses.dataclass(frozen=True)
+class _Span:
+  """Chunk k: characters [start, end) of the corpus, found in documents [first_doc, end_doc)."""
+
+  start: int
+  end: int
+  first_doc: int
+  end_doc: int
+
+
+class FixedStream(Stream):
+  """A fixed corpus cut into ``num_chunks`` ordered, contiguous chunks of about equal size in characters.
+
+  Cuts fall at a document boundary when one is near (many small documents are
+  grouped whole), else inside a document, preferably at a paragraph break, so a
+  corpus that is one huge document (tiny_shakespeare) is still cut evenly. The
+  pieces of a cut document concatenate back to it exactly. The ids
+  ``{domain}-{k:03d}-of-{num_chunks:03d}`` depend on the domain and
+  ``num_chunks`` only; resuming with a changed corpus or ``num_chunks`` changes
+  what they name.
+
+  The corpus is read once at construction, to measure it and plan the cuts.
+  """
+
+  def __init__(self, source: str, *, num_chunks: int, split: str = "train", domain: str | None = None,
+               text_field: str = "text", cache_dir: str | None = None):
+    if not isinstance(num_chunks, int) or num_chunks < 1:
+      raise DataError(f"num_chunks={num_chunks!r}: a fixed corpus needs at least 1 chunk. Fix: set "
+                      "config.online.chunks to a positive integer.")
+    kind, target, split_in_source = sources.parse_source(source)
+    self.source = source
+    self.split = split_in_source or split
+    self.num_chunks = num_chunks
+    self.domain = domain or _default_domain(kind, target)
+    self._documents = sources.open_split(source, self.split, text_field=text_field, cache_dir=cache_dir)
+    self._starts = _document_starts(self._documents)
+    self._spans = self._plan()
+    self.ids = [f"{self.domain}-{k + 1:03d}-of-{num_chunks:03d}" for k in range(num_chunks)]
+
+  def describe(self) -> str:
+    return (f"{self._documents.name} cut into {self.num_chunks} chunks of ~{self._starts[-1] // self.num_chunks:,} "
+            f"characters (domain {self.domain!r})")
+
+  def exhausted(self, consumed: Collection[str]) -> bool:
+    consumed = _as_set(consumed)
+    return all(chunk_id in consumed for chunk_id in self.ids)
+
+  def next_chunk(self, consumed: Collection[str]) -> Chunk | None:
+    consumed = _as_set(consumed)
+    for index, chunk_id in enumerate(self.ids):
+      if chunk_id not in consumed:
+        return Chunk(id=chunk_id, domain=self.domain, documents=self._chunk_documents(index))
+    return None
+
+  def _chunk_documents(self, index: int) -> list[str]:
+    span = self._spans[index]
+    texts = self._documents.__getitems__(range(span.first_doc, span.end_doc))
+    pieces = []
+    for doc, text in zip(range(span.first_doc, span.end_doc), texts):
+      start = self._starts[doc]
+      pieces.append(text[max(span.start - start, 0):span.end - start])
+    return pieces
+
+  def _plan(self) -> list[_Span]:
+    starts, num_docs = self._starts, len(self._documents)
+    total = starts[-1]
+    if total < self.num_chunks:
+      raise DataError(
+          f"{self._documents.name} holds {total} characters in {num_docs} documents: too few for "
+          f"{self.num_chunks} chunks. Fix: set config.online.chunks to at most {max(total, 1)}, or use a "
+          "larger corpus or split.")
+    window = int(total / self.num_chunks * _CUT_WINDOW)
+    cuts = [0]
+    for k in range(1, self.num_chunks):
+      cut = self._cut_near(k * total // self.num_chunks, window)
+      # Cuts stay strictly increasing: the window is far smaller than a chunk.
+      cuts.append(min(max(cut, cuts[-1] + 1), total - (self.num_chunks - k)))
+    cuts.append(total)
+    spans = []
+    for k in range(self.num_chunks):
+      start, end = cuts[k], cuts[k + 1]
+      # A document belongs to every chunk its characters overlap; an empty one to
+      # the chunk its position falls in (the last chunk for those at the very end).
+      first_doc = min(bisect.bisect_right(starts, start, 1, num_docs + 1) - 1,
+                      bisect.bisect_left(starts, start, 0, num_docs))
+      end_doc = num_docs if k == self.num_chunks - 1 else bisect.bisect_left(starts, end, 0, num_docs)
+      spans.append(_Span(start, end, first_doc, end_doc))
+    return spans
+
+  def _cut_near(self, target: int, window: int) -> int:
+    """A cut position near ``target``: a document boundary, else a separator inside the document."""
+    starts = self._starts
+    boundary = bisect.bisect_left(starts, target)
+    nearest = min((starts[i] for i in (boundary - 1, boundary) if 0 <= i < len(starts)),
+                  key=lambda position: abs(position - target))
+    if abs(nearest - target) <= window:
+      return nearest
+    doc = bisect.bisect_right(starts, target) - 1
+    text, offset = self._documents[doc], starts[doc]
+    local = target - offset
+    low, high = max(local - window, 1), min(local + window, len(text) - 1)
+    for separator in _CUT_SEPARATORS:
+      before = text.rfind(separator, max(low - len(separator), 0), local)
+      after = text.find(separator, local, high)
+      # Cut after the separator (and any run of it), so the next piece starts with text.
+      found = [_after_run(text, position, separator) for position in (before, after) if position >= 0]
+      found = [position for position in found if low <= position <= high]
+      if found:
+        return offset + min(found, key=lambda position: abs(position - local))
+    return target
+
+
+def _after_run(text: str, position: int, separator: str) -> int:
+  end = position + len(separator)
+  while text.startswith(separator[-1], end):
+    end += 1
+  return end
+
+
+def _document_starts(documents: sources.TextSource) -> array.array:
+  """Character offset of each document in the corpus, plus the total at the end."""
+  starts = array.array("q", [0])  # int64: compact for corpora of millions of documents
+  for text in documents:
+    starts.append(starts[-1] + len(text))
+  return starts
+
+
+def _default_domain(kind: str, target: str) -> str:
+  """The dataset name; for a local file named like a split (sst2/train.tsv), its folder's name."""
+  if kind == "tfds":
+    return re.split(r"[/:]", target, maxsplit=1)[0]
+  path = Path(target).expanduser().resolve()
+  if path.is_dir():
+    return path.name
+  stem = path.stem
+  head, _, tail = stem.rpartition(".")
+  if stem.lower() in local_files.SPLIT_NAMES:
+    return path.parent.name
+  if head and tail.lower() in local_files.SPLIT_NAMES:  # ptb.valid.txt -> ptb
+    return head
+  return stem
+
+
+# ----------------------------------------------------------------------------- iterable
+
+
+class IterableStream(Stream):
+  """Texts from an iterable, grouped into chunks of ``chunk_size`` documents (for notebooks).
+
+  Texts are pulled lazily, one chunk at a time. Ids ``{domain}-{k:05d}`` count
+  chunks from the start of the iterable, so resuming after a restart needs a
+  re-iterable, deterministic source (a list, or a function that regenerates the
+  same texts): the new stream re-reads the consumed chunks and skips them. A
+  one-shot generator cannot be resumed. ``next_chunk`` blocks while the iterable
+  does, and returns None only once the iterable is used up.
+  """
+
+  def __init__(self, texts: Iterable[str], *, domain: str, chunk_size: int):
+    if not domain:
+      raise DataError("IterableStream needs a domain name. Fix: pass domain='my-data'.")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+      raise DataError(f"chunk_size={chunk_size!r}: a chunk needs at least 1 document. Fix: pass a positive "
+                      "integer.")
+    self.domain = domain
+    self.chunk_size = chunk_size
+    self._texts: Iterator[str] = iter(texts)
+    self._next_index = 0  # index of the next chunk to pull from the iterable
+    self._used_up = False
+    # Pulled but not yet seen consumed: a repeated call must return the same chunk.
+    self._pending: dict[int, list[str] | ChunkError] = {}
+
+  def describe(self) -> str:
+    return f"iterable of texts in chunks of {self.chunk_size} documents (domain {self.domain!r})"
+
+  def chunk_id(self, index: int) -> str:
+    return f"{self.domain}-{index + 1:05d}"
+
+  def exhausted(self, consumed: Collection[str]) -> bool:
+    return self._first_unconsumed(_as_set(consumed)) is None
+
+  def next_chunk(self, consumed: Collection[str]) -> Chunk | None:
+    index = self._first_unconsumed(_as_set(consumed))
+    if index is None:
+      return None
+    documents = self._pending[index]
+    if isinstance(documents, ChunkError):
+      raise documents
+    return Chunk(id=self.chunk_id(index), domain=self.domain, documents=documents)
+
+  def _first_unconsumed(self, consumed: Collection[str]) -> int | None:
+    for index in sorted(self._pending):
+      if self.chunk_id(index) in consumed:
+        del self._pending[index]  # never asked for again: free it
+      else:
+        return index
+    while not self._used_up:
+      index, texts = self._next_index, list(itertools.islice(self._texts, self.chunk_size))
+      if not texts:
+        self._used_up = True
+        break
+      self._next_index += 1
+      if self.chunk_id(index) in consumed:
+        continue
+      bad = next((position for position, text in enumerate(texts) if not isinstance(text, str)), None)
+      if bad is None:
+        self._pending[index] = texts
+      else:
+        self._pending[index] = ChunkError(
+            f"Chunk {self.chunk_id(index)!r}: item {index * self.chunk_size + bad} of the iterable is a "
+            f"{type(texts[bad]).__name__}, not a str. Fix: yield text strings (decode bytes, take the "
+            "text field of records).", chunk_id=self.chunk_id(index))
+      return index
+    return None
+
+
+# ----------------------------------------------------------------------------- config and quarantine
+
+
+def parse_stream(spec: str, *, num_chunks: int, domain: str | None = None, split: str = "train",
+                 text_field: str = "text", cache_dir: str | None = None, settle_seconds: float = 2.0) -> Stream:
+  """The stream named by ``config.online.stream``.
+
+  ``dir:PATH`` is a watched folder (``DirectoryStream``); ``tfds:NAME[:SPLIT]`` or a
+  path to a .txt/.jsonl/.tsv file or folder is a fixed corpus cut into
+  ``num_chunks`` chunks (``FixedStream``). An empty ``domain`` means: derive it.
+  """
+  spec = (spec or "").strip()
+  if not spec:
+    raise DataError("config.online.stream is empty: set it to dir:PATH, tfds:NAME[:SPLIT] or a file path")
+  if spec.startswith(DIRECTORY_PREFIX):
+    path = spec[len(DIRECTORY_PREFIX):]
+    if not path:
+      raise DataError(f"Stream {spec!r} names no folder. Fix: write dir:PATH, e.g. dir:/data/incoming.")
+    return DirectoryStream(path, domain=domain or None, text_field=text_field, settle_seconds=settle_seconds)
+  return FixedStream(spec, num_chunks=num_chunks, split=split, domain=domain or None, text_field=text_field,
+                     cache_dir=cache_dir)
+
+
+def quarantine(path: str | os.PathLike, workdir: str | os.PathLike, reason: str) -> Path:
+  """Moves a bad chunk's file or folder into ``WORKDIR/quarantine/`` with ``NAME.reason.txt`` beside it.
+
+  A name already there gets a numeric suffix (``a.txt`` -> ``a.1.txt``). Returns
+  the new path. A path that no longer exists is not an error (the loop must go
+  on): the would-be path is returned and nothing is written.
+  Raises:
+    DataError: the move itself failed (e.g. a read-only watched folder).
+  """
+  source = Path(path)
+  folder = Path(workdir) / _QUARANTINE_DIR
+  destination = folder / source.name
+  for number in itertools.count(1):
+    if not (destination.exists() or _reason_path(destination).exists()):
+      break
+    destination = folder / f"{Path(source.name).stem}.{number}{Path(source.name).suffix}"
+  if not source.exists() and not source.is_symlink():
+    return destination
+  try:
+    folder.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(source), str(destination))
+  except FileNotFoundError:
+    if not source.exists():  # removed while we looked: nothing left to keep
+      return destination
+    raise
+  except OSError as error:
+    raise DataError(
+        f"Cannot move {source} into quarantine {folder} ({error.strerror or error}). Fix: make the watched "
+        "folder and the workdir writable, or remove the file by hand; its chunk is already marked "
+        "consumed.") from None
+  stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+  _reason_path(destination).write_text(f"{reason}\n\nfrom: {source}\nquarantined: {stamp}\n", encoding="utf-8")
+  return destination
+
+
+def _reason_path(destination: Path) -> Path:
+  return destination.with_name(destination.name + _REASON_SUFFIX)
