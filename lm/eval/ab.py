@@ -1,0 +1,146 @@
+"""Promotion gate: promote a candidate model only if no old domain got worse.
+
+After online training, a candidate model replaces the serving (baseline)
+model only when we are confident that it did not regress on the domains the
+baseline already knew. Comparing two mean losses is not enough: with few
+held-out sequences a noisy candidate can look fine by chance. So both models
+are evaluated on the SAME sequences and the per-sequence losses are compared
+with a paired bootstrap: resample sequence indices with replacement, recompute
+
+  relative change = (mean candidate loss - mean baseline loss) / mean baseline loss
+
+(positive = the candidate is worse), and take the one-sided upper bound at
+`confidence` (the `confidence` percentile of the resampled changes). An old
+domain blocks promotion when that upper bound exceeds `max_regression`: the
+gate errs towards keeping the baseline, so an uncertain comparison refuses.
+Pairing removes the per-sequence difficulty shared by both models, which makes
+the bound far tighter than resampling the two models independently.
+
+New domains (the ones the candidate was just trained on) are compared and
+reported but never block: the baseline was not expected to know them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import numpy as np
+
+MIN_CONFIDENCE = 0.5  # below it the "upper" bound would lie under the median
+MAX_CONFIDENCE = 1.0  # exclusive: a 100% bound is the worst resample, not a statistic
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+  """One domain's baseline-vs-candidate comparison."""
+  domain: str
+  baseline_loss: float  # mean of baseline per-sequence losses
+  candidate_loss: float
+  relative_change: float  # (candidate - baseline) / baseline; positive = candidate is worse
+  upper: float  # one-sided upper confidence bound of relative_change (bootstrap percentile at `confidence`)
+  lower: float  # one-sided lower bound (percentile at 1 - confidence)
+  num_sequences: int
+
+
+def _check_confidence(confidence: float) -> None:
+  if not MIN_CONFIDENCE <= confidence < MAX_CONFIDENCE:
+    raise ValueError(
+        f"confidence={confidence} must lie in [{MIN_CONFIDENCE}, {MAX_CONFIDENCE}); "
+        "pass a fraction such as 0.95, not a percentage.")
+
+
+def paired_bootstrap(baseline: np.ndarray, candidate: np.ndarray, *, domain: str = "",
+                     confidence: float = 0.95, num_samples: int = 1000, seed: int = 0) -> Comparison:
+  """Compares two models' per-sequence losses on the same sequences.
+
+  Args:
+    baseline: [num_sequences] the baseline's mean loss on each sequence.
+    candidate: [num_sequences] the candidate's mean loss on the same sequences, in the same order.
+    domain: the name reported in the result.
+    confidence: the one-sided level of `upper` (and of `lower`, at 1 - confidence).
+    num_samples: bootstrap resamples.
+    seed: seeds numpy's default_rng, so a decision can be reproduced.
+
+  Returns:
+    A Comparison whose relative_change is the full-sample estimate and whose
+    upper / lower are bootstrap percentiles.
+  """
+  _check_confidence(confidence)
+  baseline = np.asarray(baseline, np.float64)
+  candidate = np.asarray(candidate, np.float64)
+  label = f" for domain {domain!r}" if domain else ""
+  if baseline.ndim != 1 or baseline.shape != candidate.shape:
+    raise ValueError(
+        f"Baseline and candidate losses{label} have shapes {baseline.shape} and {candidate.shape}; "
+        "pass one loss per sequence [num_sequences], for the same sequences in the same order.")
+  num_sequences = baseline.shape[0]
+  if num_sequences == 0:
+    raise ValueError(f"No sequences{label}; evaluate both models on a non-empty held-out split.")
+  if num_samples < 1:
+    raise ValueError(f"num_samples={num_samples} must be >= 1; the usual value is 1000.")
+  if not (np.isfinite(baseline).all() and np.isfinite(candidate).all()):
+    raise ValueError(f"Non-finite per-sequence losses{label}; a diverged model cannot be compared, keep the baseline.")
+  if (baseline <= 0).any():
+    raise ValueError(
+        f"Baseline losses{label} must be positive (they divide the relative change); "
+        "pass per-sequence cross-entropies, not log-likelihoods or differences.")
+  # One index matrix [num_samples, num_sequences]: the same resampled sequences
+  # for both models is what makes the bootstrap paired.
+  indices = np.random.default_rng(seed).integers(0, num_sequences, size=(num_samples, num_sequences))
+  base_means = baseline[indices].mean(axis=1)  # [num_samples]
+  changes = (candidate[indices].mean(axis=1) - base_means) / base_means  # [num_samples]
+  baseline_loss = float(baseline.mean())
+  candidate_loss = float(candidate.mean())
+  return Comparison(
+      domain=domain, baseline_loss=baseline_loss, candidate_loss=candidate_loss,
+      relative_change=(candidate_loss - baseline_loss) / baseline_loss,
+      upper=float(np.quantile(changes, confidence)), lower=float(np.quantile(changes, 1.0 - confidence)),
+      num_sequences=int(num_sequences))
+
+
+@dataclasses.dataclass(frozen=True)
+class GateDecision:
+  """Whether to promote the candidate, and why not."""
+  promote: bool
+  reasons: list[str]  # one human-readable line per failing domain; empty when promoted
+  comparisons: dict[str, Comparison]
+
+  def to_json(self) -> dict[str, Any]:
+    return {"promote": self.promote, "reasons": list(self.reasons),
+            "comparisons": {d: dataclasses.asdict(c) for d, c in self.comparisons.items()}}
+
+
+def gate(per_domain: dict[str, tuple[np.ndarray, np.ndarray]], *, old_domains: list[str],
+         max_regression: float, confidence: float = 0.95, num_samples: int = 1000,
+         seed: int = 0) -> GateDecision:
+  """Decides promotion: refuses if any old domain may have regressed by more than max_regression.
+
+  Args:
+    per_domain: {domain: (baseline_losses [n_d], candidate_losses [n_d])}, per-sequence losses.
+    old_domains: the domains the baseline already served; only these can block.
+    max_regression: the tolerated relative loss increase (0.02 = +2%).
+    confidence: the level of the one-sided upper bound compared with max_regression.
+    num_samples, seed: bootstrap resamples and seed (see paired_bootstrap).
+  """
+  if not max_regression >= 0:
+    raise ValueError(
+        f"max_regression={max_regression} must be >= 0: it is the tolerated relative increase "
+        "of an old domain's loss, e.g. 0.02 for +2%.")
+  _check_confidence(confidence)
+  missing = [d for d in old_domains if d not in per_domain]
+  if missing:
+    # Promoting without evidence on an old domain would defeat the gate.
+    raise ValueError(
+        f"Old domains {missing} have no losses; evaluate the baseline and the candidate on "
+        "their held-out splits and pass them in per_domain.")
+  comparisons = {
+      domain: paired_bootstrap(baseline, candidate, domain=domain, confidence=confidence,
+                               num_samples=num_samples, seed=seed)
+      for domain, (baseline, candidate) in per_domain.items()}
+  old = set(old_domains)
+  reasons = [
+      f"{c.domain}: loss {c.candidate_loss:.3f} vs {c.baseline_loss:.3f} ({c.relative_change:+.1%}, "
+      f"upper bound {c.upper:+.1%} at {confidence * 100:g}% > allowed {max_regression:+.1%})"
+      for domain, c in comparisons.items() if domain in old and c.upper > max_regression]
+  return GateDecision(promote=not reasons, reasons=reasons, comparisons=comparisons)
