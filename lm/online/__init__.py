@@ -1,0 +1,1 @@
+"""Online (continual) learning: replay of past data and regularizers against forgetting."""
