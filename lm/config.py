@@ -27,7 +27,7 @@ from ml_collections.config_dict import placeholder
 
 from lm.models.transformer import CHOICES as MODEL_CHOICES
 
-MODES = ("train", "eval", "sample", "bench")
+MODES = ("train", "online", "eval", "sample", "bench")
 TOKENIZERS = ("char", "byte", "sentencepiece")
 
 
@@ -127,6 +127,46 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
   config.mesh.rules = default_rules()
+
+  # --mode online (lm.online.loop): keep training a model on newly streamed data.
+  # The online phase's learning rate is optim.lr / min_lr / warmup_steps, per chunk.
+  config.online = ml_collections.ConfigDict()
+  config.online.stream = ""  # dir:PATH (a watched folder) | tfds:NAME[:SPLIT] | a .txt/.jsonl/.tsv file or folder
+  config.online.domain = ""  # the stream's domain name; empty: from the stream (folder or dataset name)
+  config.online.split = "train"  # the split of a fixed corpus to stream
+  config.online.chunks = 5  # a fixed corpus is cut into this many ordered chunks
+  config.online.max_chunks = 0  # stop after this many chunks in this run (0: when the stream ends, or never)
+  config.online.steps_per_chunk = 200
+  config.online.epochs_per_chunk = 0.0  # > 0: the budget is this many passes over a chunk's tokens instead
+  config.online.init_from = ""  # workdir (or checkpoints folder) of the model to start from
+  config.online.pretrain_domain = ""  # name of that model's data (held out: data.source's eval split); empty: derived
+  config.online.heldout_fraction = 0.05  # of each chunk's documents, held out by a hash of their text
+  config.online.heldout_max_windows = 256  # per domain, evaluated after every chunk
+  config.online.replay_fraction = 0.0  # of every batch, drawn from the replay buffer of past sequences
+  config.online.replay_capacity = 4096  # windows kept per domain (reservoir sampling)
+  config.online.lr_schedule = "rewarm"  # rewarm: warmup + cosine decay every chunk | constant: warm up once
+  config.online.l2_init = 0.0  # weight of the pull toward the weights before the chunk
+  config.online.ewc = 0.0  # weight of EWC (diagonal Fisher on replay data, normalized to mean 1)
+  config.online.ewc_batches = 8
+  config.online.distill = 0.0  # weight of distillation toward the previous model on replay rows (LwF)
+  config.online.distill_temperature = 1.0
+  config.online.checkpoint_every = 100  # steps within a chunk (0: only at chunk ends)
+  config.online.poll_interval = 2.0  # seconds between looks at a watched folder
+  config.online.idle_timeout = 0.0  # stop after this many seconds without a new chunk (0: wait forever)
+  config.online.settle_seconds = 2.0  # a file is complete once its size and mtime held this long
+  config.online.clean = ml_collections.ConfigDict()
+  config.online.clean.normalization = "NFC"  # NFC | NFKC | none
+  config.online.clean.min_chars = 1
+  config.online.clean.max_chars = 0  # 0: no limit
+  config.online.clean.exact_dedup = True
+  config.online.clean.near_dup_threshold = 0.8  # MinHash Jaccard estimate; 0: off
+  config.online.clean.shingle_size = 5
+  config.online.clean.num_perm = 64
+  config.online.clean.bands = 16
+  config.online.gate = ml_collections.ConfigDict()
+  config.online.gate.max_regression = 0.02  # relative loss increase allowed on any old domain
+  config.online.gate.confidence = 0.95
+  config.online.gate.bootstrap_samples = 1000
 
   # Multi-process runs (lm.distributed): explicit settings, or JAX_COORDINATOR_ADDRESS,
   # JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment (lm.launch_local sets them).
@@ -250,6 +290,25 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   _require(config.mesh.preset in ("", "dp", "fsdp", "fsdp_tp"),
            f"config.mesh.preset={config.mesh.preset!r} is not one of 'dp', 'fsdp', 'fsdp_tp' "
            "(or empty to use mesh.data/fsdp/tensor/rules as set).")
+  online = config.online
+  if mode == "online":
+    _require(bool(online.stream), "config.online.stream is empty: set it to dir:PATH (a watched folder), "
+             "tfds:NAME[:SPLIT] or a path to a .txt/.jsonl/.tsv corpus.")
+  _require(online.chunks >= 1 and online.max_chunks >= 0, "config.online.chunks must be >= 1, max_chunks >= 0.")
+  _require(online.steps_per_chunk >= 1 or online.epochs_per_chunk > 0,
+           "config.online.steps_per_chunk must be >= 1 (or set epochs_per_chunk > 0).")
+  _require(0.0 <= online.replay_fraction < 1.0,
+           f"config.online.replay_fraction must be in [0, 1) (got {online.replay_fraction}).")
+  _require(0.0 < online.heldout_fraction < 1.0 and online.heldout_max_windows >= 1,
+           "config.online.heldout_fraction must be in (0, 1) and heldout_max_windows >= 1.")
+  _require(online.lr_schedule in ("rewarm", "constant"),
+           f"config.online.lr_schedule={online.lr_schedule!r} is not one of ('rewarm', 'constant').")
+  _require(min(online.l2_init, online.ewc, online.distill) >= 0 and online.distill_temperature > 0,
+           "config.online.l2_init, ewc and distill must be >= 0 and distill_temperature > 0.")
+  _require(online.replay_capacity >= 1 and online.ewc_batches >= 1, "config.online.replay_capacity and "
+           "ewc_batches must be >= 1.")
+  _require(online.gate.max_regression >= 0 and 0.5 <= online.gate.confidence < 1,
+           "config.online.gate.max_regression must be >= 0 and gate.confidence in [0.5, 1).")
   distributed = config.distributed
   _require(distributed.initialization_timeout > 0 and distributed.heartbeat_timeout > 0,
            "config.distributed.initialization_timeout and heartbeat_timeout must be > 0 seconds.")

@@ -62,6 +62,12 @@ def run_mode(config, workdir: str | None, mode: str) -> int:
                       result.interrupted, result.step)
       return 0 if result.interrupted == "SIGTERM" else 128 + 2
     return 0
+  if mode == "online":
+    from lm.online import loop as online_loop  # pylint: disable=g-import-not-at-top
+    outcome = online_loop.run_online(config, workdir)
+    report(json.dumps({"chunks": outcome.chunks_done, "step": outcome.step, **{
+        key: outcome.continual.get(key) for key in ("avg_loss", "forgetting", "bwt", "fwt")}}))
+    return 0 if outcome.interrupted in (None, "SIGTERM") else 128 + 2
   if mode == "eval":
     report(json.dumps(run_modes.evaluate_checkpoint(config, workdir)))
     return 0

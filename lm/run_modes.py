@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from lm.online.store import is_online_checkpoint
 from lm.train import checkpoint as checkpoint_lib
 from lm.train.experiment import Experiment, build_experiment, open_eval_split, token_windows
 from lm.train.loop import evaluate_params
@@ -23,12 +24,16 @@ from lm import sample as sample_lib
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str, mode: str) -> tuple[Experiment, Any, int]:
-  """Experiment + params of the latest checkpoint in `workdir`."""
+  """Experiment + params of the latest checkpoint in `workdir` (an online run's current model)."""
   if not checkpoint_lib.has_checkpoint(workdir):
     raise checkpoint_lib.CheckpointError(
         f"--mode {mode} needs a checkpoint, and {workdir!r} has none. Train first "
         f"(--mode train --workdir {workdir}) or point --workdir at a trained run.")
   experiment, _ = build_experiment(config, workdir, mode)
+  if is_online_checkpoint(workdir):
+    # An online run serves its promoted ("current") model, not the latest candidate.
+    params, step = checkpoint_lib.restore_params(workdir, experiment.abstract_state.params, item_name="current")
+    return experiment, params, step
   state, _, _, step = checkpoint_lib.restore(workdir, experiment.abstract_state, with_data=False)
   return experiment, state.params, step
 

@@ -163,15 +163,18 @@ def restore(directory: str, abstract_state: TrainState, *, step: int | None = No
   return restored["state"], restored.get("data") if with_data else None, restored["metadata"], step
 
 
-def restore_params(directory: str, abstract_params: Any, *, step: int | None = None) -> tuple[Any, int]:
+def restore_params(directory: str, abstract_params: Any, *, step: int | None = None,
+                   item_name: str = "state") -> tuple[Any, int]:
   """Restores only the parameters of a checkpoint (init-from), into `abstract_params`' shardings.
 
   The optimizer state of the source run is not read, so its optimizer may
-  differ from this run's.
+  differ from this run's. `item_name="current"` reads an online run's promoted model.
   """
   root = resolve_checkpoint_root(directory)
   step = step if step is not None else latest_step(root)
-  path = epath.Path(root) / str(step) / "state"
+  path = epath.Path(root) / str(step) / item_name
+  if item_name == "current":
+    return _restore_tree(path, abstract_params), step
   item = {"params": abstract_params}
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   try:
@@ -182,3 +185,11 @@ def restore_params(directory: str, abstract_params: Any, *, step: int | None = N
         f"The parameters in {path} do not fit this model: {error}. init_from needs a checkpoint of a "
         "model with the same shapes (layers, heads, width, vocabulary).") from error
   return restored["params"], step
+
+
+def _restore_tree(path: Any, abstract: Any) -> Any:
+  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
+  try:
+    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
+  except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
+    raise CheckpointError(f"The parameters in {path} do not fit this model: {error}.") from error

@@ -67,3 +67,20 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.Gr
           mask=functools.partial(decay_mask, decay_embeddings=bool(optim.get("decay_embeddings", True))),
       ))
   return optax.chain(*parts), schedule
+
+
+def make_update_direction(optim: Mapping[str, Any]) -> optax.GradientTransformation:
+  """AdamW without its learning rate: clip, Adam, decoupled weight decay (masked).
+
+  `-lr * direction` is exactly AdamW's update; loops that set the learning
+  rate per step themselves (the online loop's per-chunk schedule) scale it.
+  """
+  parts = []
+  if optim.get("grad_clip"):
+    parts.append(optax.clip_by_global_norm(float(optim["grad_clip"])))
+  parts.append(optax.scale_by_adam(b1=float(optim["b1"]), b2=float(optim["b2"]), eps=float(optim.get("eps", 1e-8))))
+  if float(optim["weight_decay"]):
+    parts.append(optax.add_decayed_weights(
+        float(optim["weight_decay"]),
+        mask=functools.partial(decay_mask, decay_embeddings=bool(optim.get("decay_embeddings", True)))))
+  return optax.chain(*parts)

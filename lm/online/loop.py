@@ -1,0 +1,516 @@
+"""`--mode online`: keep training a model on newly streamed data without forgetting.
+
+  state <- the workdir's latest checkpoint, else config.online.init_from's weights
+  loop:
+    chunk <- the stream's next unconsumed chunk (wait for one; quarantine it if unreadable)
+    clean it (normalize, filter, dedup against everything trained on), hold out
+      a deterministic share of its documents as the domain's evaluation set
+    train `steps_per_chunk` steps on it, mixing in replayed past sequences,
+      with a per-chunk learning-rate schedule and optional regularizers
+    evaluate every domain seen so far -> a new row of the continual matrix R
+    gate: promote the new weights to "current" only if no old domain got worse
+      by more than `gate.max_regression` (paired bootstrap over sequences)
+    checkpoint everything (weights, current, cursor, replay, dedup, R) at once
+
+A kill at any moment resumes from the last checkpoint: mid-chunk checkpoints
+record the chunk and the step within it, and the chunk is re-read and
+re-cleaned identically (the dedup index only absorbs a chunk when it ends),
+so no chunk is trained on twice or skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging as py_logging
+import math
+import os
+import time
+from collections import Counter
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from lm import config as config_lib
+from lm.data import clean as clean_lib
+from lm.data import pipeline, sources, stream as stream_lib
+from lm.eval import ab
+from lm.eval.continual import ContinualMatrix
+from lm.online import replay as replay_lib
+from lm.online import regularizers
+from lm.online.step import Regularization, chunk_learning_rate, make_online_step, make_sequence_losses
+from lm.online.store import OnlineCheckpointer
+from lm.train import checkpoint as checkpoint_lib
+from lm.train import optim
+from lm.train import sharding as sharding_lib
+from lm.train import state as state_lib
+from lm.train.experiment import Experiment, build_experiment, open_eval_split, open_train_split
+from lm.train.loop import StopSignal, _check_finite, _write_run_files
+from lm.train.metrics import MetricWriter
+from lm.train.state import TrainState
+
+HEATMAP_FILE = "continual_R.png"
+_HELDOUT_BUCKETS = 1_000_000
+
+
+@dataclasses.dataclass
+class OnlineResult:
+  chunks_done: int  # in this run
+  step: int
+  interrupted: str | None
+  continual: dict[str, Any]
+  workdir: str
+
+
+def _prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The config `build_experiment` sees: the online model's weights come from online.init_from."""
+  if not config.online.init_from and not checkpoint_lib.has_checkpoint(workdir):
+    raise config_lib.ConfigError(
+        f"{workdir} has no checkpoint and config.online.init_from is empty: the online loop continues a trained "
+        "model. Set --config.online.init_from=WORKDIR_OF_A_TRAINED_RUN (e.g. runs/shakespeare_byte).")
+  # The per-chunk schedule is the online loop's own; the optimizer's total steps do not matter.
+  return config_lib.apply_overrides(config, {"init_from": config.online.init_from, "warm_start": ""})
+
+
+def _stable_seed(*parts: Any) -> int:
+  return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=4).digest(), "little")
+
+
+def is_heldout(document: str, fraction: float) -> bool:
+  """Deterministic held-out membership of a (normalized) document, by a hash of its text."""
+  digest = hashlib.blake2b(document.encode("utf-8"), digest_size=8).digest()
+  return int.from_bytes(digest, "little") % _HELDOUT_BUCKETS < fraction * _HELDOUT_BUCKETS
+
+
+class OnlineRun:
+  """The state of an online run between chunks (what the checkpoint holds besides the weights)."""
+
+  def __init__(self, experiment: Experiment, workdir: str):
+    self.experiment = experiment
+    self.config = experiment.config
+    self.online = self.config.online
+    self.workdir = workdir
+    self.consumed: list[str] = []
+    self.in_progress: dict[str, Any] | None = None  # {"id", "step_in_chunk", "steps", "index"}
+    self.matrix: ContinualMatrix | None = None
+    self.gate_history: list[dict[str, Any]] = []
+    self.clean_counts: Counter = Counter()
+    self.quarantined: list[dict[str, str]] = []
+    self.heldout: dict[str, np.ndarray] = {}  # domain -> [n, seq_len + 1] windows
+    self.cleaner = clean_lib.Cleaner(clean_lib.CleanConfig.from_mapping(self.online.clean.to_dict()))
+    seq_len = self.config.seq_len
+    self.replay = replay_lib.ReplayBuffer(int(self.online.replay_capacity), seq_len + 1, seed=int(self.config.seed))
+
+  # -- checkpoint contents ---------------------------------------------------
+  def to_json(self) -> dict[str, Any]:
+    return {"consumed": self.consumed, "in_progress": self.in_progress,
+            "matrix": self.matrix.to_json() if self.matrix else None, "gate": self.gate_history,
+            "clean_counts": dict(self.clean_counts), "quarantined": self.quarantined}
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    out = {f"replay/{k}": v for k, v in self.replay.to_arrays().items()}
+    out.update({f"dedup/{k}": v for k, v in self.cleaner.index.to_arrays().items()})
+    names = sorted(self.heldout)
+    out["heldout/domains"] = np.frombuffer(json.dumps(names).encode(), np.uint8).copy()
+    for index, name in enumerate(names):
+      out[f"heldout/{index}"] = self.heldout[name]
+    return out
+
+  def load(self, online: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    self.consumed = list(online["consumed"])
+    self.in_progress = online["in_progress"]
+    self.matrix = ContinualMatrix.from_json(online["matrix"]) if online["matrix"] else None
+    self.gate_history = list(online["gate"])
+    self.clean_counts = Counter(online["clean_counts"])
+    self.quarantined = list(online.get("quarantined", []))
+    group = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
+    self.replay = replay_lib.ReplayBuffer.from_arrays(group("replay/"))
+    self.cleaner = clean_lib.Cleaner(self.cleaner.config, clean_lib.DedupIndex.from_arrays(group("dedup/")))
+    names = json.loads(arrays["heldout/domains"].tobytes().decode())
+    self.heldout = {name: arrays[f"heldout/{index}"] for index, name in enumerate(names)}
+
+
+class _Documents(list):
+  """A list of documents with the `name` that `pipeline.tokenize_split` reports in errors."""
+
+  def __init__(self, documents: list[str], name: str):
+    super().__init__(documents)
+    self.name = name
+
+
+def _tokens_of(experiment: Experiment, documents: list[str], name: str = "held-out documents") -> np.ndarray:
+  return pipeline.tokenize_split(_Documents(documents, name), experiment.tokenizer)
+
+
+def _windows_of(experiment: Experiment, documents: list[str], name: str, stride: int) -> pipeline.Windows | None:
+  """Training windows over a chunk's documents; None if there is too little text for one."""
+  if not documents:
+    return None
+  try:
+    return pipeline.Windows(_tokens_of(experiment, documents, name), experiment.config.seq_len, stride, name=name)
+  except sources.DataError:
+    return None
+
+
+def _warn_unknown_tokens(experiment: Experiment, chunk_id: str, windows: pipeline.Windows) -> None:
+  unk = experiment.tokenizer.unk_id
+  if unk is not None:
+    count = int(np.sum(windows.tokens == unk))
+    if count:
+      logging.warning("Chunk %s has %d characters this %s tokenizer has never seen; they map to its unknown id "
+                      "(a byte tokenizer represents any text).", chunk_id, count, experiment.tokenizer.kind)
+
+
+class OnlineLoop:
+  """Builds once, then runs chunks; `run()` is what `--mode online` calls."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str, stream: stream_lib.Stream | None = None):
+    config = _prepare_config(config, workdir)
+    self.experiment, self.tokenizer_is_new = build_experiment(config, workdir, "online")
+    self.config = self.experiment.config
+    self.online = self.config.online
+    self.workdir = workdir
+    self.pretrain_domain = self.online.pretrain_domain or _domain_of(self.config.data.source)
+    self.stream = stream or stream_lib.parse_stream(
+        self.online.stream, num_chunks=int(self.online.chunks), domain=self.online.domain or None,
+        split=self.online.split, text_field=self.config.data.text_field, cache_dir=self.config.data.cache_dir or None,
+        settle_seconds=float(self.online.settle_seconds))
+    experiment = self.experiment
+    self.direction = optim.make_update_direction(self.config.optim)
+    self.reg = Regularization.from_config(self.online)
+    self.step_fn = jax.jit(make_online_step(experiment.model, self.direction, self.reg), donate_argnums=0)
+    # Replicated output: every process reads all per-sequence losses (the gate pairs them).
+    self.sequence_losses = jax.jit(make_sequence_losses(experiment.model),
+                                   out_shardings=sharding_lib.replicated(experiment.mesh))
+    self.checkpointer = OnlineCheckpointer(experiment.checkpoint_dir, keep=int(self.config.keep_checkpoints))
+    self.run_state = OnlineRun(experiment, workdir)
+    self.writer = MetricWriter(workdir)
+
+  # -- start ---------------------------------------------------------------
+  def _abstract_online_state(self) -> TrainState:
+    """The online TrainState's shapes and shardings (its optimizer has no learning-rate schedule)."""
+    experiment = self.experiment
+    boxed = state_lib.abstract_state(experiment.model, experiment.tx, experiment.example_tokens, self.config.seed)
+    boxed_opt = jax.eval_shape(self.direction.init, boxed.params)
+    opt_shardings = sharding_lib.logical_shardings(boxed_opt, experiment.mesh, experiment.rules)
+    abstract_opt = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed_opt), opt_shardings)
+    return experiment.abstract_state.replace(opt_state=abstract_opt)
+
+  def _fresh_state(self, abstract: TrainState) -> tuple[TrainState, Any]:
+    experiment = self.experiment
+    params, step = checkpoint_lib.restore_params(self.config.init_from, experiment.abstract_state.params)
+    logging.info("Online run starts from %s (step %d).", self.config.init_from, step)
+    opt_shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract.opt_state)
+    opt_state = jax.jit(self.direction.init, out_shardings=opt_shardings)(params)
+    place = lambda value, leaf: jax.device_put(value, leaf.sharding)  # noqa: E731
+    state = TrainState(step=place(np.zeros((), np.int32), abstract.step), params=params, opt_state=opt_state,
+                       rng=place(jax.random.key_data(jax.random.key(self.config.seed)), abstract.rng))
+    return state, jax.tree.map(lambda x: x.copy(), params)
+
+  def start(self) -> tuple[TrainState, Any, str]:
+    abstract = self._abstract_online_state()
+    restored = self.checkpointer.restore_latest(abstract, self.experiment.abstract_state.params) if (
+        checkpoint_lib.has_checkpoint(self.workdir)) else None
+    if restored is not None:
+      state, current, online, arrays, step = restored
+      self.run_state.load(online, arrays)
+      return state, current, f"resumed from checkpoint step {step}"
+    state, current = self._fresh_state(abstract)
+    self._begin(state)
+    _write_run_files(self.experiment, self.tokenizer_is_new)
+    return state, current, f"started from {self.config.init_from}"
+
+  def _begin(self, state: TrainState) -> None:
+    """Row 0 of R and the pretraining domain's held-out set and replay windows."""
+    run = self.run_state
+    heldout = pipeline.tokenize_split(open_eval_split(self.config), self.experiment.tokenizer)
+    run.heldout[self.pretrain_domain] = self._heldout_windows(heldout)
+    train_tokens = pipeline.tokenize_split(open_train_split(self.config), self.experiment.tokenizer)
+    seq_len = self.config.seq_len
+    windows = pipeline.Windows(train_tokens, seq_len, seq_len, name=self.pretrain_domain)
+    run.replay.add(self.pretrain_domain, np.stack([windows[i] for i in range(len(windows))]))
+    loss = float(np.mean(self._losses(state.params, run.heldout[self.pretrain_domain])))
+    run.matrix = ContinualMatrix.start({self.pretrain_domain: loss}, [self.pretrain_domain])
+
+  def _heldout_windows(self, tokens: np.ndarray) -> np.ndarray:
+    seq_len = self.config.seq_len
+    count = min((len(tokens) - 1) // seq_len, int(self.online.heldout_max_windows))
+    return np.stack([tokens[i * seq_len:i * seq_len + seq_len + 1] for i in range(count)]) if count else (
+        np.zeros((0, seq_len + 1), np.int32))
+
+  # -- evaluation ----------------------------------------------------------
+  def _losses(self, params: Any, windows: np.ndarray) -> np.ndarray:
+    """Per-sequence mean losses [n] of held-out windows [n, seq_len + 1]."""
+    batch_size = self.config.batch_size
+    out = []
+    with self.experiment.steps.context():
+      for start in range(0, len(windows), batch_size):
+        rows = windows[start:start + batch_size]
+        padded = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), axis=0)]) if (
+            len(rows) < batch_size) else rows
+        rows_of_process = self.experiment.process_rows
+        padded = padded[rows_of_process.start:rows_of_process.stop]
+        batch = {"inputs": padded[:, :-1], "targets": padded[:, 1:]}
+        batch = {k: pipeline.to_global(v, self.experiment.steps.batch_sharding, batch_size) for k, v in batch.items()}
+        out.append(np.asarray(self.sequence_losses(params, batch))[:len(rows)])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+  # -- one chunk -----------------------------------------------------------
+  def _read_chunk(self) -> stream_lib.Chunk | None:
+    run = self.run_state
+    while True:
+      try:
+        return self.stream.next_chunk(run.consumed)
+      except stream_lib.ChunkError as error:
+        moved = stream_lib.quarantine(error.path, self.workdir, str(error)) if error.path else None
+        logging.warning("Chunk %s quarantined (%s): %s", error.chunk_id, moved, error)
+        run.quarantined.append({"chunk": error.chunk_id, "reason": str(error), "moved_to": str(moved)})
+        run.consumed.append(error.chunk_id)
+        self.writer.write(self._global_step, {"online/quarantined": float(len(run.quarantined))})
+
+  def _prepare(self, chunk: stream_lib.Chunk) -> tuple[pipeline.Windows | None, list[str], list[str], Counter]:
+    kept, dropped = self.run_state.cleaner.clean(chunk.documents, add=False)
+    fraction = float(self.online.heldout_fraction)
+    heldout = [doc for doc in kept if is_heldout(doc, fraction)]
+    train_docs = [doc for doc in kept if not is_heldout(doc, fraction)]
+    windows = _windows_of(self.experiment, train_docs, chunk.id, stride=1)
+    return windows, train_docs, heldout, dropped
+
+  def _steps_for(self, windows: pipeline.Windows) -> int:
+    if self.online.epochs_per_chunk > 0:
+      tokens = len(windows.tokens)
+      return max(1, math.ceil(self.online.epochs_per_chunk * tokens / (self.config.batch_size * self.config.seq_len)))
+    return int(self.online.steps_per_chunk)
+
+  def run_chunk(self, state: TrainState, current: Any, chunk: stream_lib.Chunk, stop: StopSignal):
+    """Trains on one chunk (from its recorded step if resuming). Returns (state, current, finished)."""
+    run = self.run_state
+    windows, train_docs, heldout_docs, dropped = self._prepare(chunk)
+    if windows is None:
+      logging.warning("Chunk %s has too little text after cleaning (%d documents kept); skipped.", chunk.id,
+                      len(train_docs))
+      self._finish_chunk_bookkeeping(chunk, train_docs, heldout_docs, dropped)
+      return state, current, True
+    _warn_unknown_tokens(self.experiment, chunk.id, windows)
+    index = len(run.matrix.chunks) - 1 if run.matrix else 0
+    progress = run.in_progress if run.in_progress and run.in_progress["id"] == chunk.id else {
+        "id": chunk.id, "step_in_chunk": 0, "steps": self._steps_for(windows), "index": index}
+    run.in_progress = progress
+    if progress["step_in_chunk"] == 0:
+      self._add_heldout(state, chunk.domain, heldout_docs)
+    anchor = jax.tree.map(lambda x: x.copy(), state.params) if self.reg.needs_anchor else ()
+    fisher = self._fisher(state.params) if self.reg.ewc else ()
+    seed = _stable_seed(self.config.seed, chunk.id)
+    replay = run.replay if self.online.replay_fraction > 0 and len(run.replay) else None
+    sharding = self.experiment.steps.batch_sharding
+    row_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
+    rows = self.experiment.process_rows
+    steps = progress["steps"]
+    with self.experiment.steps.context():
+      pending = None
+      while progress["step_in_chunk"] < steps:
+        k = progress["step_in_chunk"]
+        local = replay_lib.mixed_batch(windows, replay, batch_size=self.config.batch_size,
+                                       replay_fraction=float(self.online.replay_fraction), step=k, seed=seed)
+        # Every process builds the whole (cheap) global batch and contributes its own rows.
+        batch = {name: pipeline.to_global(local[name][rows.start:rows.stop], row_sharding if name == "is_replay"
+                                          else sharding, self.config.batch_size)
+                 for name in ("inputs", "targets", "is_replay")}
+        lr = chunk_learning_rate(k, steps, progress["index"], lr=float(self.config.optim.lr),
+                                 min_lr=float(self.config.optim.min_lr),
+                                 warmup_steps=int(self.config.optim.warmup_steps), schedule=self.online.lr_schedule)
+        state, metrics = self.step_fn(state, batch, np.float32(lr), anchor, fisher)
+        if pending is not None:
+          _check_finite(*pending)
+        progress["step_in_chunk"] = k + 1
+        pending = (int(state.step), metrics)
+        if (k + 1) % self.config.log_every == 0 or k + 1 == steps:
+          _check_finite(*pending)
+          row = {name: float(value) for name, value in metrics.items()}
+          row["online/chunk"] = float(progress["index"] + 1)
+          self.writer.write(int(state.step), row)
+        # A resumed chunk restarts from its recorded step, so regularizers anchored at the chunk's
+        # starting weights (not saved mid-chunk) only checkpoint at chunk ends.
+        every = 0 if self.reg.needs_anchor else int(self.online.checkpoint_every)
+        if stop.received:
+          if not self.reg.needs_anchor:
+            self._save(state, current)
+          return state, current, False
+        if every and (k + 1) % every == 0 and k + 1 < steps:
+          self._save(state, current)
+    if pending is not None:
+      _check_finite(*pending)
+    self._last_step = int(state.step)
+    current = self._evaluate_and_gate(state, current, chunk)
+    # The chunk is done: its documents join the dedup index and the replay buffer.
+    self._finish_chunk_bookkeeping(chunk, train_docs, heldout_docs, dropped, windows)
+    self._save(state, current)
+    return state, current, True
+
+  def _add_heldout(self, state: TrainState, domain: str, heldout_docs: list[str]) -> None:
+    """Adds a chunk's held-out documents to its domain's evaluation set (before training on the chunk).
+
+    A new domain also gets its column in R: the loss before training on it
+    and the initial model's loss (forward transfer compares the two).
+    """
+    run = self.run_state
+    if not heldout_docs:
+      return
+    windows = self._heldout_windows(_tokens_of(self.experiment, heldout_docs))
+    if domain in run.heldout:
+      room = int(self.online.heldout_max_windows) - len(run.heldout[domain])
+      if room > 0:
+        run.heldout[domain] = np.concatenate([run.heldout[domain], windows[:room]])
+      return
+    if not len(windows):
+      return
+    run.heldout[domain] = windows
+    loss_before = float(np.mean(self._losses(state.params, windows)))
+    run.matrix.add_domain(domain, self._initial_loss(windows, loss_before), loss_before)
+
+  def _initial_loss(self, windows: np.ndarray, fallback: float) -> float:
+    """The initial model's loss on a domain's held-out set (for forward transfer)."""
+    if len(self.run_state.matrix.chunks) <= 1:
+      return fallback  # no chunk trained yet: the current model is the initial one
+    params, _ = checkpoint_lib.restore_params(self.config.init_from, self.experiment.abstract_state.params)
+    return float(np.mean(self._losses(params, windows)))
+
+  def _fisher(self, params: Any) -> Any:
+    run = self.run_state
+    if not len(run.replay):
+      return jax.tree.map(jnp.ones_like, params)
+    model = self.experiment.model
+
+    def loss_fn(p, batch):
+      logits = model.apply({"params": p}, batch["inputs"], deterministic=True)
+      return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"]).mean()
+
+    batches = []
+    for index in range(int(self.online.ewc_batches)):
+      rows = run.replay.sample(self.config.batch_size, step=index, seed=_stable_seed(self.config.seed, "fisher"))
+      rows = rows[self.experiment.process_rows.start:self.experiment.process_rows.stop]
+      batches.append({k: pipeline.to_global(v, self.experiment.steps.batch_sharding, self.config.batch_size)
+                      for k, v in (("inputs", rows[:, :-1]), ("targets", rows[:, 1:]))})
+    with self.experiment.steps.context():
+      fisher = regularizers.diagonal_fisher(loss_fn, params, batches)
+    return regularizers.normalize_fisher(fisher)
+
+  def _evaluate_and_gate(self, state: TrainState, current: Any, chunk: stream_lib.Chunk):
+    run = self.run_state
+    domain = chunk.domain
+    # Old domains: every domain known before this chunk (the chunk's own counts if trained before).
+    trained_before = any(domain in row for row in run.matrix.trained)
+    old_domains = [d for d in run.matrix.domains if d != domain or trained_before]
+    candidate, baseline = {}, {}
+    per_domain = {}
+    for name in run.matrix.domains:
+      windows = run.heldout[name]
+      candidate[name] = self._losses(state.params, windows)
+      baseline[name] = self._losses(current, windows)
+      per_domain[name] = (baseline[name], candidate[name])
+    run.matrix.add_row(chunk.id, [domain], {name: float(np.mean(v)) for name, v in candidate.items()})
+    gate = self.online.gate
+    decision = ab.gate(per_domain, old_domains=old_domains, max_regression=float(gate.max_regression),
+                       confidence=float(gate.confidence), num_samples=int(gate.bootstrap_samples),
+                       seed=_stable_seed(self.config.seed, chunk.id, "gate"))
+    record = {"chunk": chunk.id, "step": int(state.step), "promoted": decision.promote, "reasons": decision.reasons,
+              "comparisons": decision.to_json().get("comparisons")}
+    run.gate_history.append(record)
+    if decision.promote:
+      current = jax.tree.map(lambda x: x.copy(), state.params)
+      logging.info("Chunk %s: promoted the new weights to current.", chunk.id)
+    else:
+      logging.warning("Chunk %s: kept the previous current model: %s", chunk.id, "; ".join(decision.reasons))
+    metrics = run.matrix.metrics()
+    row = {f"online/{name}/loss": float(np.mean(v)) for name, v in candidate.items()}
+    row.update({f"continual/{key}": float(metrics[key]) for key in ("avg_loss", "forgetting", "bwt", "fwt")
+                if metrics.get(key) is not None})
+    row["gate/promoted"] = float(decision.promote)
+    self._pending_row = row
+    if jax.process_index() == 0:
+      run.matrix.write(self.workdir)
+      run.matrix.heatmap(os.path.join(self.workdir, HEATMAP_FILE))
+    return current
+
+  def _finish_chunk_bookkeeping(self, chunk, train_docs, heldout_docs, dropped, windows=None) -> None:
+    run = self.run_state
+    for document in train_docs + heldout_docs:
+      run.cleaner.index.add(document)
+    run.clean_counts.update(dropped)
+    if windows is not None:
+      seq_len = self.config.seq_len
+      starts = range(0, len(windows.tokens) - seq_len - 1, seq_len)
+      if len(starts):
+        run.replay.add(chunk.domain, np.stack([windows.tokens[s:s + seq_len + 1] for s in starts]))
+    run.consumed.append(chunk.id)
+    run.in_progress = None
+    row = getattr(self, "_pending_row", {})
+    row.update({f"clean/dropped_{reason}": float(dropped.get(reason, 0)) for reason in clean_lib.REASONS})
+    row["clean/kept"] = float(len(train_docs) + len(heldout_docs))
+    self.writer.write(self._global_step, row)
+    self._pending_row = {}
+
+  @property
+  def _global_step(self) -> int:
+    return int(getattr(self, "_last_step", 0))
+
+  def _save(self, state: TrainState, current: Any) -> None:
+    self._last_step = int(state.step)
+    self.checkpointer.save(int(state.step), state, current, self.run_state.to_json(), self.run_state.arrays(),
+                           self.experiment.metadata())
+
+  # -- the loop ------------------------------------------------------------
+  def run(self) -> OnlineResult:
+    state, current, how = self.start()
+    self._last_step = int(state.step)
+    logging.info("Online: %s; stream %s.", how, self.stream.describe())
+    if int(state.step) == 0 and self.run_state.matrix is not None and not self.run_state.consumed and (
+        not checkpoint_lib.has_checkpoint(self.workdir)):
+      self._save(state, current)  # row 0 and the seeded replay buffer survive a kill during the first chunk
+    stop = StopSignal()
+    chunks_done = 0
+    idle_since = time.monotonic()
+    max_chunks = int(self.online.max_chunks)
+    try:
+      with stop.installed():
+        while not stop.received and (not max_chunks or chunks_done < max_chunks):
+          chunk = self._read_chunk()
+          if chunk is None:
+            if self.stream.exhausted(self.run_state.consumed):
+              logging.info("The stream has no more chunks.")
+              break
+            if self.online.idle_timeout and time.monotonic() - idle_since > self.online.idle_timeout:
+              logging.info("No new chunk for %.0f s (online.idle_timeout): stopping.", self.online.idle_timeout)
+              break
+            time.sleep(float(self.online.poll_interval))
+            continue
+          logging.info("Chunk %s (%s): %d documents.", chunk.id, chunk.domain, len(chunk.documents))
+          state, current, finished = self.run_chunk(state, current, chunk, stop)
+          if finished:
+            chunks_done += 1
+            idle_since = time.monotonic()
+    finally:
+      self.checkpointer.close()
+      self.writer.close()
+    metrics = self.run_state.matrix.metrics() if self.run_state.matrix else {}
+    return OnlineResult(chunks_done, int(state.step), stop.received, metrics, self.workdir)
+
+
+def _domain_of(source: str) -> str:
+  kind, name, _ = sources.parse_source(source)
+  if kind == "tfds":
+    return name.split("/")[0]
+  return os.path.splitext(os.path.basename(os.path.normpath(name)))[0]
+
+
+def run_online(config: ml_collections.ConfigDict, workdir: str, stream: stream_lib.Stream | None = None) -> OnlineResult:
+  """Runs the online loop in `workdir` (resuming it if it holds checkpoints); see the module docstring."""
+  py_logging.getLogger("lm.online").setLevel(py_logging.INFO)
+  return OnlineLoop(config, workdir, stream).run()

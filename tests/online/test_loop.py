@@ -1,0 +1,219 @@
+"""The online loop end to end: chunks, quarantine, exactly-once across kills, corrupt checkpoints, disk full."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lm.config import load_config
+from lm.data import stream as stream_lib
+from lm.online import loop as online_loop
+from lm.online.step import chunk_learning_rate
+from lm.online.store import OnlineCheckpointer
+from lm.train import checkpoint as checkpoint_lib
+from tests.helpers import ROOT, cli_args, run_cli, tiny_overrides
+
+CONFIG = str(ROOT / "experiments" / "online_shakespeare.py")
+SENTENCES = [f"the {adjective} film number {index} was {verdict} and {extra}"
+             for index, (adjective, verdict, extra) in enumerate(
+                 [(a, v, e) for a in ("bold", "quiet", "long", "short", "odd", "warm", "grim", "bright")
+                  for v in ("great", "dull", "fine", "bad", "moving") for e in ("funny", "sad", "slow")])]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory) -> Path:
+  """A tiny byte-level Shakespeare model (the online loop's starting point)."""
+  workdir = tmp_path_factory.mktemp("pretrained") / "run"
+  run_cli("--config", str(ROOT / "experiments" / "shakespeare_byte.py"), "--workdir", str(workdir),
+          *cli_args(steps=60, eval_every=60, checkpoint_every=60), check=True)
+  return workdir
+
+
+def online_overrides(pretrained: Path, **extra) -> dict:
+  overrides = tiny_overrides(log_every=1, keep_checkpoints=5)
+  overrides.update({
+      "online.init_from": str(pretrained), "online.domain": "", "online.steps_per_chunk": 4, "online.checkpoint_every": 2,
+      "online.heldout_max_windows": 8, "online.heldout_fraction": 0.2, "online.replay_capacity": 64,
+      "online.gate.bootstrap_samples": 200, "online.settle_seconds": 0.0, "online.poll_interval": 0.05,
+      "online.idle_timeout": 0.5, "optim.warmup_steps": 2,
+  })
+  overrides.update(extra)
+  return overrides
+
+
+def corpus(tmp_path: Path, name: str = "reviews.txt", count: int = len(SENTENCES)) -> Path:
+  path = tmp_path / "corpus" / name
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text("\n\n".join(SENTENCES[:count]) + "\n")
+  return path
+
+
+def test_a_watched_folder_is_trained_chunk_by_chunk_and_bad_files_are_quarantined(pretrained, tmp_path):
+  watched = tmp_path / "incoming"
+  watched.mkdir()
+  (watched / "a.txt").write_text("\n\n".join(SENTENCES[:60]))
+  (watched / "b.bin.txt").write_bytes(b"caf\xe9 latin-1, not utf-8\n")
+  (watched / "c.jsonl").write_text("\n".join(json.dumps({"text": s}) for s in SENTENCES[60:120]))
+  (watched / "d.txt.part").write_text("still being written")
+  for index, name in enumerate(("a.txt", "b.bin.txt", "c.jsonl")):
+    os.utime(watched / name, (1_000_000 + index, 1_000_000 + index))
+  workdir = tmp_path / "online"
+  config = load_config(CONFIG, online_overrides(pretrained, **{"online.stream": f"dir:{watched}",
+                                                                "online.replay_fraction": 0.25}))
+  result = online_loop.run_online(config, str(workdir))
+  assert result.chunks_done == 2 and result.step == 8
+  continual = json.loads((workdir / "continual.json").read_text())
+  assert continual["domains"] == ["tiny_shakespeare", "incoming"]
+  assert continual["chunks"] == ["initial", "a.txt", "c.jsonl"]
+  assert len(continual["R"]) == 3 and all(len(row) == 2 for row in continual["R"][1:])
+  assert continual["R"][2][1] < continual["R"][0][1] or continual["R"][2][1] < continual["R"][1][1]
+  assert (workdir / online_loop.HEATMAP_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  quarantined = list((workdir / "quarantine").iterdir())
+  assert sorted(p.name for p in quarantined) == ["b.bin.txt", "b.bin.txt.reason.txt"]
+  assert "UTF-8" in (workdir / "quarantine" / "b.bin.txt.reason.txt").read_text()
+  assert (watched / "d.txt.part").exists()  # never taken while it is being written
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 9))
+  chunk_rows = [r for r in rows if "continual/avg_loss" in r]
+  assert [r["step"] for r in chunk_rows] == [4, 8] and all("gate/promoted" in r for r in chunk_rows)
+  assert all(r["train/replay_rows"] == 2 for r in rows if "train/loss" in r)  # 25 % of 8 rows
+
+
+def test_the_served_model_is_the_promoted_one(pretrained, tmp_path):
+  workdir = tmp_path / "online"
+  stream = stream_lib.IterableStream(SENTENCES, domain="reviews", chunk_size=40)
+  # max_regression 0 with confidence 0.95: any candidate that is worse anywhere is refused.
+  config = load_config(CONFIG, online_overrides(pretrained, **{
+      "online.stream": "iterable", "online.max_chunks": 1, "online.gate.max_regression": 0.0,
+      "optim.lr": 0.05}))
+  online_loop.run_online(config, str(workdir), stream=stream)
+  from lm.run_modes import load_trained  # pylint: disable=g-import-not-at-top
+  experiment, served, _ = load_trained(config, str(workdir), "eval")
+  initial, _ = checkpoint_lib.restore_params(str(pretrained), experiment.abstract_state.params)
+  latest, _ = checkpoint_lib.restore_params(str(workdir), experiment.abstract_state.params)
+  gate = _online_item(workdir)["gate"]
+  assert gate[0]["promoted"] is False and "tiny_shakespeare" in gate[0]["reasons"][0]
+  same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax_leaves(a), jax_leaves(b)))  # noqa: E731
+  assert same(served, initial) and not same(latest, initial)  # the candidate is kept, not served
+
+
+def jax_leaves(tree):
+  import jax  # pylint: disable=g-import-not-at-top
+  return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+
+def _online_item(workdir: Path) -> dict:
+  step = checkpoint_lib.latest_step(str(workdir))
+  return json.loads((workdir / "checkpoints" / str(step) / "online" / "metadata").read_text())
+
+
+def _run_online_cli(workdir: Path, pretrained: Path, stream: Path, **extra):
+  overrides = online_overrides(pretrained, **{"online.stream": str(stream), "online.chunks": 3, **extra})
+  return [sys.executable, "-m", "lm.main", "--config", CONFIG, "--workdir", str(workdir), "--mode", "online",
+          *[f"--config.{key}={value}" for key, value in overrides.items()]]
+
+
+def test_sigkill_at_any_point_resumes_with_nothing_trained_twice_or_skipped(pretrained, tmp_path):
+  stream = corpus(tmp_path)
+  reference = tmp_path / "reference"
+  subprocess.run(_run_online_cli(reference, pretrained, stream), cwd=ROOT, check=True, capture_output=True)
+  killed = tmp_path / "killed"
+  for kill_after_step in (2, 6):  # inside the first chunk, then inside the second
+    process = subprocess.Popen(_run_online_cli(killed, pretrained, stream), cwd=ROOT, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while (checkpoint_lib.latest_step(str(killed)) or 0) < kill_after_step and process.poll() is None:
+      assert time.monotonic() < deadline
+      time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+  subprocess.run(_run_online_cli(killed, pretrained, stream), cwd=ROOT, check=True, capture_output=True)
+  ref, got = _online_item(reference), _online_item(killed)
+  assert got["consumed"] == ref["consumed"] == [f"reviews-{k:03d}-of-003" for k in (1, 2, 3)]
+  assert checkpoint_lib.latest_step(str(killed)) == checkpoint_lib.latest_step(str(reference)) == 12
+  np.testing.assert_allclose(np.array(got["matrix"]["R"][1:], float), np.array(ref["matrix"]["R"][1:], float),
+                             rtol=1e-5)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(pretrained, tmp_path, caplog):
+  stream = corpus(tmp_path)
+  workdir = tmp_path / "online"
+  subprocess.run(_run_online_cli(workdir, pretrained, stream, **{"online.max_chunks": 1}), cwd=ROOT, check=True,
+                 capture_output=True)
+  assert checkpoint_lib.latest_step(str(workdir)) == 4
+  for path in (workdir / "checkpoints" / "4" / "state").rglob("*"):
+    if path.is_file() and path.name != "commit_success.txt":
+      path.write_bytes(b"garbage")
+  config = load_config(CONFIG, online_overrides(pretrained, **{"online.stream": str(stream), "online.chunks": 3,
+                                                                "online.max_chunks": 1}))
+  result = online_loop.run_online(config, str(workdir))
+  assert "Checkpoint step 4" in caplog.text and "falling back" in caplog.text
+  # Resumed from step 2 (inside chunk 1) and trained its steps 3 and 4 once more: the lost work, nothing else.
+  assert result.step == 4 and result.chunks_done == 1
+  consumed = _online_item(workdir)["consumed"]
+  assert consumed == ["reviews-001-of-003"]
+  assert (workdir / "unreadable_checkpoints" / "4" / "state").is_dir()  # set aside, not deleted
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lm.train.state import TrainState  # pylint: disable=g-import-not-at-top
+  state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(3)}, opt_state=(), rng=jnp.zeros(2, jnp.uint32))
+  checkpointer = OnlineCheckpointer(str(tmp_path / "checkpoints"))
+  checkpointer.save(1, state, {"w": jnp.ones(3)}, {"consumed": ["a"]}, {"x": np.arange(3)}, {})
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(checkpointer._manager, "save", full_disk)  # pylint: disable=protected-access
+  with pytest.raises(checkpoint_lib.CheckpointError, match="No space left on device.*step 1 is intact"):
+    checkpointer.save(2, state, {"w": jnp.ones(3)}, {"consumed": ["a", "b"]}, {"x": np.arange(3)}, {})
+  monkeypatch.undo()
+  restored = checkpointer.restore_latest(state, {"w": jnp.ones(3)})
+  assert restored[2] == {"consumed": ["a"]} and restored[4] == 1
+  np.testing.assert_array_equal(restored[3]["x"], np.arange(3))
+
+
+def test_a_vanished_stream_folder_stops_with_a_clear_message(pretrained, tmp_path):
+  watched = tmp_path / "incoming"
+  watched.mkdir()
+  (watched / "a.txt").write_text("\n\n".join(SENTENCES[:60]))
+  args = [f"--config.{k}={v}" for k, v in online_overrides(pretrained, **{"online.stream": f"dir:{watched}",
+                                                                           "online.idle_timeout": 30}).items()]
+  process = subprocess.Popen([sys.executable, "-m", "lm.main", "--config", CONFIG, "--workdir", str(tmp_path / "w"),
+                              "--mode", "online", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+  deadline = time.monotonic() + 240
+  while checkpoint_lib.latest_step(str(tmp_path / "w")) != 4 and process.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  shutil.rmtree(watched)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 2, stderr[-2000:]
+  assert "error:" in stderr and "no longer exists" in stderr
+  assert checkpoint_lib.latest_step(str(tmp_path / "w")) == 4  # the work done is kept
+
+
+def test_online_mode_without_a_model_to_continue_is_refused(tmp_path):
+  result = run_cli("--config", CONFIG, "--workdir", str(tmp_path / "w"), "--mode", "online",
+                   "--config.online.init_from=")
+  assert result.returncode == 2 and "config.online.init_from is empty" in result.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_rewarm_and_constant_schedules():
+  kwargs = dict(lr=1.0, min_lr=0.1, warmup_steps=2)
+  rewarm = [chunk_learning_rate(k, 10, 1, schedule="rewarm", **kwargs) for k in range(10)]
+  assert rewarm[:2] == [0.5, 1.0] and rewarm[-1] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * 7 / 8)))
+  assert all(a >= b for a, b in zip(rewarm[1:], rewarm[2:]))
+  assert [chunk_learning_rate(k, 10, 0, schedule="constant", **kwargs) for k in (0, 1, 5)] == [0.5, 1.0, 1.0]
+  assert chunk_learning_rate(0, 10, 3, schedule="constant", **kwargs) == 1.0  # warms up only once
