@@ -116,6 +116,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.tokenizer_model = ""  # a SentencePiece .model file; empty: train one on the train split
   config.data.cache_dir = ""  # where local corpora are prepared as TFDS datasets; empty: ~/.cache/lm/tfds
   config.data.train_stride = 1  # training windows start every `train_stride` tokens
+  config.data.clean_train = False  # True: clean the training split with config.clean (dedup, filters) first
   config.data.prefetch = 4
   config.data.threads = 1
 
@@ -127,6 +128,17 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
   config.mesh.rules = default_rules()
+
+  # Text cleaning (lm.data.clean): every online chunk, and the training split when data.clean_train.
+  config.clean = ml_collections.ConfigDict()
+  config.clean.normalization = "NFC"  # NFC | NFKC | none
+  config.clean.min_chars = 1
+  config.clean.max_chars = 0  # 0: no limit
+  config.clean.exact_dedup = True
+  config.clean.near_dup_threshold = 0.8  # MinHash estimate of the Jaccard similarity of 5-gram sets; 0: off
+  config.clean.shingle_size = 5
+  config.clean.num_perm = 64
+  config.clean.bands = 16
 
   # --mode online (lm.online.loop): keep training a model on newly streamed data.
   # The online phase's learning rate is optim.lr / min_lr / warmup_steps, per chunk.
@@ -154,15 +166,6 @@ def base_config() -> ml_collections.ConfigDict:
   config.online.poll_interval = 2.0  # seconds between looks at a watched folder
   config.online.idle_timeout = 0.0  # stop after this many seconds without a new chunk (0: wait forever)
   config.online.settle_seconds = 2.0  # a file is complete once its size and mtime held this long
-  config.online.clean = ml_collections.ConfigDict()
-  config.online.clean.normalization = "NFC"  # NFC | NFKC | none
-  config.online.clean.min_chars = 1
-  config.online.clean.max_chars = 0  # 0: no limit
-  config.online.clean.exact_dedup = True
-  config.online.clean.near_dup_threshold = 0.8  # MinHash Jaccard estimate; 0: off
-  config.online.clean.shingle_size = 5
-  config.online.clean.num_perm = 64
-  config.online.clean.bands = 16
   config.online.gate = ml_collections.ConfigDict()
   config.online.gate.max_regression = 0.02  # relative loss increase allowed on any old domain
   config.online.gate.confidence = 0.95
@@ -309,6 +312,11 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
            "ewc_batches must be >= 1.")
   _require(online.gate.max_regression >= 0 and 0.5 <= online.gate.confidence < 1,
            "config.online.gate.max_regression must be >= 0 and gate.confidence in [0.5, 1).")
+  try:
+    from lm.data.clean import CleanConfig  # pylint: disable=g-import-not-at-top
+    CleanConfig.from_mapping(config.clean.to_dict())
+  except ValueError as error:
+    raise ConfigError(f"config.clean: {error}") from error
   distributed = config.distributed
   _require(distributed.initialization_timeout > 0 and distributed.heartbeat_timeout > 0,
            "config.distributed.initialization_timeout and heartbeat_timeout must be > 0 seconds.")

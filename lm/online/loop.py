@@ -104,7 +104,7 @@ class OnlineRun:
     self.clean_counts: Counter = Counter()
     self.quarantined: list[dict[str, str]] = []
     self.heldout: dict[str, np.ndarray] = {}  # domain -> [n, seq_len + 1] windows
-    self.cleaner = clean_lib.Cleaner(clean_lib.CleanConfig.from_mapping(self.online.clean.to_dict()))
+    self.cleaner = clean_lib.Cleaner(clean_lib.CleanConfig.from_mapping(self.config.clean.to_dict()))
     seq_len = self.config.seq_len
     self.replay = replay_lib.ReplayBuffer(int(self.online.replay_capacity), seq_len + 1, seed=int(self.config.seed))
 
@@ -185,7 +185,10 @@ class OnlineLoop:
     experiment = self.experiment
     self.direction = optim.make_update_direction(self.config.optim)
     self.reg = Regularization.from_config(self.online)
-    self.step_fn = jax.jit(make_online_step(experiment.model, self.direction, self.reg), donate_argnums=0)
+    self.abstract_state = self._abstract_online_state()
+    state_shardings = jax.tree.map(lambda leaf: leaf.sharding, self.abstract_state)
+    self.step_fn = jax.jit(make_online_step(experiment.model, self.direction, self.reg), donate_argnums=0,
+                           out_shardings=(state_shardings, sharding_lib.replicated(experiment.mesh)))
     # Replicated output: every process reads all per-sequence losses (the gate pairs them).
     self.sequence_losses = jax.jit(make_sequence_losses(experiment.model),
                                    out_shardings=sharding_lib.replicated(experiment.mesh))
@@ -215,7 +218,7 @@ class OnlineLoop:
     return state, jax.tree.map(lambda x: x.copy(), params)
 
   def start(self) -> tuple[TrainState, Any, str]:
-    abstract = self._abstract_online_state()
+    abstract = self.abstract_state
     restored = self.checkpointer.restore_latest(abstract, self.experiment.abstract_state.params) if (
         checkpoint_lib.has_checkpoint(self.workdir)) else None
     if restored is not None:
@@ -234,8 +237,7 @@ class OnlineLoop:
     run.heldout[self.pretrain_domain] = self._heldout_windows(heldout)
     train_tokens = pipeline.tokenize_split(open_train_split(self.config), self.experiment.tokenizer)
     seq_len = self.config.seq_len
-    windows = pipeline.Windows(train_tokens, seq_len, seq_len, name=self.pretrain_domain)
-    run.replay.add(self.pretrain_domain, np.stack([windows[i] for i in range(len(windows))]))
+    run.replay.add(self.pretrain_domain, pipeline.Windows(train_tokens, seq_len, seq_len, name=self.pretrain_domain))
     loss = float(np.mean(self._losses(state.params, run.heldout[self.pretrain_domain])))
     run.matrix = ContinualMatrix.start({self.pretrain_domain: loss}, [self.pretrain_domain])
 

@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from lm import __version__ as lm_version
 from lm import config as config_lib
 from lm import distributed
+from lm.data import clean as clean_lib
 from lm.data import pipeline, sources
 from lm.data import tokenizers as tokenizers_lib
 from lm.models import TransformerConfig, TransformerLM
@@ -210,6 +211,27 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
   return experiment, tokenizer_is_new
 
 
-def token_windows(experiment: Experiment, source: sources.TextSource, stride: int) -> pipeline.Windows:
+def token_windows(experiment: Experiment, source: sources.TextSource, stride: int,
+                  clean: bool = False) -> pipeline.Windows:
+  """Windows over a split's tokens; with `clean`, its documents go through config.clean first."""
+  if clean:
+    source = cleaned_documents(experiment.config, source)
   tokens = pipeline.tokenize_split(source, experiment.tokenizer)
   return pipeline.Windows(tokens, experiment.config.seq_len, stride, name=source.name)
+
+
+class _CleanedSplit(list):
+  def __init__(self, documents: list[str], name: str):
+    super().__init__(documents)
+    self.name = name
+
+
+def cleaned_documents(config: ml_collections.ConfigDict, source: sources.TextSource) -> _CleanedSplit:
+  """The split's documents normalized, filtered and deduplicated (lm.data.clean), with the counts logged."""
+  cleaner = clean_lib.Cleaner(clean_lib.CleanConfig.from_mapping(config.clean.to_dict()))
+  kept, dropped = cleaner.clean(source)
+  logging.info("Cleaned %s: kept %d documents, dropped %s.", source.name, len(kept), dict(dropped) or "none")
+  if not kept:
+    raise sources.DataError(f"Cleaning dropped every document of {source.name} ({dict(dropped)}); loosen config.clean "
+                            "(min_chars, near_dup_threshold) or set data.clean_train=False.")
+  return _CleanedSplit(kept, source.name)

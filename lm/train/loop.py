@@ -136,7 +136,8 @@ def initial_state(experiment: Experiment) -> tuple[TrainState, dict[str, Any] | 
 def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains `config` in `workdir` (resuming if it holds checkpoints)."""
   experiment, tokenizer_is_new = build_experiment(config, workdir, "train")
-  train_windows = token_windows(experiment, open_train_split(config), config.data.train_stride)
+  train_windows = token_windows(experiment, open_train_split(config), config.data.train_stride,
+                                clean=config.data.clean_train)
   eval_windows = token_windows(experiment, open_eval_split(config), config.seq_len)
   state, data_state, how = initial_state(experiment)
   _write_run_files(experiment, tokenizer_is_new)

@@ -413,3 +413,16 @@ def test_from_mapping_accepts_dicts_and_configdicts_and_names_unknown_keys():
   assert CleanConfig.from_mapping(None) == CleanConfig()
   with pytest.raises(DataError, match="\\['min_char', 'shingles'\\].*Fix"):
     CleanConfig.from_mapping({"min_char": 3, "shingles": 4})
+
+
+def test_an_ordinary_run_can_clean_its_training_split(tiny_config, tmp_path):
+  from lm.train import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+
+  class Split(list):
+    name = "reviews.txt"
+
+  documents = Split(["A fine film.", "A fine film.  ", "", "Something else entirely, quite long."])
+  kept = experiment_lib.cleaned_documents(tiny_config(), documents)
+  assert list(kept) == ["A fine film.", "Something else entirely, quite long."] and kept.name == "reviews.txt"
+  with pytest.raises(DataError, match="dropped every document"):
+    experiment_lib.cleaned_documents(tiny_config(**{"clean.min_chars": 1000}), documents)
