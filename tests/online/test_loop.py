@@ -217,3 +217,23 @@ def test_rewarm_and_constant_schedules():
   assert all(a >= b for a, b in zip(rewarm[1:], rewarm[2:]))
   assert [chunk_learning_rate(k, 10, 0, schedule="constant", **kwargs) for k in (0, 1, 5)] == [0.5, 1.0, 1.0]
   assert chunk_learning_rate(0, 10, 3, schedule="constant", **kwargs) == 1.0  # warms up only once
+
+
+def test_all_regularizers_train_together_and_are_logged(pretrained, tmp_path):
+  stream = stream_lib.IterableStream(SENTENCES, domain="reviews", chunk_size=60)
+  config = load_config(CONFIG, online_overrides(pretrained, **{
+      "online.stream": "iterable", "online.max_chunks": 1, "online.replay_fraction": 0.25,
+      "online.l2_init": 0.1, "online.ewc": 0.1, "online.ewc_batches": 2, "online.distill": 0.5}))
+  result = online_loop.run_online(config, str(tmp_path / "online"), stream=stream)
+  assert result.chunks_done == 1
+  rows = [json.loads(line) for line in (tmp_path / "online" / "metrics.jsonl").read_text().splitlines()]
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert train_rows[0]["train/l2_init"] == 0.0  # the first step starts at the anchor
+  assert train_rows[-1]["train/l2_init"] > 0 and train_rows[-1]["train/ewc"] > 0
+  assert all(r["train/distill"] >= 0 for r in train_rows)
+  for r in train_rows:
+    expected = r["train/loss"] + 0.1 * r["train/l2_init"] + 0.1 * r["train/ewc"] + 0.5 * r["train/distill"]
+    assert r["train/total_loss"] == pytest.approx(expected, rel=1e-5)
+  # With an anchor, a chunk only checkpoints at its end (a resumed chunk restarts from its first step).
+  assert checkpoint_lib.latest_step(str(tmp_path / "online")) == 4
+  assert sorted(int(p.name) for p in (tmp_path / "online" / "checkpoints").iterdir() if p.name.isdigit()) == [0, 4]
