@@ -237,3 +237,22 @@ def test_all_regularizers_train_together_and_are_logged(pretrained, tmp_path):
   # With an anchor, a chunk only checkpoints at its end (a resumed chunk restarts from its first step).
   assert checkpoint_lib.latest_step(str(tmp_path / "online")) == 4
   assert sorted(int(p.name) for p in (tmp_path / "online" / "checkpoints").iterdir() if p.name.isdigit()) == [0, 4]
+
+
+def test_sigterm_saves_the_chunk_in_progress_and_exits_zero(pretrained, tmp_path):
+  stream = corpus(tmp_path)
+  workdir = tmp_path / "online"
+  command = _run_online_cli(workdir, pretrained, stream, **{"online.steps_per_chunk": 10_000,
+                                                             "online.checkpoint_every": 1_000})
+  process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while not (metrics.exists() and metrics.read_text().count("train/loss") >= 3) and process.poll() is None:
+    assert time.monotonic() < deadline
+    time.sleep(0.05)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=120)
+  assert process.returncode == 0, stderr[-2000:]
+  step = checkpoint_lib.latest_step(str(workdir))
+  progress = _online_item(workdir)["in_progress"]
+  assert step >= 3 and progress["id"] == "reviews-001-of-003" and progress["step_in_chunk"] == step
