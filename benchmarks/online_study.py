@@ -57,7 +57,7 @@ def online_run(out: Path, name: str, pretrained: Path, replay: float, schedule: 
 def trained_sst2_documents(config) -> list[str]:
   """The SST-2 sentences the online runs trained on: the stream, cleaned and split exactly as the loop does."""
   from lm.data import clean as clean_lib, stream as stream_lib  # pylint: disable=g-import-not-at-top
-  from lm.online.loop import is_heldout  # pylint: disable=g-import-not-at-top
+  from lm.online.run_state import is_heldout  # pylint: disable=g-import-not-at-top
   online = config.online
   stream = stream_lib.parse_stream(online.stream, num_chunks=int(online.chunks), domain=online.domain or None,
                                    split=online.split, text_field=config.data.text_field)

@@ -21,8 +21,6 @@ so no chunk is trained on twice or skipped.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import logging as py_logging
 import math
 import os
@@ -45,6 +43,7 @@ from lm.eval import ab
 from lm.eval.continual import ContinualMatrix
 from lm.online import replay as replay_lib
 from lm.online import regularizers
+from lm.online.run_state import OnlineRun, is_heldout, stable_seed, tokens_of, windows_of
 from lm.online.step import Regularization, chunk_learning_rate, make_online_step, make_sequence_losses
 from lm.online.store import OnlineCheckpointer
 from lm.train import checkpoint as checkpoint_lib
@@ -57,7 +56,6 @@ from lm.train.metrics import MetricWriter
 from lm.train.state import TrainState
 
 HEATMAP_FILE = "continual_R.png"
-_HELDOUT_BUCKETS = 1_000_000
 
 
 @dataclasses.dataclass
@@ -77,86 +75,6 @@ def _prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_colle
         "model. Set --config.online.init_from=WORKDIR_OF_A_TRAINED_RUN (e.g. runs/shakespeare_byte).")
   # The per-chunk schedule is the online loop's own; the optimizer's total steps do not matter.
   return config_lib.apply_overrides(config, {"init_from": config.online.init_from, "warm_start": ""})
-
-
-def _stable_seed(*parts: Any) -> int:
-  return int.from_bytes(hashlib.blake2b(json.dumps(parts).encode(), digest_size=4).digest(), "little")
-
-
-def is_heldout(document: str, fraction: float) -> bool:
-  """Deterministic held-out membership of a (normalized) document, by a hash of its text."""
-  digest = hashlib.blake2b(document.encode("utf-8"), digest_size=8).digest()
-  return int.from_bytes(digest, "little") % _HELDOUT_BUCKETS < fraction * _HELDOUT_BUCKETS
-
-
-class OnlineRun:
-  """The state of an online run between chunks (what the checkpoint holds besides the weights)."""
-
-  def __init__(self, experiment: Experiment, workdir: str):
-    self.experiment = experiment
-    self.config = experiment.config
-    self.online = self.config.online
-    self.workdir = workdir
-    self.consumed: list[str] = []
-    self.in_progress: dict[str, Any] | None = None  # {"id", "step_in_chunk", "steps", "index"}
-    self.matrix: ContinualMatrix | None = None
-    self.gate_history: list[dict[str, Any]] = []
-    self.clean_counts: Counter = Counter()
-    self.quarantined: list[dict[str, str]] = []
-    self.heldout: dict[str, np.ndarray] = {}  # domain -> [n, seq_len + 1] windows
-    self.cleaner = clean_lib.Cleaner(clean_lib.CleanConfig.from_mapping(self.config.clean.to_dict()))
-    seq_len = self.config.seq_len
-    self.replay = replay_lib.ReplayBuffer(int(self.online.replay_capacity), seq_len + 1, seed=int(self.config.seed))
-
-  # -- checkpoint contents ---------------------------------------------------
-  def to_json(self) -> dict[str, Any]:
-    return {"consumed": self.consumed, "in_progress": self.in_progress,
-            "matrix": self.matrix.to_json() if self.matrix else None, "gate": self.gate_history,
-            "clean_counts": dict(self.clean_counts), "quarantined": self.quarantined}
-
-  def arrays(self) -> dict[str, np.ndarray]:
-    out = {f"replay/{k}": v for k, v in self.replay.to_arrays().items()}
-    out.update({f"dedup/{k}": v for k, v in self.cleaner.index.to_arrays().items()})
-    names = sorted(self.heldout)
-    out["heldout/domains"] = np.frombuffer(json.dumps(names).encode(), np.uint8).copy()
-    for index, name in enumerate(names):
-      out[f"heldout/{index}"] = self.heldout[name]
-    return out
-
-  def load(self, online: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
-    self.consumed = list(online["consumed"])
-    self.in_progress = online["in_progress"]
-    self.matrix = ContinualMatrix.from_json(online["matrix"]) if online["matrix"] else None
-    self.gate_history = list(online["gate"])
-    self.clean_counts = Counter(online["clean_counts"])
-    self.quarantined = list(online.get("quarantined", []))
-    group = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
-    self.replay = replay_lib.ReplayBuffer.from_arrays(group("replay/"))
-    self.cleaner = clean_lib.Cleaner(self.cleaner.config, clean_lib.DedupIndex.from_arrays(group("dedup/")))
-    names = json.loads(arrays["heldout/domains"].tobytes().decode())
-    self.heldout = {name: arrays[f"heldout/{index}"] for index, name in enumerate(names)}
-
-
-class _Documents(list):
-  """A list of documents with the `name` that `pipeline.tokenize_split` reports in errors."""
-
-  def __init__(self, documents: list[str], name: str):
-    super().__init__(documents)
-    self.name = name
-
-
-def _tokens_of(experiment: Experiment, documents: list[str], name: str = "held-out documents") -> np.ndarray:
-  return pipeline.tokenize_split(_Documents(documents, name), experiment.tokenizer)
-
-
-def _windows_of(experiment: Experiment, documents: list[str], name: str, stride: int) -> pipeline.Windows | None:
-  """Training windows over a chunk's documents; None if there is too little text for one."""
-  if not documents:
-    return None
-  try:
-    return pipeline.Windows(_tokens_of(experiment, documents, name), experiment.config.seq_len, stride, name=name)
-  except sources.DataError:
-    return None
 
 
 def _warn_unknown_tokens(experiment: Experiment, chunk_id: str, windows: pipeline.Windows) -> None:
@@ -282,7 +200,7 @@ class OnlineLoop:
     fraction = float(self.online.heldout_fraction)
     heldout = [doc for doc in kept if is_heldout(doc, fraction)]
     train_docs = [doc for doc in kept if not is_heldout(doc, fraction)]
-    windows = _windows_of(self.experiment, train_docs, chunk.id, stride=1)
+    windows = windows_of(self.experiment, train_docs, chunk.id, stride=1)
     return windows, train_docs, heldout, dropped
 
   def _steps_for(self, windows: pipeline.Windows) -> int:
@@ -309,7 +227,7 @@ class OnlineLoop:
       self._add_heldout(state, chunk.domain, heldout_docs)
     anchor = jax.tree.map(lambda x: x.copy(), state.params) if self.reg.needs_anchor else ()
     fisher = self._fisher(state.params) if self.reg.ewc else ()
-    seed = _stable_seed(self.config.seed, chunk.id)
+    seed = stable_seed(self.config.seed, chunk.id)
     replay = run.replay if self.online.replay_fraction > 0 and len(run.replay) else None
     sharding = self.experiment.steps.batch_sharding
     row_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
@@ -365,7 +283,7 @@ class OnlineLoop:
     run = self.run_state
     if not heldout_docs:
       return
-    windows = self._heldout_windows(_tokens_of(self.experiment, heldout_docs))
+    windows = self._heldout_windows(tokens_of(self.experiment, heldout_docs))
     if domain in run.heldout:
       room = int(self.online.heldout_max_windows) - len(run.heldout[domain])
       if room > 0:
@@ -396,7 +314,7 @@ class OnlineLoop:
 
     batches = []
     for index in range(int(self.online.ewc_batches)):
-      rows = run.replay.sample(self.config.batch_size, step=index, seed=_stable_seed(self.config.seed, "fisher"))
+      rows = run.replay.sample(self.config.batch_size, step=index, seed=stable_seed(self.config.seed, "fisher"))
       rows = rows[self.experiment.process_rows.start:self.experiment.process_rows.stop]
       batches.append({k: pipeline.to_global(v, self.experiment.steps.batch_sharding, self.config.batch_size)
                       for k, v in (("inputs", rows[:, :-1]), ("targets", rows[:, 1:]))})
@@ -421,7 +339,7 @@ class OnlineLoop:
     gate = self.online.gate
     decision = ab.gate(per_domain, old_domains=old_domains, max_regression=float(gate.max_regression),
                        confidence=float(gate.confidence), num_samples=int(gate.bootstrap_samples),
-                       seed=_stable_seed(self.config.seed, chunk.id, "gate"))
+                       seed=stable_seed(self.config.seed, chunk.id, "gate"))
     record = {"chunk": chunk.id, "step": int(state.step), "promoted": decision.promote, "reasons": decision.reasons,
               "comparisons": decision.to_json().get("comparisons")}
     run.gate_history.append(record)

@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from lm.data import clean
+from lm.data import clean, dedup
 from lm.data.clean import Cleaner, CleanConfig, DedupIndex
 from lm.data.errors import DataError
 
@@ -262,8 +262,8 @@ def test_batched_signatures_equal_one_at_a_time(monkeypatch):
   texts = [sentence(seed, num_words=seed % 7 + 1) for seed in range(20)] + ["", "a", "abcd", "x" * 40]
   alone = np.stack([index.signature(text) for text in texts])
   # Tiny blocks split texts across block edges; the running minimum must still agree.
-  monkeypatch.setattr(clean, "_SHINGLE_BLOCK", 7)
-  np.testing.assert_array_equal(clean._signatures(texts, config, index._a, index._b), alone)
+  monkeypatch.setattr(dedup, "_SHINGLE_BLOCK", 7)
+  np.testing.assert_array_equal(dedup._signatures(texts, config, index._a, index._b), alone)
 
 
 # ----------------------------------------------------------------------------- index persistence
