@@ -335,7 +335,9 @@ class OnlineLoop:
       candidate[name] = self._losses(state.params, windows)
       baseline[name] = self._losses(current, windows)
       per_domain[name] = (baseline[name], candidate[name])
-    run.matrix.add_row(chunk.id, [domain], {name: float(np.mean(v)) for name, v in candidate.items()})
+    # A domain whose held-out share was too short for one window has no column (yet).
+    trained = [domain] if domain in run.matrix.domains else []
+    run.matrix.add_row(chunk.id, trained, {name: float(np.mean(v)) for name, v in candidate.items()})
     gate = self.online.gate
     decision = ab.gate(per_domain, old_domains=old_domains, max_regression=float(gate.max_regression),
                        confidence=float(gate.confidence), num_samples=int(gate.bootstrap_samples),

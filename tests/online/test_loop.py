@@ -256,3 +256,12 @@ def test_sigterm_saves_the_chunk_in_progress_and_exits_zero(pretrained, tmp_path
   step = checkpoint_lib.latest_step(str(workdir))
   progress = _online_item(workdir)["in_progress"]
   assert step >= 3 and progress["id"] == "reviews-001-of-003" and progress["step_in_chunk"] == step
+
+
+def test_a_chunk_too_small_to_hold_out_a_window_still_trains(pretrained, tmp_path):
+  stream = stream_lib.IterableStream(SENTENCES[:3] + SENTENCES[3:120], domain="reviews", chunk_size=3)
+  config = load_config(CONFIG, online_overrides(pretrained, **{"online.stream": "iterable", "online.max_chunks": 2}))
+  result = online_loop.run_online(config, str(tmp_path / "online"), stream=stream)
+  assert result.chunks_done == 2 and result.step == 8
+  continual = json.loads((tmp_path / "online" / "continual.json").read_text())
+  assert continual["chunks"] == ["initial", "reviews-00001", "reviews-00002"]
