@@ -47,6 +47,7 @@ def default_rules() -> tuple[tuple[str, Any], ...]:
       ("kv", None),
       ("length", None),
       ("layers", None),
+      ("latent", None),  # a VAE's latent vector: small, replicated
   )
 
 

@@ -1,5 +1,6 @@
 """Flax linen modules. `TransformerLM` is the backbone every head builds on."""
 
 from lm.models.transformer import TransformerConfig, TransformerLM
+from lm.models.vae import SentenceVAE, VAEConfig
 
-__all__ = ["TransformerConfig", "TransformerLM"]
+__all__ = ["SentenceVAE", "TransformerConfig", "TransformerLM", "VAEConfig"]

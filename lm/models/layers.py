@@ -116,18 +116,31 @@ def apply_rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nn.Module):
-  """Multi-head (or grouped-query) causal self-attention with a KV cache.
+  """Multi-head (or grouped-query) self-attention with a KV cache.
 
-  In decode mode the keys and values of every call are written into the
-  `cache` collection at the running `cache_index`, so a prompt can be
-  prefilled in one call and then extended one token at a time.
+  Causal by default; `causal=False` gives the bidirectional attention of an
+  encoder. In decode mode the keys and values of every call are written into
+  the `cache` collection at the running `cache_index`, so a prompt can be
+  prefilled in one call and then extended one token at a time (decoding is
+  always causal).
+
+  Two optional inputs, both None for a plain LM (then the computation is the
+  unchanged fast path):
+    * `memory` [batch, embed]: one extra key/value slot, made by this layer's
+      own key and value projections, that every query attends to and no mask
+      hides (the latent "memory" of Optimus, Li et al. 2020). It is not
+      written into the cache: pass it on every decoding call.
+    * `key_mask` [batch, length] bool: False hides that key (padding in an
+      encoder's batch). Not for decode mode.
   """
 
   config: TransformerConfig
   decode: bool = False
+  causal: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool, memory: jax.Array | None = None,
+               key_mask: jax.Array | None = None) -> jax.Array:
     """x: [batch, length, embed], positions: [batch, length] -> [batch, length, embed]."""
     cfg = self.config
     head_dim = cfg.width // cfg.num_heads
@@ -135,9 +148,14 @@ class Attention(nn.Module):
       return Projection(features, axes, num_in_axes=num_in_axes, use_bias=cfg.use_bias, std=std,
                         dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name=name)
 
+    if self.decode and key_mask is not None:
+      raise ValueError("Attention(decode=True) takes no key_mask: the cache already hides the positions not "
+                       "yet written; pass key_mask only to a full (encoder) forward.")
+    key_projection = dense((cfg.kv_heads, head_dim), ("embed", "heads", "kv"), "key")
+    value_projection = dense((cfg.kv_heads, head_dim), ("embed", "heads", "kv"), "value")
     query = dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), "query")(x)
-    key = dense((cfg.kv_heads, head_dim), ("embed", "heads", "kv"), "key")(x)
-    value = dense((cfg.kv_heads, head_dim), ("embed", "heads", "kv"), "value")(x)
+    key = key_projection(x)
+    value = value_projection(x)
     if cfg.position == "rope":
       query = apply_rope(query, positions, cfg.rope_theta)
       key = apply_rope(key, positions, cfg.rope_theta)
@@ -148,11 +166,32 @@ class Attention(nn.Module):
 
     if self.decode:
       key, value, mask = self._update_cache(key, value)
+    elif memory is None and key_mask is None:
+      mask = None
+    else:
+      length = key.shape[1]
+      visible = jnp.ones((length, length), bool)
+      mask = (jnp.tril(visible) if self.causal else visible)[None, None]
+      if key_mask is not None:
+        mask = mask & key_mask.astype(bool)[:, None, None, :]
+    if memory is not None:
+      # The memory key is not rotated: under RoPE it sits at position 0, so
+      # the full forward and cached decoding score it identically.
+      memory_key = nn.with_logical_constraint(key_projection(memory[:, None]).astype(key.dtype), axes)
+      memory_value = nn.with_logical_constraint(value_projection(memory[:, None]).astype(value.dtype), axes)
+      key = jnp.concatenate([memory_key, key], axis=1)
+      value = jnp.concatenate([memory_value, value], axis=1)
+      mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (1,), bool), mask], axis=-1)
+
+    if mask is None:
+      out = jax.nn.dot_product_attention(
+          query, key, value, is_causal=self.causal, implementation=cfg.attention_impl)
+    else:
+      # An explicit mask (cache, memory slot, padding) with key length !=
+      # query length: XLA's implementation takes any mask; the fused cuDNN
+      # kernel is kept for the plain causal path that training uses.
       out = jax.nn.dot_product_attention(
           query, key, value, mask=mask, implementation=cfg.attention_impl_for_decode)
-    else:
-      out = jax.nn.dot_product_attention(
-          query, key, value, is_causal=True, implementation=cfg.attention_impl)
     out = nn.with_logical_constraint(out, axes)
     # GPT-2 scales the residual projections by 1/sqrt(2 * num_layers) so the
     # residual stream's variance does not grow with depth.

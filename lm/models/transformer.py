@@ -130,22 +130,66 @@ class TransformerConfig:
 
 
 class Block(nn.Module):
-  """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+  """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  `causal=False` makes the attention bidirectional (an encoder's block);
+  `memory` and `key_mask` are passed to `layers.Attention`.
+  """
 
   config: TransformerConfig
   decode: bool = False
   deterministic: bool = True
+  causal: bool = True
 
   @nn.compact
-  def __call__(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, None]:
-    """x: [batch, length, embed] -> ([batch, length, embed], None) (scan carry form)."""
+  def __call__(self, x: jax.Array, positions: jax.Array, memory: jax.Array | None = None,
+               key_mask: jax.Array | None = None) -> tuple[jax.Array, None]:
+    """x: [batch, length, embed], memory: [batch, embed] | None -> ([batch, length, embed], None).
+
+    The (carry, None) return is the form `nn.scan` needs.
+    """
     cfg = self.config
     attn_in = layers.make_norm(cfg, "attn_norm")(x)
-    x = x + layers.Attention(cfg, decode=self.decode, name="attn")(attn_in, positions, self.deterministic)
+    attention = layers.Attention(cfg, decode=self.decode, causal=self.causal, name="attn")
+    x = x + attention(attn_in, positions, self.deterministic, memory=memory, key_mask=key_mask)
     mlp_in = layers.make_norm(cfg, "mlp_norm")(x)
     x = x + layers.Mlp(cfg, name="mlp")(mlp_in, self.deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     return x, None
+
+
+def apply_blocks(cfg: TransformerConfig, x: jax.Array, positions: jax.Array, *, decode: bool, deterministic: bool,
+                 causal: bool = True, memory: jax.Array | None = None,
+                 key_mask: jax.Array | None = None) -> jax.Array:
+  """Runs `cfg.num_layers` blocks on x [batch, length, embed] -> [batch, length, embed].
+
+  Call it from inside a module's compact method: the blocks become that
+  module's children, `layers` (stacked, with `scan_layers`) or `layer_{i}`,
+  so the decoder and the VAE's encoder share one layout. memory: [batch,
+  num_layers, embed] | None, slice i goes to layer i (scanned over layers
+  with `scan_layers`). key_mask: [batch, length] bool | None, for every layer.
+  """
+  block = Block
+  if cfg.remat_policy != "none":
+    block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
+  if cfg.scan_layers:
+    # nn.scan slices scanned inputs along their leading axis: layers first.
+    layer_memory = None if memory is None else jnp.moveaxis(memory, 1, 0)
+    stack = nn.scan(
+        block,
+        variable_axes={"params": 0, "cache": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast if memory is None else 0, nn.broadcast),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, decode=decode, deterministic=deterministic, causal=causal, name="layers")
+    x, _ = stack(x, positions, layer_memory, key_mask)
+  else:
+    for i in range(cfg.num_layers):
+      layer_memory = None if memory is None else memory[:, i]
+      x, _ = block(cfg, decode=decode, deterministic=deterministic, causal=causal, name=f"layer_{i}")(
+          x, positions, layer_memory, key_mask)
+  return x
 
 
 class TransformerLM(nn.Module):
@@ -167,9 +211,24 @@ class TransformerLM(nn.Module):
       deterministic: bool = True,
       decode: bool = False,
       return_hidden: bool = False,
+      condition: jax.Array | None = None,
+      memory: jax.Array | None = None,
   ) -> jax.Array:
+    """tokens: [batch, length] -> logits [batch, length, vocab] (hidden [batch, length, embed] with return_hidden).
+
+    Optional conditioning (e.g. on a VAE's latent; both None for a plain LM):
+      condition: [batch, width], added to every token's embedding.
+      memory: [batch, num_layers, width], one extra key/value slot per layer
+        that every position attends to (`layers.Attention`); not cached, so
+        pass the same memory on every decoding call.
+    """
     cfg = self.config
     batch, length = tokens.shape
+    if condition is not None and condition.shape != (batch, cfg.width):
+      raise ValueError(f"condition has shape {condition.shape}; pass [batch, width] = {(batch, cfg.width)}.")
+    if memory is not None and memory.shape != (batch, cfg.num_layers, cfg.width):
+      raise ValueError(f"memory has shape {memory.shape}; pass [batch, num_layers, width] = "
+                       f"{(batch, cfg.num_layers, cfg.width)}, one slot per layer.")
     tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
     if decode:
       index = self.variable("cache", "position", lambda: jnp.array(0, dtype=jnp.int32))
@@ -197,25 +256,13 @@ class TransformerLM(nn.Module):
           cfg.weight_dtype,
       )
       x = x + jnp.take(position_embedding, positions, axis=0).astype(cfg.compute_dtype)
+    if condition is not None:
+      x = x + condition[:, None, :].astype(cfg.compute_dtype)
     x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
-
-    block = Block
-    if cfg.remat_policy != "none":
-      block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=not cfg.scan_layers)
-    if cfg.scan_layers:
-      stack = nn.scan(
-          block,
-          variable_axes={"params": 0, "cache": 0},
-          split_rngs={"params": True, "dropout": True},
-          in_axes=(nn.broadcast,),
-          length=cfg.num_layers,
-          metadata_params={nn.PARTITION_NAME: "layers"},
-      )(cfg, decode=decode, deterministic=deterministic, name="layers")
-      x, _ = stack(x, positions)
-    else:
-      for i in range(cfg.num_layers):
-        x, _ = block(cfg, decode=decode, deterministic=deterministic, name=f"layer_{i}")(x, positions)
+    if memory is not None:
+      memory = nn.with_logical_constraint(memory.astype(cfg.compute_dtype), ("batch", "layers", "embed"))
+    x = apply_blocks(cfg, x, positions, decode=decode, deterministic=deterministic, memory=memory)
 
     x = layers.make_norm(cfg, "final_norm")(x)
     if return_hidden:

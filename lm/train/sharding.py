@@ -34,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 
-_REPLICATED_MODEL_AXES = (("kv", None), ("length", None), ("layers", None))
+_REPLICATED_MODEL_AXES = (("kv", None), ("length", None), ("layers", None), ("latent", None))
 PRESETS: dict[str, tuple[dict[str, int], Rules]] = {
     "dp": ({"data": -1, "fsdp": 1, "tensor": 1},
            (("batch", ("data", "fsdp")), ("embed", None), ("heads", None), ("mlp", None), ("vocab", None))
