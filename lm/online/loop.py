@@ -45,7 +45,7 @@ from lm.online import replay as replay_lib
 from lm.online import regularizers
 from lm.online.run_state import OnlineRun, is_heldout, stable_seed, tokens_of, windows_of
 from lm.online.step import Regularization, chunk_learning_rate, make_online_step, make_sequence_losses
-from lm.online.store import OnlineCheckpointer
+from lm.online.store import OnlineCheckpointer, is_online_checkpoint
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import optim
 from lm.train import sharding as sharding_lib
@@ -73,6 +73,10 @@ def _prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_colle
     raise config_lib.ConfigError(
         f"{workdir} has no checkpoint and config.online.init_from is empty: the online loop continues a trained "
         "model. Set --config.online.init_from=WORKDIR_OF_A_TRAINED_RUN (e.g. runs/shakespeare_byte).")
+  if checkpoint_lib.has_checkpoint(workdir) and not is_online_checkpoint(workdir):
+    raise checkpoint_lib.CheckpointError(
+        f"{workdir} holds checkpoints of a --mode train run, not of an online run. Give the online run its own "
+        f"--workdir and start it from this one: --config.online.init_from={workdir}")
   # The per-chunk schedule is the online loop's own; the optimizer's total steps do not matter.
   return config_lib.apply_overrides(config, {"init_from": config.online.init_from, "warm_start": ""})
 

@@ -24,6 +24,7 @@ from absl import logging
 
 from lm.data import pipeline
 from lm.data.sources import DataError
+from lm.online.store import is_online_checkpoint
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import perf
 from lm.train.experiment import TOKENIZER_DIR, Experiment, build_experiment, open_eval_split, open_train_split, token_windows
@@ -120,6 +121,10 @@ def initial_state(experiment: Experiment) -> tuple[TrainState, dict[str, Any] | 
   """Resume, warm-start, init-from or fresh init, in that order of precedence."""
   config = experiment.config
   if config.resume and checkpoint_lib.has_checkpoint(experiment.workdir):
+    if is_online_checkpoint(experiment.workdir):
+      raise checkpoint_lib.CheckpointError(
+          f"{experiment.workdir} holds checkpoints of an online run (--mode online). Continue it with --mode "
+          f"online, or start a new --workdir from its weights with --config.init_from={experiment.workdir}.")
     state, data_state, _, step = checkpoint_lib.restore(experiment.workdir, experiment.abstract_state)
     return state, data_state, f"resumed from step {step}"
   if config.warm_start:

@@ -265,3 +265,19 @@ def test_a_chunk_too_small_to_hold_out_a_window_still_trains(pretrained, tmp_pat
   assert result.chunks_done == 2 and result.step == 8
   continual = json.loads((tmp_path / "online" / "continual.json").read_text())
   assert continual["chunks"] == ["initial", "reviews-00001", "reviews-00002"]
+
+
+def test_train_and_online_workdirs_are_not_mixed_up(pretrained, tmp_path):
+  from tests.helpers import snapshot  # pylint: disable=g-import-not-at-top
+  before = snapshot(pretrained)
+  result = run_cli("--config", CONFIG, "--workdir", str(pretrained), "--mode", "online",
+                   *[f"--config.{k}={v}" for k, v in online_overrides(pretrained).items()])
+  assert result.returncode == 2 and "holds checkpoints of a --mode train run" in result.stderr
+  assert f"--config.online.init_from={pretrained}" in result.stderr
+  assert snapshot(pretrained) == before  # nothing moved aside or written
+  online = tmp_path / "online"
+  config = load_config(CONFIG, online_overrides(pretrained, **{"online.stream": "iterable", "online.max_chunks": 1}))
+  online_loop.run_online(config, str(online), stream=stream_lib.IterableStream(SENTENCES, domain="r", chunk_size=60))
+  result = run_cli("--config", str(ROOT / "experiments" / "shakespeare_byte.py"), "--workdir", str(online),
+                   *cli_args(steps=20))
+  assert result.returncode == 2 and "holds checkpoints of an online run" in result.stderr
