@@ -73,6 +73,32 @@ class Projection(nn.Module):
     return y
 
 
+def token_embedding(config: TransformerConfig) -> nn.Embed:
+  """The token table [vocab, embed], named "embed" in the calling module (the LM's and the VAE encoder's)."""
+  return nn.Embed(
+      num_embeddings=config.vocab_size,
+      features=config.width,
+      dtype=config.compute_dtype,
+      param_dtype=config.weight_dtype,
+      embedding_init=param_init(config.init_std, ("vocab", "embed")),
+      name="embed",
+  )
+
+
+def add_learned_positions(module: nn.Module, config: TransformerConfig, x: jax.Array,
+                          positions: jax.Array) -> jax.Array:
+  """x + the learned position table's rows [batch, length, embed] when `config.position` is "learned".
+
+  The table [max_len, embed] is the calling `module`'s "position_embedding"
+  parameter, so checkpoints keep their parameter names.
+  """
+  if config.position != "learned":
+    return x
+  table = module.param("position_embedding", param_init(config.init_std, ("length", "embed")),
+                       (config.max_len, config.width), config.weight_dtype)
+  return x + jnp.take(table, positions, axis=0).astype(config.compute_dtype)
+
+
 def make_norm(config: TransformerConfig, name: str) -> nn.Module:
   """LayerNorm (GPT-2) or RMSNorm (Llama), parameters on the `embed` axis."""
   if config.norm == "layernorm":

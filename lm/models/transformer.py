@@ -239,23 +239,8 @@ class TransformerLM(nn.Module):
       start = 0
     positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
 
-    embed = nn.Embed(
-        num_embeddings=cfg.vocab_size,
-        features=cfg.width,
-        dtype=cfg.compute_dtype,
-        param_dtype=cfg.weight_dtype,
-        embedding_init=layers.param_init(cfg.init_std, ("vocab", "embed")),
-        name="embed",
-    )
-    x = embed(tokens)
-    if cfg.position == "learned":
-      position_embedding = self.param(
-          "position_embedding",
-          layers.param_init(cfg.init_std, ("length", "embed")),
-          (cfg.max_len, cfg.width),
-          cfg.weight_dtype,
-      )
-      x = x + jnp.take(position_embedding, positions, axis=0).astype(cfg.compute_dtype)
+    embed = layers.token_embedding(cfg)
+    x = layers.add_learned_positions(self, cfg, embed(tokens), positions)
     if condition is not None:
       x = x + condition[:, None, :].astype(cfg.compute_dtype)
     x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)

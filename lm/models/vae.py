@@ -89,18 +89,7 @@ class Encoder(nn.Module):
     pad_mask = pad_mask.astype(bool)
     tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    x = nn.Embed(
-        num_embeddings=cfg.vocab_size,
-        features=cfg.width,
-        dtype=cfg.compute_dtype,
-        param_dtype=cfg.weight_dtype,
-        embedding_init=layers.param_init(cfg.init_std, ("vocab", "embed")),
-        name="embed",
-    )(tokens)
-    if cfg.position == "learned":
-      position_embedding = self.param("position_embedding", layers.param_init(cfg.init_std, ("length", "embed")),
-                                      (cfg.max_len, cfg.width), cfg.weight_dtype)
-      x = x + jnp.take(position_embedding, positions, axis=0).astype(cfg.compute_dtype)
+    x = layers.add_learned_positions(self, cfg, layers.token_embedding(cfg)(tokens), positions)
     x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     # Padding is hidden as a key in every layer and left out of the pooling,

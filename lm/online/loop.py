@@ -115,8 +115,13 @@ class OnlineLoop:
     self.sequence_losses = jax.jit(make_sequence_losses(experiment.model),
                                    out_shardings=sharding_lib.replicated(experiment.mesh))
     self.checkpointer = OnlineCheckpointer(experiment.checkpoint_dir, keep=int(self.config.keep_checkpoints))
-    self.run_state = OnlineRun(experiment, workdir)
+    self.run_state = OnlineRun(experiment.config)
     self.writer = MetricWriter(workdir)
+    self.last_step = 0  # the step of the latest save: metrics of chunk-level events are logged there
+    self.chunk_row: dict[str, float] = {}  # evaluation and gate figures of the chunk being finished
+    # Per-sequence losses of the current (served) model on each domain's held-out set: reused
+    # until the current model changes or the set grows, instead of recomputed every chunk.
+    self.current_losses: dict[str, np.ndarray] = {}
 
   # -- start ---------------------------------------------------------------
   def _abstract_online_state(self) -> TrainState:
@@ -150,6 +155,7 @@ class OnlineLoop:
     state, current = self._fresh_state(abstract)
     self._begin(state)
     _write_run_files(self.experiment, self.tokenizer_is_new)
+    self._save(state, current)  # row 0 and the seeded replay buffer survive a kill during the first chunk
     return state, current, f"started from {self.config.init_from}"
 
   def _begin(self, state: TrainState) -> None:
@@ -197,7 +203,7 @@ class OnlineLoop:
         logging.warning("Chunk %s quarantined (%s): %s", error.chunk_id, moved, error)
         run.quarantined.append({"chunk": error.chunk_id, "reason": str(error), "moved_to": str(moved)})
         run.consumed.append(error.chunk_id)
-        self.writer.write(self._global_step, {"online/quarantined": float(len(run.quarantined))})
+        self.writer.write(self.last_step, {"online/quarantined": float(len(run.quarantined))})
 
   def _prepare(self, chunk: stream_lib.Chunk) -> tuple[pipeline.Windows | None, list[str], list[str], Counter]:
     kept, dropped = self.run_state.cleaner.clean(chunk.documents, add=False)
@@ -271,7 +277,7 @@ class OnlineLoop:
           self._save(state, current)
     if pending is not None:
       _check_finite(*pending)
-    self._last_step = int(state.step)
+    self.last_step = int(state.step)
     current = self._evaluate_and_gate(state, current, chunk)
     # The chunk is done: its documents join the dedup index and the replay buffer.
     self._finish_chunk_bookkeeping(chunk, train_docs, heldout_docs, dropped, windows)
@@ -337,7 +343,10 @@ class OnlineLoop:
     for name in run.matrix.domains:
       windows = run.heldout[name]
       candidate[name] = self._losses(state.params, windows)
-      baseline[name] = self._losses(current, windows)
+      cached = self.current_losses.get(name)
+      if cached is None or len(cached) != len(windows):
+        cached = self.current_losses[name] = self._losses(current, windows)
+      baseline[name] = cached
       per_domain[name] = (baseline[name], candidate[name])
     # A domain whose held-out share was too short for one window has no column (yet).
     trained = [domain] if domain in run.matrix.domains else []
@@ -351,6 +360,7 @@ class OnlineLoop:
     run.gate_history.append(record)
     if decision.promote:
       current = jax.tree.map(lambda x: x.copy(), state.params)
+      self.current_losses = dict(candidate)  # the candidate's losses are now the current model's
       logging.info("Chunk %s: promoted the new weights to current.", chunk.id)
     else:
       logging.warning("Chunk %s: kept the previous current model: %s", chunk.id, "; ".join(decision.reasons))
@@ -359,7 +369,7 @@ class OnlineLoop:
     row.update({f"continual/{key}": float(metrics[key]) for key in ("avg_loss", "forgetting", "bwt", "fwt")
                 if metrics.get(key) is not None})
     row["gate/promoted"] = float(decision.promote)
-    self._pending_row = row
+    self.chunk_row = row
     if jax.process_index() == 0:
       run.matrix.write(self.workdir)
       run.matrix.heatmap(os.path.join(self.workdir, HEATMAP_FILE))
@@ -377,29 +387,22 @@ class OnlineLoop:
         run.replay.add(chunk.domain, np.stack([windows.tokens[s:s + seq_len + 1] for s in starts]))
     run.consumed.append(chunk.id)
     run.in_progress = None
-    row = getattr(self, "_pending_row", {})
+    row = self.chunk_row
     row.update({f"clean/dropped_{reason}": float(dropped.get(reason, 0)) for reason in clean_lib.REASONS})
     row["clean/kept"] = float(len(train_docs) + len(heldout_docs))
-    self.writer.write(self._global_step, row)
-    self._pending_row = {}
-
-  @property
-  def _global_step(self) -> int:
-    return int(getattr(self, "_last_step", 0))
+    self.writer.write(self.last_step, row)
+    self.chunk_row = {}
 
   def _save(self, state: TrainState, current: Any) -> None:
-    self._last_step = int(state.step)
+    self.last_step = int(state.step)
     self.checkpointer.save(int(state.step), state, current, self.run_state.to_json(), self.run_state.arrays(),
                            self.experiment.metadata())
 
   # -- the loop ------------------------------------------------------------
   def run(self) -> OnlineResult:
     state, current, how = self.start()
-    self._last_step = int(state.step)
+    self.last_step = int(state.step)
     logging.info("Online: %s; stream %s.", how, self.stream.describe())
-    if int(state.step) == 0 and self.run_state.matrix is not None and not self.run_state.consumed and (
-        not checkpoint_lib.has_checkpoint(self.workdir)):
-      self._save(state, current)  # row 0 and the seeded replay buffer survive a kill during the first chunk
     stop = StopSignal()
     chunks_done = 0
     idle_since = time.monotonic()

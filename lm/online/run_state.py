@@ -14,6 +14,7 @@ import json
 from collections import Counter
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from lm.data import clean as clean_lib
@@ -38,11 +39,9 @@ def is_heldout(document: str, fraction: float) -> bool:
 class OnlineRun:
   """The state of an online run between chunks (what the checkpoint holds besides the weights)."""
 
-  def __init__(self, experiment: Experiment, workdir: str):
-    self.experiment = experiment
-    self.config = experiment.config
-    self.online = self.config.online
-    self.workdir = workdir
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+    self.online = config.online
     self.consumed: list[str] = []
     self.in_progress: dict[str, Any] | None = None  # {"id", "step_in_chunk", "steps", "index"}
     self.matrix: ContinualMatrix | None = None

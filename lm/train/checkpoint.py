@@ -173,9 +173,8 @@ def restore_params(directory: str, abstract_params: Any, *, step: int | None = N
   root = resolve_checkpoint_root(directory)
   step = step if step is not None else latest_step(root)
   path = epath.Path(root) / str(step) / item_name
-  if item_name == "current":
-    return _restore_tree(path, abstract_params), step
-  item = {"params": abstract_params}
+  # A train state keeps its parameters under "params"; an online run's "current" item is the parameters.
+  item = {"params": abstract_params} if item_name == "state" else abstract_params
   restore_args = ocp.checkpoint_utils.construct_restore_args(item)
   try:
     restored = ocp.PyTreeCheckpointer().restore(
@@ -184,12 +183,4 @@ def restore_params(directory: str, abstract_params: Any, *, step: int | None = N
     raise CheckpointError(
         f"The parameters in {path} do not fit this model: {error}. init_from needs a checkpoint of a "
         "model with the same shapes (layers, heads, width, vocabulary).") from error
-  return restored["params"], step
-
-
-def _restore_tree(path: Any, abstract: Any) -> Any:
-  restore_args = ocp.checkpoint_utils.construct_restore_args(abstract)
-  try:
-    return ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(item=abstract, restore_args=restore_args))
-  except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
-    raise CheckpointError(f"The parameters in {path} do not fit this model: {error}.") from error
+  return (restored["params"] if item_name == "state" else restored), step
