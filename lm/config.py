@@ -29,6 +29,9 @@ from lm.models.transformer import CHOICES as MODEL_CHOICES
 
 MODES = ("train", "online", "eval", "sample", "bench")
 TOKENIZERS = ("char", "byte", "sentencepiece")
+HEADS = ("lm", "vae", "gan")
+DATA_FORMATS = ("windows", "sentences")
+SAMPLE_KINDS = ("continue", "prior", "reconstruct", "interpolate")
 
 
 class ConfigError(ValueError):
@@ -70,6 +73,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.resume = True
   config.warm_start = ""
   config.init_from = ""
+  # What is trained on the Transformer (lm.heads): "lm" (the plain language model), "vae" (a sentence
+  # VAE: config.vae) or "gan" (a text GAN: config.gan). "vae" and "gan" need data.format="sentences".
+  config.head = "lm"
 
   config.model = ml_collections.ConfigDict()
   config.model.variant = "gpt2"  # gpt2 | llama: sets the defaults of the placeholders below
@@ -112,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.text_field = "text"
+  # windows: documents joined into one token stream, cut into seq_len windows (the LM's default);
+  # sentences: one record = one example, BOS + tokens + EOS padded to seq_len (lm.data.sentences).
+  config.data.format = "windows"
   config.data.tokenizer = "char"  # char | byte | sentencepiece
   config.data.tokenizer_vocab_size = 8000  # sentencepiece only
   config.data.tokenizer_model = ""  # a SentencePiece .model file; empty: train one on the train split
@@ -172,6 +181,41 @@ def base_config() -> ml_collections.ConfigDict:
   config.online.gate.confidence = 0.95
   config.online.gate.bootstrap_samples = 1000
 
+  # head="vae" (lm.heads.vae, lm.models.vae): a sentence VAE on the Transformer backbone.
+  config.vae = ml_collections.ConfigDict()
+  config.vae.latent_size = 32
+  config.vae.injection = "both"  # memory | embedding | both (Li et al. 2020)
+  config.vae.pooling = "mean"  # mean | first
+  config.vae.encoder_layers = placeholder(int)  # None: model.num_layers
+  config.vae.kl_schedule = "cyclical"  # constant | linear | cyclical (Fu et al. 2019)
+  config.vae.kl_warmup_steps = 1000  # linear: steps for beta to rise from 0 to 1
+  config.vae.kl_cycles = 4  # cyclical: number of cycles over the run
+  config.vae.kl_ratio = 0.5  # cyclical: fraction of each cycle spent rising
+  config.vae.ae_steps = 0  # autoencoder warm start: beta = 0 for these first steps
+  config.vae.free_bits = 0.0  # per-dimension KL floor in nats (0: off)
+  config.vae.word_dropout = 0.0  # rate of decoder input tokens replaced by <mask> (Bowman et al. 2016)
+  config.vae.iw_samples = 100  # k of the importance-weighted NLL bound, every eval
+  config.vae.iw_chunk = 10  # posterior samples decoded together (memory vs speed of the IW bound)
+
+  # head="gan" (lm.heads.gan, lm.models.gan): a text GAN on the same backbone, started with
+  # config.init_from from an MLE-trained model: a head="vae" run for "latent", a head="lm" run for "relgan".
+  config.gan = ml_collections.ConfigDict()
+  config.gan.kind = "relgan"  # latent: ARAE-style WGAN-GP in the VAE's latent space | relgan: Gumbel-softmax LM
+  config.gan.lr = 1e-4  # Adam for the generator and the critic/discriminator (b1 0.5, b2 0.9: WGAN-GP's)
+  config.gan.critic_steps = 5  # critic/discriminator updates per generator update
+  config.gan.noise_size = 64  # latent: generator input size
+  config.gan.hidden_size = 256  # latent: generator and critic MLP width
+  config.gan.mlp_layers = 2  # latent: hidden layers of each
+  config.gan.gp_weight = 10.0  # latent: WGAN-GP gradient penalty weight (Gulrajani et al. 2017)
+  config.gan.discriminator_layers = 2  # relgan: the Transformer discriminator's depth
+  config.gan.discriminator_width = 64  # relgan: its width (heads: model.num_heads)
+  config.gan.max_temperature = 100.0  # relgan: Gumbel-softmax temperature annealed from 1 to this
+  config.gan.temperature_schedule = "exponential"  # exponential | linear | constant (Nie et al. 2019)
+  config.gan.mle_weight = 0.0  # relgan: weight of the MLE loss kept beside the adversarial one
+  config.gan.eval_samples = 500  # sentences generated per point of the quality-diversity report
+  config.gan.temperatures = (0.5, 0.7, 0.85, 1.0, 1.2)  # the MLE model's sweep in that report
+  config.gan.judge = ""  # workdir of a separately trained head="lm" model: NLL of the samples under it
+
   # Multi-process runs (lm.distributed): explicit settings, or JAX_COORDINATOR_ADDRESS,
   # JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment (lm.launch_local sets them).
   config.distributed = ml_collections.ConfigDict()
@@ -190,7 +234,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.xla_cpu_options.xla_cpu_experimental_ynn_fusion_type = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
   config.sample = ml_collections.ConfigDict()
+  # continue: continue sample.prompt (LM); with a VAE: prior (z ~ N(0, I)), reconstruct (sample.prompt),
+  # interpolate (from sample.prompt to sample.prompt_b in sample.interpolation_steps points).
+  config.sample.kind = "continue"
   config.sample.prompt = "\n"
+  config.sample.prompt_b = ""
+  config.sample.interpolation_steps = 5
   config.sample.max_tokens = 256
   config.sample.temperature = 0.8
   config.sample.top_k = 0  # 0: off
@@ -210,13 +259,18 @@ def load_config(path: str, overrides: Mapping[str, Any] | None = None) -> ml_col
   """Loads `experiments/NAME.py`'s get_config() and applies dotted overrides.
 
   For notebooks: `load_config("experiments/shakespeare_char.py", {"steps": 300})`.
+  `PATH:ARG` calls get_config(ARG), as `--config PATH:ARG` does on the command
+  line (e.g. experiments/sentence_vae.py:lm for that experiment's plain LM).
   """
+  argument = None
+  if not os.path.exists(path) and ":" in path:
+    path, argument = path.rsplit(":", 1)
   if not os.path.exists(path):
     raise ConfigError(f"Config file {path!r} does not exist; pick one from experiments/.")
   spec = importlib.util.spec_from_file_location("lm_experiment_config", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)  # type: ignore[union-attr]
-  config = module.get_config()
+  config = module.get_config() if argument is None else module.get_config(argument)
   return apply_overrides(config, overrides or {})
 
 
@@ -286,6 +340,44 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _require(0 <= optim[key] < 1, f"config.optim.{key} must be in [0, 1) (got {optim[key]}).")
   _require(optim.weight_decay >= 0 and optim.grad_clip >= 0,
            "config.optim.weight_decay and config.optim.grad_clip must be >= 0.")
+  _require(config.head in HEADS, f"config.head={config.head!r} is not one of {HEADS}: 'lm' trains the language "
+           "model, 'vae' a sentence VAE (config.vae), 'gan' a text GAN (config.gan).")
+  _require(config.data.format in DATA_FORMATS,
+           f"config.data.format={config.data.format!r} is not one of {DATA_FORMATS}.")
+  if config.head != "lm":
+    _require(config.data.format == "sentences",
+             f"config.head={config.head!r} trains on whole sentences: set --config.data.format=sentences "
+             "(one record per sentence, e.g. the sentence column of a .tsv).")
+    _require(config.grad_accum_steps == 1, f"config.head={config.head!r} does not support grad_accum_steps > 1; "
+             "lower batch_size instead.")
+  vae = config.vae
+  _require(isinstance(vae.latent_size, int) and vae.latent_size > 0,
+           f"config.vae.latent_size={vae.latent_size!r} must be a positive integer (32 in Optimus).")
+  _require(vae.injection in ("memory", "embedding", "both"),
+           f"config.vae.injection={vae.injection!r} is not one of ('memory', 'embedding', 'both').")
+  _require(vae.pooling in ("mean", "first"), f"config.vae.pooling={vae.pooling!r} is not one of ('mean', 'first').")
+  _require(vae.encoder_layers is None or vae.encoder_layers > 0, "config.vae.encoder_layers must be > 0 (or unset).")
+  _require(vae.kl_schedule in ("constant", "linear", "monotonic", "cyclical"),
+           f"config.vae.kl_schedule={vae.kl_schedule!r} is not one of ('constant', 'linear', 'cyclical').")
+  _require(vae.kl_warmup_steps >= 0 and vae.kl_cycles >= 1 and 0 < vae.kl_ratio <= 1 and vae.ae_steps >= 0,
+           "config.vae.kl_warmup_steps and ae_steps must be >= 0, kl_cycles >= 1, kl_ratio in (0, 1].")
+  if config.head == "vae" and vae.kl_schedule == "cyclical":
+    _require(vae.ae_steps < config.steps, f"config.vae.ae_steps={vae.ae_steps} leaves no steps of the cyclical "
+             f"KL schedule in config.steps={config.steps}; lower ae_steps.")
+  _require(vae.free_bits >= 0, f"config.vae.free_bits={vae.free_bits} must be >= 0 (nats per dimension).")
+  _require(0 <= vae.word_dropout < 1, f"config.vae.word_dropout={vae.word_dropout} must be in [0, 1).")
+  _require(vae.iw_samples >= 1 and vae.iw_chunk >= 1, "config.vae.iw_samples and iw_chunk must be >= 1.")
+  gan = config.gan
+  _require(gan.kind in ("latent", "relgan"), f"config.gan.kind={gan.kind!r} is not one of ('latent', 'relgan').")
+  _require(gan.lr > 0 and gan.critic_steps >= 1 and gan.gp_weight >= 0 and gan.mle_weight >= 0,
+           "config.gan.lr must be > 0, critic_steps >= 1, gp_weight and mle_weight >= 0.")
+  _require(gan.noise_size >= 1 and gan.hidden_size >= 1 and gan.mlp_layers >= 1 and gan.discriminator_layers >= 1
+           and gan.discriminator_width >= 1, "config.gan sizes (noise_size, hidden_size, mlp_layers, "
+           "discriminator_layers, discriminator_width) must be >= 1.")
+  _require(gan.max_temperature >= 1 and gan.temperature_schedule in ("exponential", "linear", "constant"),
+           "config.gan.max_temperature must be >= 1 and temperature_schedule one of exponential, linear, constant.")
+  _require(gan.eval_samples >= 2 and all(t > 0 for t in gan.temperatures),
+           "config.gan.eval_samples must be >= 2 and every config.gan.temperatures entry > 0.")
   data = config.data
   _require(isinstance(data.source, str) and data.source.strip() != "",
            "config.data.source is empty: set it to tfds:NAME[:SPLIT] or a path to a .txt/.jsonl/.tsv corpus.")
@@ -296,6 +388,8 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
            "(or empty to use mesh.data/fsdp/tensor/rules as set).")
   online = config.online
   if mode == "online":
+    _require(config.head == "lm", f"--mode online trains a language model; config.head={config.head!r} is not "
+             "supported there. Set --config.head=lm.")
     _require(bool(online.stream), "config.online.stream is empty: set it to dir:PATH (a watched folder), "
              "tfds:NAME[:SPLIT] or a path to a .txt/.jsonl/.tsv corpus.")
   _require(online.chunks >= 1 and online.max_chunks >= 0, "config.online.chunks must be >= 1, max_chunks >= 0.")
@@ -322,6 +416,14 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   _require(distributed.initialization_timeout > 0 and distributed.heartbeat_timeout > 0,
            "config.distributed.initialization_timeout and heartbeat_timeout must be > 0 seconds.")
   sample = config.sample
+  _require(sample.kind in SAMPLE_KINDS, f"config.sample.kind={sample.kind!r} is not one of {SAMPLE_KINDS}.")
+  if mode == "sample" and sample.kind != "continue":
+    _require(config.head == "vae", f"config.sample.kind={sample.kind!r} decodes from a VAE's latent space; it needs "
+             "config.head='vae' (use sample.kind=continue for a language model).")
+  if mode == "sample" and sample.kind == "interpolate":
+    _require(bool(sample.prompt.strip()) and bool(sample.prompt_b.strip()), "config.sample.kind='interpolate' "
+             "goes from config.sample.prompt to config.sample.prompt_b: set both to a sentence.")
+  _require(sample.interpolation_steps >= 2, "config.sample.interpolation_steps must be >= 2.")
   _require(sample.temperature >= 0, "config.sample.temperature must be >= 0 (0 means greedy).")
   _require(0 < sample.top_p <= 1, "config.sample.top_p must be in (0, 1].")
   _require(sample.top_k >= 0 and sample.max_tokens > 0 and sample.num_samples > 0,

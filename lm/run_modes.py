@@ -10,17 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from lm.online.store import is_online_checkpoint
 from lm.train import checkpoint as checkpoint_lib
 from lm.train.experiment import Experiment, build_experiment, open_eval_split, token_windows
 from lm.train.loop import evaluate_params
 from lm.train.metrics import MetricWriter
-from lm import sample as sample_lib
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str, mode: str) -> tuple[Experiment, Any, int]:
@@ -54,16 +50,13 @@ def _split_key(split: str) -> str:
 
 
 def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str, prompt: str | None = None) -> list[str]:
-  """Generates `config.sample.num_samples` continuations of the prompt with the latest checkpoint."""
+  """Text from the latest checkpoint, as config.sample says (kind, prompt, temperature, ...).
+
+  continue: `config.sample.num_samples` continuations of the prompt. With a
+  VAE (head="vae"): prior (sentences decoded from z ~ N(0, I)), reconstruct
+  (the prompt through the encoder and back), interpolate (prompt -> prompt_b
+  in `interpolation_steps` points of latent space).
+  """
   experiment, params, _ = load_trained(config, workdir, "sample")
-  options = config.sample
-  prompt = options.prompt if prompt is None else prompt
-  ids = experiment.tokenizer.encode(prompt)
-  if len(ids) == 0:
-    raise ValueError("config.sample.prompt encodes to no tokens; give at least one character.")
-  prompt_ids = jnp.asarray(np.tile(np.asarray(ids, np.int32)[None], (options.num_samples, 1)))
   with experiment.steps.context():
-    tokens = sample_lib.generate_long(
-        experiment.model, params, prompt_ids, jax.random.key(options.seed), max_new_tokens=options.max_tokens,
-        temperature=float(options.temperature), top_k=int(options.top_k), top_p=float(options.top_p))
-  return [prompt + experiment.tokenizer.decode(np.asarray(row)) for row in tokens]
+    return experiment.head.sample(params, config.sample, prompt)

@@ -137,28 +137,33 @@ def _rows(rows: ProcessRows | None, global_batch_size: int) -> ProcessRows:
   return rows
 
 
-def _local_batches(dataset: grain.MapDataset, rows: ProcessRows) -> grain.MapDataset:
+def _local_batches(dataset: grain.MapDataset, rows: ProcessRows, windows: bool) -> grain.MapDataset:
   """Element `s` -> this process's rows of global batch `s` (Grain sharding by process)."""
   # Batching by the block size first means a process fetches only its own windows.
   blocks_per_batch = rows.global_batch_size // rows.size
   dataset = dataset.batch(rows.size, drop_remainder=True)[rows.start // rows.size::blocks_per_batch]
-  return dataset.map(_split_inputs_targets)
+  # Windows become inputs/targets; sentence examples (lm.data.sentences) are dicts already.
+  return dataset.map(_split_inputs_targets) if windows else dataset
+
+
+Examples = Any  # Windows, or any random-access source of dicts of arrays (lm.data.sentences.Sentences)
 
 
 def train_dataset(
-    windows: Windows, *, seed: int, global_batch_size: int, rows: ProcessRows | None = None
+    windows: Examples, *, seed: int, global_batch_size: int, rows: ProcessRows | None = None
 ) -> grain.MapDataset:
   """Infinite map dataset: element `s` is this process's rows of global batch `s`.
 
-  Returns dicts of int32 arrays [rows.size, seq_len] ('inputs', 'targets').
+  Returns dicts of int32 arrays [rows.size, seq_len] ('inputs', 'targets';
+  sentence examples also 'mask' and 'index').
   """
   rows = _rows(rows, global_batch_size)
   dataset = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
-  return _local_batches(dataset, rows)
+  return _local_batches(dataset, rows, isinstance(windows, Windows))
 
 
 def eval_dataset(
-    windows: Windows, *, global_batch_size: int, num_batches: int | None = None,
+    windows: Examples, *, global_batch_size: int, num_batches: int | None = None,
     rows: ProcessRows | None = None,
 ) -> grain.MapDataset:
   """Finite map dataset over non-overlapping windows, in corpus order.
@@ -171,7 +176,7 @@ def eval_dataset(
   if num_batches is not None:
     num_global = min(num_global, num_batches)
   dataset = grain.MapDataset.source(windows)[:num_global * global_batch_size]
-  return _local_batches(dataset, rows)
+  return _local_batches(dataset, rows, isinstance(windows, Windows))
 
 
 class BatchIterator:
@@ -181,7 +186,7 @@ class BatchIterator:
   process's rows into global arrays sharded as `sharding`.
   """
 
-  def __init__(self, dataset: grain.MapDataset, sharding: jax.sharding.Sharding, *,
+  def __init__(self, dataset: grain.MapDataset, sharding: jax.sharding.Sharding | dict[str, jax.sharding.Sharding], *,
                global_batch_size: int, prefetch: int = 4, threads: int = 1):
     self._dataset = dataset
     self._sharding = sharding
@@ -194,13 +199,20 @@ class BatchIterator:
 
   def __next__(self) -> dict[str, jax.Array]:
     local = next(self._iterator)
-    return {key: to_global(value, self._sharding, self._global_batch_size) for key, value in local.items()}
+    return to_global_batch(local, self._sharding, self._global_batch_size)
 
   def get_state(self) -> dict[str, Any]:
     return self._iterator.get_state()
 
   def set_state(self, state: dict[str, Any]) -> None:
     self._iterator.set_state(state)
+
+
+def to_global_batch(local: dict[str, np.ndarray], sharding: jax.sharding.Sharding | dict[str, jax.sharding.Sharding],
+                    global_batch_size: int) -> dict[str, jax.Array]:
+  """This process's rows of every key -> global arrays; `sharding` is one for all keys or one per key."""
+  return {key: to_global(value, sharding[key] if isinstance(sharding, dict) else sharding, global_batch_size)
+          for key, value in local.items()}
 
 
 def to_global(local: np.ndarray, sharding: jax.sharding.Sharding, global_batch_size: int) -> jax.Array:

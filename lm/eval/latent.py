@@ -84,20 +84,27 @@ def standard_normal_log_density(z: jax.Array) -> jax.Array:
   return -0.5 * jnp.sum(LOG_2PI + jnp.square(z), axis=-1)
 
 
-def mutual_information_estimate(mu: jax.Array, logvar: jax.Array, z: jax.Array) -> jax.Array:
+def mutual_information_estimate(mu: jax.Array, logvar: jax.Array, z: jax.Array,
+                                valid: jax.Array | None = None) -> jax.Array:
   """The jit-friendly core of `mutual_information`: a float32 scalar, in nats.
 
   mu, logvar, z: [batch, latent], z[j] one sample of q(z | x_j).
   E_q(z|x) log q(z|x) = -H(q(z|x)) is exact for a Gaussian; log q(z_j) =
-  logsumexp_i log q(z_j | x_i) - log(batch).
+  logsumexp_i log q(z_j | x_i) - log(batch). valid: [batch] (1 for real
+  examples, 0 for padding rows, which then count neither as x nor as z);
+  None: all rows.
   """
   mu, logvar, z = _f32(mu), _f32(logvar), _f32(z)
   batch, latent = mu.shape
-  neg_entropy = jnp.mean(-0.5 * latent * LOG_2PI - 0.5 * jnp.sum(1.0 + logvar, axis=-1))
+  weights = jnp.ones((batch,), jnp.float32) if valid is None else _f32(valid)
+  count = jnp.maximum(jnp.sum(weights), 1.0)
+  neg_entropy_each = -0.5 * latent * LOG_2PI - 0.5 * jnp.sum(1.0 + logvar, axis=-1)
+  neg_entropy = jnp.sum(weights * neg_entropy_each) / count
   # [batch_z, batch_x]: log q(z_j | x_i).
   log_density = gaussian_log_density(z[:, None, :], mu[None, :, :], logvar[None, :, :])
-  log_qz = jax.scipy.special.logsumexp(log_density, axis=1) - math.log(batch)
-  return neg_entropy - jnp.mean(log_qz)
+  log_density = jnp.where(weights[None, :] > 0, log_density, -jnp.inf)
+  log_qz = jax.scipy.special.logsumexp(log_density, axis=1) - jnp.log(count)
+  return neg_entropy - jnp.sum(weights * jnp.where(weights > 0, log_qz, 0.0)) / count
 
 
 def mutual_information(mu: jax.Array,

@@ -127,7 +127,7 @@ class OnlineLoop:
   def _abstract_online_state(self) -> TrainState:
     """The online TrainState's shapes and shardings (its optimizer has no learning-rate schedule)."""
     experiment = self.experiment
-    boxed = state_lib.abstract_state(experiment.model, experiment.tx, experiment.example_tokens, self.config.seed)
+    boxed = state_lib.abstract_state(experiment.head.init_params, experiment.tx, self.config.seed)
     boxed_opt = jax.eval_shape(self.direction.init, boxed.params)
     opt_shardings = sharding_lib.logical_shardings(boxed_opt, experiment.mesh, experiment.rules)
     abstract_opt = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed_opt), opt_shardings)

@@ -76,12 +76,12 @@ def compile_memory(config: ml_collections.ConfigDict, workdir: str = "") -> dict
   small on simulated CPU devices) to compare sharding strategies.
   """
   experiment, _ = build_experiment(config, workdir or "/nonexistent-bench-workdir", "bench")
-  batch = jax.ShapeDtypeStruct((config.batch_size, config.seq_len), np.int32,
-                               sharding=experiment.steps.batch_sharding)
+  batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.seq_len)[:rank], np.int32,
+                                     sharding=experiment.steps.batch_shardings[key])
+           for key, rank in experiment.head.batch_ranks.items()}
   with experiment.steps.context():
     start = time.perf_counter()
-    compiled = experiment.steps.train_step.lower(experiment.abstract_state,
-                                                 {"inputs": batch, "targets": batch}).compile()
+    compiled = experiment.steps.train_step.lower(experiment.abstract_state, batch).compile()
     compile_time = time.perf_counter() - start
   memory = state_bytes_per_device(experiment.abstract_state)
   memory.update(memory_per_device(compiled))
@@ -105,12 +105,11 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
   if config.bench.compile_only:
     return compile_memory(config, workdir)
   experiment, _ = build_experiment(config, workdir or "/nonexistent-bench-workdir", "bench")
-  windows = token_windows(experiment, open_train_split(config), config.data.train_stride)
+  windows = token_windows(experiment, open_train_split(config), config.data.train_stride, train=True)
   dataset = pipeline.train_dataset(windows, seed=config.seed, global_batch_size=config.batch_size,
                                    rows=experiment.process_rows)
   total = config.bench.warmup_steps + config.bench.steps
-  sharding = experiment.steps.batch_sharding
-  batches = [{k: pipeline.to_global(v, sharding, config.batch_size) for k, v in dataset[i].items()}
+  batches = [pipeline.to_global_batch(dataset[i], experiment.steps.batch_shardings, config.batch_size)
              for i in range(total)]
   state = experiment.init_state()
   with experiment.steps.context():

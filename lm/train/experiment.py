@@ -27,11 +27,12 @@ from lm import __version__ as lm_version
 from lm import config as config_lib
 from lm import distributed
 from lm.data import clean as clean_lib
-from lm.data import pipeline, sources
+from lm.data import pipeline, sentences as sentences_lib, sources
 from lm.data import tokenizers as tokenizers_lib
-from lm.models import TransformerConfig, TransformerLM
+from lm.heads import Head, make_head
+from lm.models import TransformerConfig
 from lm.train import checkpoint as checkpoint_lib
-from lm.train import optim, sharding, step as step_lib
+from lm.train import sharding, step as step_lib
 from lm.train import state as state_lib
 
 TOKENIZER_DIR = "tokenizer"
@@ -49,14 +50,18 @@ class Experiment:
   workdir: str
   tokenizer: tokenizers_lib.Tokenizer
   model_config: TransformerConfig
-  model: TransformerLM
+  head: Head
   tx: optax.GradientTransformation
   schedule: optax.Schedule
   mesh: Mesh
   rules: sharding.Rules
   steps: step_lib.CompiledSteps
   abstract_state: Any  # ShapeDtypeStructs with target shardings
-  example_tokens: jax.Array
+
+  @property
+  def model(self) -> nn.Module:
+    """The head's Flax module (a TransformerLM for head="lm")."""
+    return self.head.model
 
   @property
   def checkpoint_dir(self) -> str:
@@ -73,6 +78,7 @@ class Experiment:
   def metadata(self) -> dict[str, Any]:
     return {
         "config": config_lib.to_json_dict(self.config),
+        "head": self.head.name,
         "model": dataclasses.asdict(self.model_config),
         "tokenizer": self.tokenizer.to_json(),
         "mesh": {"shape": dict(self.mesh.shape), "rules": [list(rule) for rule in self.rules],
@@ -86,13 +92,13 @@ class Experiment:
       return _jitted_apply(self.model, params, jnp.asarray(tokens, jnp.int32))
 
   def init_state(self) -> state_lib.TrainState:
-    state, _ = state_lib.create_state(self.model, self.tx, self.example_tokens, self.mesh, self.rules,
-                                      self.config.seed, self.steps.state_shardings)
+    state, _ = state_lib.create_state(self.head.init_params, self.tx, self.mesh, self.rules, self.config.seed,
+                                      self.steps.state_shardings)
     return state
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _jitted_apply(model: TransformerLM, params: Any, tokens: jax.Array) -> jax.Array:
+def _jitted_apply(model: nn.Module, params: Any, tokens: jax.Array) -> jax.Array:
   # The logical sharding constraints inside the model need a traced context:
   # under a mesh they are sharding annotations, which eager calls cannot take.
   return model.apply({"params": params}, tokens)
@@ -144,11 +150,14 @@ def open_eval_split(config: ml_collections.ConfigDict, split: str | None = None)
 def model_config_for(config: ml_collections.ConfigDict, tokenizer: tokenizers_lib.Tokenizer) -> TransformerConfig:
   model = config.model
   multiple = model.vocab_multiple
-  vocab_size = model.vocab_size or -(-tokenizer.vocab_size // multiple) * multiple
-  if vocab_size < tokenizer.vocab_size:
+  needed = tokenizer.vocab_size
+  if config.data.format == "sentences":
+    needed = sentences_lib.SentenceVocab.for_tokenizer(tokenizer).size  # + PAD, BOS, EOS, MASK
+  vocab_size = model.vocab_size or -(-needed // multiple) * multiple
+  if vocab_size < needed:
     raise config_lib.ConfigError(
-        f"config.model.vocab_size={vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size} ids; "
-        "leave it unset to use the tokenizer's size.")
+        f"config.model.vocab_size={vocab_size} is smaller than the {needed} ids the tokenizer (and sentence "
+        "specials) need; leave it unset to use the tokenizer's size.")
   try:
     return TransformerConfig.from_config(model.to_dict(), vocab_size=vocab_size,
                                          max_len=model.max_len or config.seq_len)
@@ -156,9 +165,28 @@ def model_config_for(config: ml_collections.ConfigDict, tokenizer: tokenizers_li
     raise config_lib.ConfigError(str(error)) from error
 
 
-def check_checkpoint_fits(directory: str, model_config: TransformerConfig) -> None:
-  """Raises CheckpointError if the checkpoint in `directory` has other parameter shapes."""
+def saved_head(metadata: dict[str, Any]) -> str:
+  """The head a checkpoint was written by (checkpoints from before heads existed are LMs)."""
+  return metadata.get("head") or metadata.get("config", {}).get("head") or "lm"
+
+
+def check_checkpoint_fits(directory: str, model_config: TransformerConfig, head: Head | None = None,
+                          how: str = "resume") -> None:
+  """Raises CheckpointError if the checkpoint in `directory` has other parameter shapes or another head.
+
+  how: "resume" / "warm_start" need the same head; "init_from" a head in `head.init_from_heads`.
+  """
   metadata = checkpoint_lib.read_metadata(directory)
+  if head is not None:
+    written_by = saved_head(metadata)
+    allowed = head.init_from_heads if how == "init_from" else (head.name,)
+    if written_by not in allowed:
+      fix = (f"set --config.head={written_by} to continue it, or use a new --workdir" if how == "resume" else
+             f"point config.{how} at a run of head {' or '.join(repr(h) for h in allowed)}")
+      raise checkpoint_lib.CheckpointError(
+          f"The checkpoint in {directory} was written by a head={written_by!r} run, but config.head="
+          f"{head.name!r}{' (and ' + head.name + ' can start only from ' + ', '.join(allowed) + ')' if how == 'init_from' else ''}"
+          f": its parameters do not fit. Fix: {fix}. Nothing was written.")
   saved = metadata.get("model", {})
   current = dataclasses.asdict(model_config)
   differences = [f"{key}: checkpoint {saved.get(key)!r}, config {current[key]!r}"
@@ -180,8 +208,11 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
   run_identity.pop("distributed")  # differs per process by design (process_id)
   distributed.check_same_on_all_processes({"config": run_identity, "tokenizer": tokenizer_identity(tokenizer)})
   model_config = model_config_for(config, tokenizer)
-  model = TransformerLM(model_config)
-  tx, schedule = optim.make_optimizer(config.optim, config.steps)
+  try:
+    head = make_head(config, model_config, tokenizer)
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from error
+  tx, schedule = head.make_optimizer()
   try:
     mesh_sizes, rules = sharding.mesh_settings(config.mesh)
   except ValueError as error:
@@ -193,31 +224,30 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
         f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
         f"{data_parallel} (mesh.data x mesh.fsdp) times grad_accum_steps={config.grad_accum_steps}; "
         "make batch_size a multiple of it.")
-  example_tokens = jnp.zeros((config.batch_size // config.grad_accum_steps, config.seq_len), jnp.int32)
-  boxed = state_lib.abstract_state(model, tx, example_tokens, config.seed)
+  boxed = state_lib.abstract_state(head.init_params, tx, config.seed)
   sharding.check_even(boxed.params, mesh, rules)
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
-  compiled = step_lib.compile_steps(model, tx, schedule, shardings, mesh, rules, config.grad_accum_steps,
-                                    step_lib.cpu_compiler_options(config.xla_cpu_options, mesh))
-  for directory in (workdir if checkpoint_lib.has_checkpoint(workdir) and config.resume else None,
-                    config.warm_start, config.init_from):
+  compiled = step_lib.jit_steps(head.make_train_step(tx, schedule), head.make_eval_step(), shardings, mesh, rules,
+                                head.batch_ranks, step_lib.cpu_compiler_options(config.xla_cpu_options, mesh))
+  for directory, how in ((workdir if checkpoint_lib.has_checkpoint(workdir) and config.resume else None, "resume"),
+                         (config.warm_start, "warm_start"), (config.init_from, "init_from")):
     if directory:
-      check_checkpoint_fits(directory, model_config)
-  experiment = Experiment(config, workdir, tokenizer, model_config, model, tx, schedule, mesh, rules, compiled,
-                          abstract, example_tokens)
+      check_checkpoint_fits(directory, model_config, head, how)
+  experiment = Experiment(config, workdir, tokenizer, model_config, head, tx, schedule, mesh, rules, compiled,
+                          abstract)
   logging.info("Model %s: %s parameters.", model_config.variant,
                f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}")
   return experiment, tokenizer_is_new
 
 
 def token_windows(experiment: Experiment, source: sources.TextSource, stride: int,
-                  clean: bool = False) -> pipeline.Windows:
-  """Windows over a split's tokens; with `clean`, its documents go through config.clean first."""
+                  clean: bool = False, train: bool = False) -> Any:
+  """A split's examples: windows over its tokens, or its sentences (data.format); with `clean`,
+  its documents go through config.clean first. Evaluation sentences are padded to whole batches."""
   if clean:
     source = cleaned_documents(experiment.config, source)
-  tokens = pipeline.tokenize_split(source, experiment.tokenizer)
-  return pipeline.Windows(tokens, experiment.config.seq_len, stride, name=source.name)
+  return experiment.head.examples(source, train=train, stride=stride)
 
 
 class _CleanedSplit(list):

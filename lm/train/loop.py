@@ -20,14 +20,18 @@ from typing import Any, Iterator
 
 import jax
 import ml_collections
+import numpy as np
 from absl import logging
 
+from lm import config as config_lib
 from lm.data import pipeline
 from lm.data.sources import DataError
+from lm.heads import ROWS
 from lm.online.store import is_online_checkpoint
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import perf
-from lm.train.experiment import TOKENIZER_DIR, Experiment, build_experiment, open_eval_split, open_train_split, token_windows
+from lm.train.experiment import (TOKENIZER_DIR, Experiment, build_experiment, open_eval_split, open_train_split, saved_head,
+                                 token_windows)
 from lm.train.metrics import MetricWriter
 from lm.train.state import TrainState
 
@@ -70,31 +74,27 @@ class StopSignal:
         signal.signal(sig, old)
 
 
-def evaluate_params(experiment: Experiment, params: Any, windows: pipeline.Windows,
+def evaluate_params(experiment: Experiment, params: Any, windows: Any,
                     num_batches: int | None = None) -> dict[str, float]:
-  """Mean token loss over eval windows, with perplexity and bits per token/character."""
+  """The head's eval metrics over eval examples (for the LM: mean token loss, perplexity, bits per token/char)."""
   dataset = pipeline.eval_dataset(windows, global_batch_size=experiment.config.batch_size,
                                   num_batches=num_batches or None, rows=experiment.process_rows)
   if len(dataset) == 0:
-    raise DataError(f"The eval split has {len(windows)} windows, fewer than one batch of "
+    raise DataError(f"The eval split has {len(windows)} examples, fewer than one batch of "
                     f"{experiment.config.batch_size}; lower batch_size or use a larger eval split.")
-  loss_sum, tokens = 0.0, 0.0
+  sums: dict[str, float] = {}
+  rows: dict[str, list[np.ndarray]] = {}
   with experiment.steps.context():
     for local in dataset:
-      batch = {k: pipeline.to_global(v, experiment.steps.batch_sharding, experiment.config.batch_size)
-               for k, v in local.items()}
+      batch = pipeline.to_global_batch(local, experiment.steps.batch_shardings, experiment.config.batch_size)
       out = experiment.steps.eval_step(params, batch)
-      loss_sum += float(out["loss_sum"])
-      tokens += float(out["tokens"])
-  loss = loss_sum / tokens
-  chars_per_token = windows.chars_per_token(experiment.tokenizer)
-  return {
-      "eval/loss": loss,
-      "eval/perplexity": math.exp(min(loss, 50.0)),
-      "eval/bits_per_token": loss / math.log(2),
-      "eval/bits_per_char": loss / math.log(2) / chars_per_token,
-      "eval/tokens": tokens,
-  }
+      for key, value in out.items():
+        if key.startswith(ROWS):
+          rows.setdefault(key, []).append(np.asarray(value))
+        else:
+          sums[key] = sums.get(key, 0.0) + float(value)
+  gathered = {key: np.concatenate(values) for key, values in rows.items()}
+  return experiment.head.summarize(sums, gathered, windows.chars_per_token(experiment.tokenizer))
 
 
 def _check_finite(step: int, metrics: dict[str, Any]) -> None:
@@ -130,11 +130,16 @@ def initial_state(experiment: Experiment) -> tuple[TrainState, dict[str, Any] | 
   if config.warm_start:
     state, _, _, step = checkpoint_lib.restore(config.warm_start, experiment.abstract_state, with_data=False)
     return state, None, f"warm-started from {config.warm_start} step {step}"
+  head = experiment.head
+  if head.requires_init_from and not config.init_from:
+    raise config_lib.ConfigError(head.requires_init_from)
   state = experiment.init_state()
   if config.init_from:
-    params, step = checkpoint_lib.restore_params(config.init_from, experiment.abstract_state.params)
-    state = state.replace(params=params)
-    return state, None, f"initialized weights from {config.init_from} step {step}"
+    source_head = saved_head(checkpoint_lib.read_metadata(config.init_from))
+    target, merge = head.init_from_target(experiment.abstract_state.params, source_head)
+    restored, step = checkpoint_lib.restore_params(config.init_from, target)
+    state = state.replace(params=merge(state.params, restored))
+    return state, None, f"initialized weights from {config.init_from} step {step} (a head={source_head!r} run)"
   return state, None, "initialized from scratch"
 
 
@@ -142,7 +147,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   """Trains `config` in `workdir` (resuming if it holds checkpoints)."""
   experiment, tokenizer_is_new = build_experiment(config, workdir, "train")
   train_windows = token_windows(experiment, open_train_split(config), config.data.train_stride,
-                                clean=config.data.clean_train)
+                                clean=config.data.clean_train, train=True)
   eval_windows = token_windows(experiment, open_eval_split(config), config.seq_len)
   state, data_state, how = initial_state(experiment)
   _write_run_files(experiment, tokenizer_is_new)
@@ -150,7 +155,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
 
   dataset = pipeline.train_dataset(train_windows, seed=config.seed, global_batch_size=config.batch_size,
                                    rows=experiment.process_rows)
-  batches = pipeline.BatchIterator(dataset, experiment.steps.batch_sharding, global_batch_size=config.batch_size,
+  batches = pipeline.BatchIterator(dataset, experiment.steps.batch_shardings, global_batch_size=config.batch_size,
                                    prefetch=config.data.prefetch, threads=config.data.threads)
   if data_state:
     batches.set_state(data_state["iterator"])

@@ -129,9 +129,10 @@ def logical_shardings(abstract_boxed: Any, mesh: Mesh, rules: Rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
-  """Sharding of a [batch, length] input batch."""
-  spec = nn.logical_to_mesh_axes(("batch", "length"), rules)
+def batch_sharding(mesh: Mesh, rules: Rules, rank: int = 2) -> NamedSharding:
+  """Sharding of a [batch, length] input batch (rank 1: [batch]; more: [batch, length, ...] replicated beyond)."""
+  names = ("batch", "length")[:rank] + (None,) * max(rank - 2, 0)
+  spec = nn.logical_to_mesh_axes(names, rules)
   return NamedSharding(mesh, spec)
 
 

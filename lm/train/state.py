@@ -33,12 +33,22 @@ class TrainState:
     return jax.random.wrap_key_data(self.rng)
 
 
-def boxed_state(model: nn.Module, tx: optax.GradientTransformation, example_tokens: jax.Array,
-                 seed: int) -> TrainState:
-  """State whose params/opt_state leaves still carry their logical axis names."""
+InitParams = Callable[[jax.Array], Any]  # rng key -> params (boxed with logical axis names)
+
+
+def lm_init_params(model: nn.Module, example_tokens: jax.Array) -> InitParams:
+  """The plain LM's initializer: `model.init(key, example_tokens)["params"]`."""
+  return lambda key: model.init(key, example_tokens)["params"]
+
+
+def boxed_state(init_params: InitParams, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """State whose params/opt_state leaves still carry their logical axis names.
+
+  `init_params(key)` builds the parameters (a head's: `lm.heads.Head.init_params`).
+  """
   root = jax.random.key(seed)
   params_key, train_key = jax.random.split(root)
-  params = model.init(params_key, example_tokens)["params"]
+  params = init_params(params_key)
   return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -47,21 +57,20 @@ def boxed_state(model: nn.Module, tx: optax.GradientTransformation, example_toke
   )
 
 
-def abstract_state(model: nn.Module, tx: optax.GradientTransformation, example_tokens: jax.Array,
-                   seed: int) -> Any:
+def abstract_state(init_params: InitParams, tx: optax.GradientTransformation, seed: int) -> Any:
   """Shapes/dtypes of the boxed state, without allocating anything."""
-  return jax.eval_shape(lambda: boxed_state(model, tx, example_tokens, seed))
+  return jax.eval_shape(lambda: boxed_state(init_params, tx, seed))
 
 
-def state_shardings(model: nn.Module, tx: optax.GradientTransformation, example_tokens: jax.Array,
-                    mesh: Mesh, rules: sharding_lib.Rules, seed: int = 0) -> TrainState:
+def state_shardings(init_params: InitParams, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: sharding_lib.Rules, seed: int = 0) -> TrainState:
   """NamedSharding for every leaf of the (unboxed) train state."""
-  boxed = abstract_state(model, tx, example_tokens, seed)
+  boxed = abstract_state(init_params, tx, seed)
   return sharding_lib.logical_shardings(boxed, mesh, rules)
 
 
-def create_state(model: nn.Module, tx: optax.GradientTransformation, example_tokens: jax.Array,
-                 mesh: Mesh, rules: sharding_lib.Rules, seed: int,
+def create_state(init_params: InitParams, tx: optax.GradientTransformation, mesh: Mesh,
+                 rules: sharding_lib.Rules, seed: int,
                  shardings: TrainState | None = None) -> tuple[TrainState, TrainState]:
   """Initializes the state directly in its sharded layout.
 
@@ -70,8 +79,8 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, example_tok
   shardings, so no device ever holds an unsharded copy of the parameters.
   """
   if shardings is None:
-    shardings = state_shardings(model, tx, example_tokens, mesh, rules, seed)
-  init: Callable[[], TrainState] = lambda: nn.meta.unbox(boxed_state(model, tx, example_tokens, seed))
+    shardings = state_shardings(init_params, tx, mesh, rules, seed)
+  init: Callable[[], TrainState] = lambda: nn.meta.unbox(boxed_state(init_params, tx, seed))
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     state = jax.jit(init, out_shardings=shardings)()
   return state, shardings

@@ -25,13 +25,17 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
-def cross_entropy(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Summed token cross-entropy and token count.
 
-  logits: [batch, length, vocab] float32; targets: [batch, length] int32.
+  logits: [batch, length, vocab] float32; targets: [batch, length] int32;
+  mask: [batch, length] (1 where a target counts: sentence examples), None for all.
   """
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+  if mask is None:
+    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(losses * mask), jnp.sum(mask)
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
@@ -47,8 +51,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   def loss_fn(params: Any, micro: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits = model.apply({"params": params}, micro["inputs"], deterministic=deterministic,
                          rngs={"dropout": rng})
-    loss_sum, count = cross_entropy(logits, micro["targets"])
-    return loss_sum / count, loss_sum
+    loss_sum, count = cross_entropy(logits, micro["targets"], micro.get("mask"))
+    return loss_sum / jnp.maximum(count, 1.0), loss_sum
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -79,19 +83,30 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
-  """Builds `eval_step(params, batch) -> {'loss_sum', 'tokens'}` (summed, so batches add up)."""
+  """Builds `eval_step(params, batch) -> {'loss_sum', 'tokens'}` (summed, so batches add up).
+
+  Sentence batches (with a 'mask') also count 'sentences', the rows with a target.
+  """
 
   def eval_step(params: Any, batch: Batch) -> Metrics:
     logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
-    loss_sum, count = cross_entropy(logits, batch["targets"])
-    return {"loss_sum": loss_sum, "tokens": count}
+    mask = batch.get("mask")
+    loss_sum, count = cross_entropy(logits, batch["targets"], mask)
+    out = {"loss_sum": loss_sum, "tokens": count}
+    if mask is not None:
+      out["sentences"] = jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))
+    return out
 
   return eval_step
 
 
 @dataclasses.dataclass
 class CompiledSteps:
-  """The jitted steps and the shardings they were compiled for."""
+  """The jitted steps and the shardings they were compiled for.
+
+  batch_sharding: of a [batch, length] array (what `ProcessRows` is computed
+  from); batch_shardings: one per batch key (1-D keys such as 'index' too).
+  """
 
   train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
   eval_step: Callable[[Any, Batch], Metrics]
@@ -99,6 +114,7 @@ class CompiledSteps:
   batch_sharding: NamedSharding
   mesh: Mesh
   rules: sharding_lib.Rules
+  batch_shardings: dict[str, NamedSharding] = dataclasses.field(default_factory=dict)
 
   def context(self) -> contextlib.AbstractContextManager:
     """Mesh + logical-rule context every call of the steps (and tracing) runs under."""
@@ -125,29 +141,43 @@ def cpu_compiler_options(options: Mapping[str, Any], mesh: Mesh) -> dict[str, An
   return chosen or None
 
 
+LM_BATCH_RANKS = {"inputs": 2, "targets": 2}
+
+
 def compile_steps(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                   state_shardings: TrainState, mesh: Mesh, rules: sharding_lib.Rules,
-                  grad_accum_steps: int = 1, compiler_options: Mapping[str, Any] | None = None) -> CompiledSteps:
-  """Jits the steps with explicit shardings; the train state is donated.
+                  grad_accum_steps: int = 1, compiler_options: Mapping[str, Any] | None = None,
+                  batch_ranks: Mapping[str, int] | None = None) -> CompiledSteps:
+  """Jits the LM's steps with explicit shardings; the train state is donated.
 
   `compiler_options` are XLA debug options for both steps (e.g. from
-  `cpu_compiler_options`).
+  `cpu_compiler_options`); `batch_ranks` the batch's keys and their ranks
+  (default: inputs and targets, [batch, length]).
   """
+  return jit_steps(make_train_step(model, tx, schedule, grad_accum_steps), make_eval_step(model), state_shardings,
+                   mesh, rules, batch_ranks or LM_BATCH_RANKS, compiler_options)
+
+
+def jit_steps(train_step: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+              eval_step: Callable[[Any, Batch], Metrics], state_shardings: TrainState, mesh: Mesh,
+              rules: sharding_lib.Rules, batch_ranks: Mapping[str, int],
+              compiler_options: Mapping[str, Any] | None = None) -> CompiledSteps:
+  """Jits any head's pure steps over the mesh: state donated, batch split over its rows, metrics replicated."""
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
-  batch_shardings = {"inputs": batch_sharding, "targets": batch_sharding}
+  batch_shardings = {key: sharding_lib.batch_sharding(mesh, rules, rank) for key, rank in batch_ranks.items()}
   replicated = sharding_lib.replicated(mesh)
   options = dict(compiler_options) if compiler_options else None
   train_step = jax.jit(
-      make_train_step(model, tx, schedule, grad_accum_steps),
+      train_step,
       in_shardings=(state_shardings, batch_shardings),
       out_shardings=(state_shardings, replicated),
       donate_argnums=0,
       compiler_options=options,
   )
   eval_step = jax.jit(
-      make_eval_step(model),
+      eval_step,
       in_shardings=(state_shardings.params, batch_shardings),
       out_shardings=replicated,
       compiler_options=options,
   )
-  return CompiledSteps(train_step, eval_step, state_shardings, batch_sharding, mesh, rules)
+  return CompiledSteps(train_step, eval_step, state_shardings, batch_sharding, mesh, rules, batch_shardings)

@@ -1,0 +1,206 @@
+"""`config.head = "vae"`: train and evaluate a sentence VAE (`lm.models.vae`) in the shared loop.
+
+Train step (one jitted, sharded function, like the LM's):
+  beta  = kl_weight(step)            KL annealing: constant | linear | cyclical, after `vae.ae_steps` of beta = 0
+  x_in  = word_dropout(BOS + x)      `vae.word_dropout` of the decoder's inputs become MASK (Bowman et al. 2016)
+  z     ~ q(z | x)                   the "latent" rng stream, from the state's key and step (resumes exactly)
+  loss  = recon(x | z) + beta * sum_d max(KL_d, free_bits)   per sentence (`vae_loss`)
+
+Eval step, per batch (each sentence's posterior samples come from its index
+in the split, so the figures do not depend on batching or the mesh):
+  k = `vae.iw_samples` samples z_i ~ q(z|x), decoded `vae.iw_chunk` at a time:
+  recon (one sample), KL (closed form), ELBO, the importance-weighted NLL
+  bound (Burda et al. 2016) and its perplexity, the mutual information
+  I(x; z) (He et al. 2019, per batch then averaged) and, over the split,
+  the active units (Cov_x E[z|x] > 0.01).
+`eval/loss` is the IW bound per target token: comparable with a plain LM's
+eval/loss on the same sentences (`head="lm"`, `data.format="sentences"`),
+as `eval/nll_per_sentence` is with its per-sentence NLL.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lm.eval import latent as latent_lib
+from lm.heads import ROWS, Head
+from lm.config import ConfigError
+from lm.data import sentences as sentences_lib
+from lm.models.vae import SentenceVAE, VAEConfig, generate_from_latent, vae_loss
+from lm.models.vae_objectives import gaussian_kl, kl_weight, word_dropout
+
+EVAL_SEED = 0  # eval randomness is fixed: a checkpoint's figures are reproducible
+
+
+def _largest_divisor_at_most(n: int, limit: int) -> int:
+  return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+class VAEHead(Head):
+  """A sentence VAE on the backbone (module doc)."""
+
+  name = "vae"
+  init_from_heads = ("vae",)
+
+  def build_model(self) -> nn.Module:
+    vae = self.config.vae
+    return SentenceVAE(self.model_config, VAEConfig(latent_size=vae.latent_size, injection=vae.injection,
+                                                    pooling=vae.pooling, encoder_layers=vae.encoder_layers))
+
+  def init_params(self, key: jax.Array) -> Any:
+    batch = self.example_batch(self.config.batch_size)
+    return self.model.init(key, batch["inputs"], batch["targets"], batch["mask"] > 0)["params"]
+
+  def beta(self, step: jax.Array | int) -> jax.Array | float:
+    """The KL weight at `step` (0-based)."""
+    vae = self.config.vae
+    return kl_weight(step, schedule=vae.kl_schedule, total_steps=int(self.config.steps),
+                     warmup_steps=int(vae.kl_warmup_steps), cycles=int(vae.kl_cycles), ratio=float(vae.kl_ratio),
+                     ae_steps=int(vae.ae_steps))
+
+  def make_train_step(self, tx: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
+    model, vae, vocab = self.model, self.config.vae, self.vocab
+    deterministic = self.model_config.dropout == 0.0
+    rate, free_bits = float(vae.word_dropout), float(vae.free_bits)
+
+    def train_step(state, batch):
+      rng = jax.random.fold_in(state.key, state.step)
+      latent_rng, dropout_rng, word_rng = jax.random.split(rng, 3)
+      beta = self.beta(state.step)
+      inputs = word_dropout(word_rng, batch["inputs"], rate, unk_id=vocab.mask) if rate else batch["inputs"]
+
+      def loss_fn(params):
+        outputs = model.apply({"params": params}, inputs, batch["targets"], batch["mask"] > 0,
+                              deterministic=deterministic, sample=True,
+                              rngs={"latent": latent_rng, "dropout": dropout_rng})
+        return vae_loss(outputs, batch["targets"], batch["mask"], beta=beta, free_bits=free_bits)
+
+      (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+      updates, opt_state = tx.update(grads, state.opt_state, state.params)
+      params = optax.apply_updates(state.params, updates)
+      metrics = {"train/loss": loss, "train/recon": parts["recon"], "train/kl": parts["kl"],
+                 "train/elbo_per_token": parts["elbo_per_token"], "train/beta": jnp.asarray(beta, jnp.float32),
+                 "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
+      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
+
+  def make_eval_step(self) -> Callable:
+    model, vae = self.model, self.config.vae
+    k = int(vae.iw_samples)
+    chunk = _largest_divisor_at_most(k, int(vae.iw_chunk))
+    latent = int(vae.latent_size)
+
+    def eval_step(params, batch):
+      mask = batch["mask"]
+      weights = mask.astype(jnp.float32)
+      valid = jnp.any(mask > 0, axis=-1).astype(jnp.float32)
+      variables = {"params": params}
+      mu, logvar = model.apply(variables, batch["targets"], mask > 0, method=SentenceVAE.encode)
+      row_keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(EVAL_SEED), i))(batch["index"])
+
+      def log_px_given_z(z):  # [batch, latent] -> [batch]: log p(x | z) summed over the sentence
+        logits = model.apply(variables, batch["inputs"], z, method=SentenceVAE.decode)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return -jnp.sum(nll * weights, axis=-1)
+
+      def samples(_, js):  # js [chunk]: sample numbers -> log densities [chunk, batch]
+        eps = jax.vmap(lambda j: jax.vmap(lambda key: jax.random.normal(jax.random.fold_in(key, j), (latent,)))(
+            row_keys))(js)
+        z = mu[None] + jnp.exp(0.5 * logvar)[None] * eps
+        return None, (jax.vmap(log_px_given_z)(z), latent_lib.gaussian_log_density(z, mu, logvar),
+                      latent_lib.standard_normal_log_density(z), z[0])
+
+      _, (log_px, log_qz, log_pz, first_z) = jax.lax.scan(samples, None, jnp.arange(k).reshape(k // chunk, chunk))
+      log_px, log_qz, log_pz = (x.reshape(k, -1) for x in (log_px, log_qz, log_pz))
+      iw_nll = latent_lib.importance_weighted_nll(log_px, log_qz, log_pz)
+      kl = jnp.sum(gaussian_kl(mu, logvar), axis=-1)
+      informative = (jnp.sum(valid) > 1).astype(jnp.float32)
+      mi = latent_lib.mutual_information_estimate(mu, logvar, first_z[0], valid)
+      return {"recon_sum": jnp.sum(-log_px[0] * valid), "kl_sum": jnp.sum(kl * valid),
+              "iw_nll_sum": jnp.sum(iw_nll * valid), "tokens": jnp.sum(weights), "sentences": jnp.sum(valid),
+              "mi_sum": mi * informative, "mi_batches": informative,
+              ROWS + "mu": mu, ROWS + "valid": valid}
+
+    return eval_step
+
+  def summarize(self, sums: Mapping[str, float], rows: Mapping[str, np.ndarray], chars_per_token: float
+                ) -> dict[str, float]:
+    sentences, tokens = max(sums["sentences"], 1.0), max(sums["tokens"], 1.0)
+    recon, kl, iw = sums["recon_sum"] / sentences, sums["kl_sum"] / sentences, sums["iw_nll_sum"] / sentences
+    loss = sums["iw_nll_sum"] / tokens
+    mu = rows[ROWS + "mu"][rows[ROWS + "valid"] > 0]
+    return {
+        "eval/loss": loss,  # the IW bound per token
+        "eval/perplexity": math.exp(min(loss, 50.0)),
+        "eval/bits_per_char": loss / math.log(2) / chars_per_token,
+        "eval/nll_per_sentence": iw,
+        "eval/iw_nll": iw,
+        "eval/recon": recon,
+        "eval/kl": kl,
+        "eval/elbo": recon + kl,  # the negative ELBO per sentence (>= the IW bound, in expectation)
+        "eval/elbo_perplexity": math.exp(min((recon + kl) * sentences / tokens, 50.0)),
+        "eval/mutual_info": sums["mi_sum"] / max(sums["mi_batches"], 1.0),
+        "eval/active_units": float(latent_lib.active_units(mu)) if len(mu) >= 2 else 0.0,
+        "eval/iw_samples": float(self.config.vae.iw_samples),
+        "eval/tokens": sums["tokens"],
+        "eval/sentences": sums["sentences"],
+    }
+
+  # -- generation ----------------------------------------------------------
+  def encode_texts(self, params: Any, texts: list[str]) -> tuple[jax.Array, jax.Array]:
+    """Posterior (mu, logvar) [len(texts), latent] of sentences; call under the mesh context."""
+    examples = sentences_lib.examples_for_texts(self.tokenizer, self.config.seq_len, texts)
+    return _encode(self.model, params, jnp.asarray(examples["targets"]), jnp.asarray(examples["mask"] > 0))
+
+  def decode_latents(self, params: Any, z: jax.Array, *, temperature: float, seed: int = 0,
+                     max_tokens: int | None = None) -> list[str]:
+    """Sentences decoded from latents z [n, latent] (temperature 0: greedy), up to EOS."""
+    z = jnp.asarray(z, jnp.float32)
+    prompt = jnp.full((z.shape[0], 1), self.vocab.bos, jnp.int32)
+    length = min(max_tokens or self.config.seq_len, self.config.seq_len)
+    ids = generate_from_latent(self.model, params, z, prompt, jax.random.key(seed), max_new_tokens=length,
+                               temperature=float(temperature))
+    return [self.decode_text(row) for row in np.asarray(ids)]
+
+  def interpolate(self, params: Any, first: str, second: str, steps: int, *, temperature: float = 0.0,
+                  seed: int = 0) -> list[str]:
+    """Sentences decoded along the line between two sentences' posterior means (both ends included)."""
+    mu, _ = self.encode_texts(params, [first, second])
+    weights = jnp.linspace(0.0, 1.0, steps)[:, None]
+    return self.decode_latents(params, (1.0 - weights) * mu[0] + weights * mu[1], temperature=temperature,
+                               seed=seed)
+
+  def sample(self, params: Any, options: ml_collections.ConfigDict, prompt: str | None = None) -> list[str]:
+    """sample.kind: prior | reconstruct | interpolate (module doc of lm.run_modes); continue is refused."""
+    kind, prompt = options.kind, options.prompt if prompt is None else prompt
+    temperature, count = float(options.temperature), int(options.num_samples)
+    max_tokens = int(options.max_tokens)
+    if kind == "prior":
+      z = jax.random.normal(jax.random.key(options.seed), (count, self.config.vae.latent_size), jnp.float32)
+      return self.decode_latents(params, z, temperature=temperature, seed=options.seed + 1, max_tokens=max_tokens)
+    if kind == "reconstruct":
+      if not prompt.strip():
+        raise ConfigError("config.sample.kind='reconstruct' encodes config.sample.prompt: set it to a sentence.")
+      mu, logvar = self.encode_texts(params, [prompt.strip()])
+      # The first reconstruction decodes the posterior mean; any others, samples of q(z|x).
+      noise = jax.random.normal(jax.random.key(options.seed), (count, mu.shape[-1]), jnp.float32)
+      z = mu + jnp.exp(0.5 * logvar) * noise * (jnp.arange(count) > 0)[:, None]
+      return self.decode_latents(params, z, temperature=temperature, seed=options.seed + 1, max_tokens=max_tokens)
+    if kind == "interpolate":
+      return self.interpolate(params, prompt.strip(), options.prompt_b.strip(), int(options.interpolation_steps),
+                              temperature=temperature, seed=options.seed)
+    raise ConfigError(f"config.sample.kind={kind!r}: a VAE generates with kind prior, reconstruct or interpolate.")
+
+
+def _encode(model: SentenceVAE, params: Any, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  # Jitted so the logical sharding constraints inside the encoder trace under the mesh.
+  return jax.jit(lambda p, t, m: model.apply({"params": p}, t, m, method=SentenceVAE.encode))(params, targets, mask)
