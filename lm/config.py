@@ -214,6 +214,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.gan.mle_weight = 0.0  # relgan: weight of the MLE loss kept beside the adversarial one
   config.gan.eval_samples = 500  # sentences generated per point of the quality-diversity report
   config.gan.temperatures = (0.5, 0.7, 0.85, 1.0, 1.2)  # the MLE model's sweep in that report
+  config.gan.baseline = ""  # head="lm" workdir whose temperature sweep is the MLE curve; empty: relgan's init_from
   config.gan.judge = ""  # workdir of a separately trained head="lm" model: NLL of the samples under it
 
   # Multi-process runs (lm.distributed): explicit settings, or JAX_COORDINATOR_ADDRESS,

@@ -41,6 +41,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   windows = token_windows(experiment, open_eval_split(config, split), config.seq_len)
   metrics = evaluate_params(experiment, params, windows, config.eval_batches)
   metrics = {key.replace("eval/", f"eval_{_split_key(split)}/"): value for key, value in metrics.items()}
+  metrics.update(experiment.head.final_report(experiment, params))
   MetricWriter(workdir, tensorboard=False).write(step, metrics)
   return {"step": step, "split": split, **metrics}
 

@@ -125,6 +125,11 @@ class Head:
       metrics["eval/sentences"] = sums["sentences"]
     return metrics
 
+  def final_report(self, experiment: Any, params: Any) -> dict[str, Any]:
+    """Figures computed once after training and by --mode eval, beyond the eval metrics (files in the workdir)."""
+    del experiment, params
+    return {}
+
   # -- generation ----------------------------------------------------------
   def sample(self, params: Any, options: ml_collections.ConfigDict, prompt: str | None = None) -> list[str]:
     """`options.num_samples` continuations of the prompt (sample.kind="continue"); call under the mesh context.

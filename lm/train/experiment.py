@@ -41,6 +41,9 @@ TOKENIZER_DIR = "tokenizer"
 SHAPE_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "width", "mlp_dim", "max_len", "position",
                 "norm", "mlp", "use_bias", "tie_embeddings", "scan_layers", "param_dtype")
 
+# VAE fields that change parameter shapes (a head="vae" run, or the autoencoder of a latent GAN).
+VAE_SHAPE_FIELDS = ("latent_size", "injection", "pooling", "encoder_layers")
+
 
 @dataclasses.dataclass
 class Experiment:
@@ -187,6 +190,14 @@ def check_checkpoint_fits(directory: str, model_config: TransformerConfig, head:
           f"The checkpoint in {directory} was written by a head={written_by!r} run, but config.head="
           f"{head.name!r}{' (and ' + head.name + ' can start only from ' + ', '.join(allowed) + ')' if how == 'init_from' else ''}"
           f": its parameters do not fit. Fix: {fix}. Nothing was written.")
+  if head is not None and saved_head(metadata) in ("vae", "gan") and head.name in ("vae", "gan"):
+    saved_vae, current_vae = metadata.get("config", {}).get("vae", {}), head.config.vae
+    differences = [f"vae.{key}: checkpoint {saved_vae.get(key)!r}, config {current_vae[key]!r}"
+                   for key in VAE_SHAPE_FIELDS if key in saved_vae and saved_vae.get(key) != current_vae[key]]
+    if differences:
+      raise checkpoint_lib.CheckpointError(
+          f"The checkpoint in {directory} was written for another VAE ({'; '.join(differences)}). Set those "
+          "config.vae fields to the checkpoint's values, or use a new --workdir. Nothing was written.")
   saved = metadata.get("model", {})
   current = dataclasses.asdict(model_config)
   differences = [f"{key}: checkpoint {saved.get(key)!r}, config {current[key]!r}"

@@ -206,7 +206,8 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
           row.update({k: float(v) for k, v in metrics.items()})
           row["perf/step_time_ms"] = 1e3 * step_time
           row["perf/tokens_per_sec"] = config.batch_size * config.seq_len / step_time
-          row["perf/mfu"] = flops_per_step / step_time / peak
+          if experiment.head.name == "lm":  # the FLOP count is the LM's (lm.train.perf)
+            row["perf/mfu"] = flops_per_step / step_time / peak
           last_train = row["train/loss"]
           progress.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{row['perf/tokens_per_sec']:,.0f}")
           window_start, window_steps = time.perf_counter(), 0
@@ -226,6 +227,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
           if step % config.checkpoint_every and step != config.steps:
             save(step)
           break
+    if step >= config.steps and start_step < config.steps and not stop.received:
+      report = experiment.head.final_report(experiment, state.params)
+      if report:
+        writer.write(step, report)
+        logging.info("Final report: %s", report)
   finally:
     progress.close()
     checkpointer.wait()
