@@ -21,7 +21,10 @@ Both metrics are computed with sacrebleu (Post 2018, "A Call for Clarity in
 Reporting BLEU Scores") so that tokenization is fixed and reproducible: the
 "13a" tokenizer, case-sensitive, BLEU-n = brevity penalty x geometric mean of
 the clipped n-gram precisions of orders 1..n (uniform weights), with no
-smoothing (an order without any match gives 0, not a smoothing constant).
+smoothing (an order without any match gives 0, not a smoothing constant) and
+no "effective order" (samples too short to hold any n-gram of order n score
+BLEU-n = 0, rather than dropping that order: one-word samples, a collapsed
+GAN's, must not score the unigram precision as their BLEU-4).
 As in Caccia et al. / Texygen, the whole held-out set is the reference set of
 every sample (a sample n-gram is clipped at its largest count in any single
 reference, and the brevity penalty uses the closest reference length).
@@ -136,7 +139,7 @@ class _Statistics:
     result = {}
     for n in range(MIN_ORDER, max_order + 1):
       score = BLEU.compute_bleu(list(self.correct[:n]), list(self.total[:n]), self.sys_len, self.ref_len,
-                                smooth_method=SMOOTH_METHOD, effective_order=True, max_ngram_order=n)
+                                smooth_method=SMOOTH_METHOD, effective_order=False, max_ngram_order=n)
       result[n] = float(score.score) / SACREBLEU_SCALE
     return result
 
@@ -149,7 +152,7 @@ def bleu(samples: Sequence[str], references: Sequence[str], *,
          max_order: int = DEFAULT_MAX_ORDER) -> dict[int, float]:
   """Corpus BLEU-n of the samples, each scored against ALL references.
 
-  Equals `sacrebleu.metrics.BLEU(max_ngram_order=n, effective_order=True,
+  Equals `sacrebleu.metrics.BLEU(max_ngram_order=n, effective_order=False,
   smooth_method="none").corpus_score(samples, [[r] * len(samples) for r in references])`
   divided by 100, without building that N x R reference list.
 

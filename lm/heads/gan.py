@@ -30,19 +30,22 @@ Fréchet distance between Gaussians fitted to the generated codes and to the
 eval sentences' posterior means (lower: the generator covers the codes).
 After training (and with --mode eval), `quality_diversity_report` writes the
 quality-diversity comparison with the MLE model's temperature sweep
-(lm.eval.generation) into the workdir: generation.json and
-quality_diversity.png.
+(lm.eval.generation) into the workdir: generation.json,
+quality_diversity.png and samples.jsonl.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import os
 from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
@@ -350,16 +353,11 @@ def mean_sentence_nll(experiment: Any, params: Any, texts: list[str]) -> float:
 
 # -- the quality-diversity report ------------------------------------------
 QD_PLOT = "quality_diversity.png"
-GAN_SAMPLES = "gan_samples.txt"
+SAMPLES = "samples.jsonl"  # {"label", "text"} per line: every sample scored in the report
 
 
 def load_run(workdir: str, like: Any) -> tuple[Any, Any]:
   """(experiment, params) of another run's latest checkpoint, on the mesh of the config `like`."""
-  import json  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
-
-  import ml_collections  # pylint: disable=g-import-not-at-top
-
   from lm import run_modes  # pylint: disable=g-import-not-at-top
   from lm.config import ConfigError  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
@@ -386,10 +384,8 @@ def quality_diversity_report(experiment: Any, params: Any) -> dict[str, Any]:
   split's sentences; diversity: self-BLEU-2..5 (lm.eval.generation, sacrebleu);
   with `gan.judge`, the samples' mean NLL per sentence under that separately
   trained LM. The MLE model is `gan.baseline`, else the relgan's init_from LM.
-  Writes generation.json, quality_diversity.png and gan_samples.txt (process 0).
+  Writes generation.json, quality_diversity.png and samples.jsonl (process 0).
   """
-  import os  # pylint: disable=g-import-not-at-top
-
   from lm.eval import generation  # pylint: disable=g-import-not-at-top
   from lm.train.experiment import open_eval_split  # pylint: disable=g-import-not-at-top
   config, head = experiment.config, experiment.head
@@ -405,7 +401,7 @@ def quality_diversity_report(experiment: Any, params: Any) -> dict[str, Any]:
       nll = mean_sentence_nll(judge[0], judge[1], texts)
     return None if math.isnan(nll) else nll
 
-  curve = []
+  curve, written = [], []
   if baseline_dir:
     baseline, baseline_params = load_run(baseline_dir, config)
     for index, temperature in enumerate(gan.temperatures):
@@ -414,10 +410,12 @@ def quality_diversity_report(experiment: Any, params: Any) -> dict[str, Any]:
                                  length=config.seq_len, seed=index + 1, temperature=float(temperature))
       curve.append(generation.evaluate_samples(f"MLE T={temperature:g}", texts, references,
                                                temperature=float(temperature), nll=judged(texts)))
+      written.extend((curve[-1].label, text) for text in texts)
   with experiment.steps.context():
     texts = head.generate(params, count, seed=0)
   label = "ARAE latent GAN" if head.kind == "latent" else "RelGAN fine-tuned LM"
   point = generation.evaluate_samples(label, texts, references, nll=judged(texts))
+  written.extend((label, text) for text in texts)
   summary = {f"gan/bleu{n}": point.bleu[n] for n in sorted(point.bleu)}
   summary.update({f"gan/self_bleu{n}": point.self_bleu[n] for n in sorted(point.self_bleu)})
   if point.nll is not None:
@@ -428,6 +426,6 @@ def quality_diversity_report(experiment: Any, params: Any) -> dict[str, Any]:
     workdir = experiment.workdir
     generation.write_report(curve, [point], workdir)
     generation.plot_quality_diversity(curve, [point], os.path.join(workdir, QD_PLOT))
-    with open(os.path.join(workdir, GAN_SAMPLES), "w") as f:
-      f.write("\n".join(texts) + "\n")
+    with open(os.path.join(workdir, SAMPLES), "w") as f:
+      f.writelines(json.dumps({"label": label, "text": text}) + "\n" for label, text in written)
   return summary

@@ -30,7 +30,7 @@ REFERENCES = [
 
 
 def sacrebleu_score(hypotheses: list[str], streams: list[list[str]], n: int) -> float:
-  metric = BLEU(max_ngram_order=n, effective_order=True, smooth_method="none", tokenize="13a")
+  metric = BLEU(max_ngram_order=n, effective_order=False, smooth_method="none", tokenize="13a")
   return metric.corpus_score(hypotheses, streams).score / 100.0
 
 
@@ -57,6 +57,13 @@ def test_bleu_matches_sacrebleu_with_every_reference_for_every_sample():
     expected = sacrebleu_score(SAMPLES, streams, n)
     assert 0.0 < expected < 1.0  # the example exercises partial matches at every order
     assert got[n] == pytest.approx(expected, abs=1e-9)
+
+
+def test_samples_without_n_grams_of_an_order_score_zero_there():
+  # One-word samples (a collapsed generator) hold no bigram: BLEU-2 is 0, not their unigram precision.
+  got = bleu(["the", "cat", "the"], REFERENCES, max_order=3)
+  assert got[2] == 0.0 and got[3] == 0.0
+  assert self_bleu(["the", "the", "the"], max_order=2)[2] == 0.0
 
 
 def test_bleu_by_hand():
