@@ -91,6 +91,9 @@ class Experiment:
 
   def logits(self, params: Any, tokens: Any) -> jax.Array:
     """Forward pass [batch, length] -> [batch, length, vocab] on the run's mesh (jitted, notebook helper)."""
+    if self.head.name != "lm":
+      raise ValueError(f"Experiment.logits is the language model's forward pass; this run's head is "
+                       f"{self.head.name!r}: call experiment.model.apply (or the head's methods) instead.")
     with self.steps.context():
       return _jitted_apply(self.model, params, jnp.asarray(tokens, jnp.int32))
 

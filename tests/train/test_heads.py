@@ -12,11 +12,11 @@ import shutil
 import numpy as np
 import pytest
 
-from lm.config import ConfigError, apply_overrides, base_config, validate
+from lm.config import ConfigError, load_config, validate
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import loop
 from lm.train.experiment import build_experiment
-from tests.helpers import SHARED, device_env, run_cli, snapshot, tiny_overrides
+from tests.helpers import ROOT, SHARED, device_env, run_cli, snapshot, tiny_overrides
 
 SENTENCES = {
     "data.source": str(SHARED / "data" / "sst2"), "data.text_field": "sentence", "data.format": "sentences",
@@ -113,7 +113,8 @@ def test_the_gans_write_the_quality_diversity_report(runs):
 
 
 def config_for(name: str, **extra):
-  return apply_overrides(base_config(), overrides(name, **extra))
+  """The config of the CLI runs above (on this process's one device)."""
+  return load_config(str(ROOT / "experiments" / "shakespeare_char.py"), overrides(name, **extra))
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -152,3 +153,28 @@ def test_a_gan_needs_its_mle_model(runs, tmp_path):
     build_experiment(config_for("latent", init_from=str(runs["vae"][0]), **{"vae.latent_size": 8}),
                      str(tmp_path / "gan"), "train")
   assert not (tmp_path / "gan").exists()
+
+
+@pytest.mark.parametrize("kind, count", [("prior", 3), ("reconstruct", 3), ("interpolate", 4)])
+def test_the_vae_samples_from_its_latent_space(runs, kind, count):
+  from lm import run_modes  # pylint: disable=g-import-not-at-top
+  config = config_for("vae", **{"sample.kind": kind, "sample.num_samples": 3, "sample.interpolation_steps": 4,
+                                "sample.temperature": 0.0, "sample.prompt": "a gorgeous movie .",
+                                "sample.prompt_b": "a dull mess ."})
+  texts = run_modes.sample_checkpoint(config, str(runs["vae"][0]))
+  assert len(texts) == count and all(isinstance(text, str) for text in texts)
+  if kind == "interpolate":  # greedy decoding of the same end points is deterministic
+    assert texts == run_modes.sample_checkpoint(config, str(runs["vae"][0]))
+
+
+def test_sample_kinds_need_a_vae_on_the_command_line(runs):
+  result = run_cli("--config", "experiments/sentence_vae.py:lm", "--workdir", str(runs["lm"][0]), "--mode", "sample",
+                   "--config.sample.kind=prior")
+  assert result.returncode == 2 and "needs config.head='vae'" in result.stderr
+
+
+def test_the_gans_write_from_noise(runs):
+  from lm import run_modes  # pylint: disable=g-import-not-at-top
+  for name in ("relgan", "latent"):
+    texts = run_modes.sample_checkpoint(config_for(name, **{"sample.num_samples": 2}), str(runs[name][0]))
+    assert len(texts) == 2 and all(isinstance(text, str) for text in texts)
