@@ -389,8 +389,9 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
            "(or empty to use mesh.data/fsdp/tensor/rules as set).")
   online = config.online
   if mode == "online":
-    _require(config.head == "lm", f"--mode online trains a language model; config.head={config.head!r} is not "
-             "supported there. Set --config.head=lm.")
+    _require(config.head == "lm" and config.data.format == "windows", "--mode online trains a language model on "
+             f"token windows; config.head={config.head!r}, data.format={config.data.format!r} are not supported "
+             "there. Set --config.head=lm --config.data.format=windows.")
     _require(bool(online.stream), "config.online.stream is empty: set it to dir:PATH (a watched folder), "
              "tfds:NAME[:SPLIT] or a path to a .txt/.jsonl/.tsv corpus.")
   _require(online.chunks >= 1 and online.max_chunks >= 0, "config.online.chunks must be >= 1, max_chunks >= 0.")
