@@ -15,7 +15,7 @@ After training, the run writes into its workdir (lm.heads.gan.quality_diversity_
                           500 samples of the GAN and of the MLE LM at temperatures 0.5 .. 1.2, and
                           their NLL under the judge LM (runs/sentence_judge, another seed)
   quality_diversity.png   the MLE curve and the GAN point (hollow when the curve dominates it)
-  gan_samples.jsonl       the GAN's samples
+  samples.jsonl           every scored sample with its label (the GAN's and each temperature's)
 Expected result (measured on one H100; BENCHMARKS.md "Text GANs vs the MLE temperature curve", with the
 figure and the analysis), BLEU-4 / self-BLEU-4 of 500 samples:
   MLE LM, T = 0.2 .. 1.2     best quality 0.217 / 0.313 at T = 0.5; 0.091 / 0.000 at T = 1.0

@@ -310,6 +310,17 @@ def _at(point: QualityDiversity, order: int) -> tuple[float, float]:
   return point.bleu[order], point.self_bleu[order]
 
 
+def tied_with(point: QualityDiversity, curve: Sequence[QualityDiversity], *,
+              order: int = DEFAULT_PLOT_ORDER) -> list[str]:
+  """Labels of the curve points with exactly the point's (BLEU, self-BLEU) at `order`.
+
+  A tie is not domination, but it is no win either: with few samples BLEU-4/5
+  and self-BLEU-4/5 are often exactly 0 for every point, where the test says nothing.
+  """
+  scores = _at(point, order)
+  return [other.label for other in curve if _at(other, order) == scores]
+
+
 def dominated(point: QualityDiversity, curve: Sequence[QualityDiversity], *,
               order: int = DEFAULT_PLOT_ORDER) -> bool:
   """Whether some curve point is at least as good on both axes and strictly better on one.
@@ -392,10 +403,11 @@ def plot_quality_diversity(curve: Sequence[QualityDiversity], points: Sequence[Q
   for k, point in enumerate(points):
     x, y = 1.0 - point.self_bleu[order], point.bleu[order]
     beaten = dominated(point, curve, order=order)
+    tie = "" if beaten or not tied_with(point, curve, order=order) else " (tied with the curve)"
     color = f"C{(k + 1) % 10}"
     axes.plot([x], [y], linestyle="none", marker=markers[k % len(markers)], markersize=8, color=color,
               markerfacecolor="none" if beaten else color,
-              label=f"{point.label}{' (dominated)' if beaten else ''}")
+              label=f"{point.label}{' (dominated)' if beaten else tie}")
     axes.annotate(point.label, (x, y), textcoords="offset points", xytext=(5, -10), fontsize="small",
                   color=color)
   axes.set_xlabel(f"diversity: 1 - self-BLEU-{order} (right = more diverse)")
@@ -417,10 +429,12 @@ def write_report(curve: Sequence[QualityDiversity], points: Sequence[QualityDive
 
   Keys: "order" (the n the domination test used), "metric" (how the scores were
   computed), "curve" (the MLE sweep, in temperature order), "points" (each with
-  "dominated": bool), and "dominated" (the labels of the dominated points).
+  "dominated": bool and "tied_with": the curve points with the same scores), and
+  "dominated" (the labels of the dominated points).
   """
   curve, points = _check_points(curve, points, order)
-  entries = [dict(point.to_json(), dominated=dominated(point, curve, order=order)) for point in points]
+  entries = [dict(point.to_json(), dominated=dominated(point, curve, order=order),
+                  tied_with=tied_with(point, curve, order=order)) for point in points]
   report = {
       "order": order,
       "metric": {"tokenize": TOKENIZE, "smooth_method": SMOOTH_METHOD, "aggregation": "corpus",

@@ -422,6 +422,7 @@ def quality_diversity_report(experiment: Any, params: Any) -> dict[str, Any]:
     summary["gan/judge_nll"] = point.nll
   if curve:
     summary["gan/dominated"] = float(generation.dominated(point, curve))
+    summary["gan/tied"] = float(bool(generation.tied_with(point, curve)))
   if jax.process_index() == 0:
     workdir = experiment.workdir
     generation.write_report(curve, [point], workdir)

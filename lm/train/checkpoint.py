@@ -14,6 +14,7 @@ Saves are asynchronous; `keep` latest steps and the `keep_best` by
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,16 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 from lm.train.state import TrainState
+
+
+class _ReadOnlyRestoreNotice(logging.Filter):
+  """Drops Orbax's warning that a manager opened read-only is read-only (every restore here opens one)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Given directory is read only")
+
+
+logging.getLogger("absl").addFilter(_ReadOnlyRestoreNotice())
 
 ITEMS = ("state", "data", "metadata")
 

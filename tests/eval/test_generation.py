@@ -9,7 +9,7 @@ import pytest
 from sacrebleu.metrics import BLEU
 
 from lm.eval.generation import (QualityDiversity, bleu, dominated, evaluate_samples, plot_quality_diversity,
-                                self_bleu, write_report)
+                                self_bleu, tied_with, write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ORDERS = (2, 3, 4, 5)
@@ -132,6 +132,14 @@ def test_dominated():
   assert not dominated(point("GAN trade-off", 0.45, 0.45), curve)  # between the two curve points
   assert not dominated(point("GAN equal", 0.40, 0.30), curve)  # identical point: no strict gain
   assert not dominated(point("GAN", 0.1, 0.9), [])
+
+
+def test_ties_are_reported_not_counted_as_wins(tmp_path):
+  curve = [point("T=1", 0.0, 0.0, 1.0), point("T=2", 0.1, 0.2, 2.0)]
+  gan = point("GAN", 0.0, 0.0)
+  assert not dominated(gan, curve) and tied_with(gan, curve) == ["T=1"]
+  report = json.loads(open(write_report(curve, [gan], tmp_path)).read())
+  assert report["points"][0]["tied_with"] == ["T=1"] and report["dominated"] == []
 
 
 def test_plot_writes_png(tmp_path):
