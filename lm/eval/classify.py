@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lm.eval import files
+
 EXACT_BELOW = 25  # mcnemar: exact binomial test below this many discordant pairs, chi-square from it on
 BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (32 MiB of int64)
 MAX_ANNOTATED_CLASSES = 30  # beyond this the confusion-matrix cells are too small to write counts in
@@ -171,11 +173,6 @@ def classification_metrics(labels: Any, predictions: Any, num_classes: int,
 # Confusion-matrix plot.
 
 
-def _temporary_name(path: str) -> str:
-  directory, name = os.path.split(path)
-  return os.path.join(directory, f".{name}.tmp{os.getpid()}")
-
-
 def plot_confusion_matrix(matrix: Any, path: str | os.PathLike, class_names: Sequence[str] | None = None,
                           normalize: bool = False) -> str:
   """Draws a confusion matrix as a PNG, written atomically; returns its path.
@@ -203,13 +200,8 @@ def plot_confusion_matrix(matrix: Any, path: str | os.PathLike, class_names: Seq
   num_classes = counts.shape[0]
   names = _check_class_names(class_names, num_classes)
   fractions = _divide(counts, np.broadcast_to(counts.sum(axis=1, keepdims=True), counts.shape))
-  # A bare Figure with the Agg canvas needs no pyplot and leaves the process's backend alone.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
   inches = float(np.clip(2.5 + 0.55 * num_classes, 4.5, 20.0))
-  figure = Figure(figsize=(inches + 1.0, inches), dpi=FIGURE_DPI)
-  FigureCanvasAgg(figure)
+  figure = files.new_figure((inches + 1.0, inches), FIGURE_DPI)
   axes = figure.add_subplot()
   shown = fractions if normalize else counts.astype(np.float64)
   top = 1.0 if normalize else max(float(shown.max()), 1.0)
@@ -237,18 +229,7 @@ def plot_confusion_matrix(matrix: Any, path: str | os.PathLike, class_names: Seq
   axes.set_title(f"Confusion matrix ({total_text} examples, accuracy {accuracy:.3f})"
                  + (", row-normalized" if normalize else ""), fontsize="medium")
   figure.tight_layout()
-  path = os.fspath(path)
-  directory = os.path.dirname(path)
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  temporary = _temporary_name(path)
-  try:
-    figure.savefig(temporary, format="png")
-    os.replace(temporary, path)
-  finally:
-    if os.path.exists(temporary):
-      os.remove(temporary)
-  return path
+  return files.save_png(figure, path)
 
 
 # ---------------------------------------------------------------------------

@@ -48,6 +48,8 @@ from typing import Any
 
 import numpy as np
 
+from lm.eval import files
+
 FILENAME = "continual.json"
 INITIAL_ROW = "initial"
 STATE_KEYS = ("domains", "chunks", "R", "trained", "initial")
@@ -193,26 +195,18 @@ class ContinualMatrix:
 
   def write(self, workdir: str | os.PathLike) -> str:
     """Writes workdir/continual.json atomically, so a reader never sees half a file; returns its path."""
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(os.fspath(workdir), FILENAME)
     text = json.dumps(self.to_json(), indent=2, allow_nan=False)
-    _atomic_write(path, text.encode("utf-8"))
-    return path
+    return files.atomic_write(os.path.join(os.fspath(workdir), FILENAME), text.encode("utf-8"))
 
   def heatmap(self, path: str | os.PathLike) -> str:
     """Draws R as a PNG (rows x domains, values annotated, blank where None); returns the path."""
-    # Drawing on a bare Figure with the Agg canvas needs no pyplot and leaves the
-    # process's backend alone (a notebook keeps its inline plots).
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-    from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
     import matplotlib  # pylint: disable=g-import-not-at-top
 
     values = np.array([[np.nan if v is None else v for v in row] for row in self.R], np.float64)
     rows, cols = values.shape
     width = min(max(MIN_FIGURE_INCHES, 2.0 + CELL_INCHES * 1.6 * cols), MAX_FIGURE_INCHES)
     height = min(max(MIN_FIGURE_INCHES, 1.5 + CELL_INCHES * rows), MAX_FIGURE_INCHES)
-    figure = Figure(figsize=(width, height), dpi=HEATMAP_DPI)
-    FigureCanvasAgg(figure)
+    figure = files.new_figure((width, height), HEATMAP_DPI)
     axes = figure.add_subplot()
     colormap = matplotlib.colormaps["viridis"].with_extremes(bad="white")  # None cells stay blank
     image = axes.imshow(np.ma.masked_invalid(values), cmap=colormap, aspect="auto", interpolation="nearest")
@@ -234,24 +228,5 @@ class ContinualMatrix:
             axes.text(j, i, f"{values[i, j]:.3f}", ha="center", va="center", fontsize="small",
                       color="black" if shade > DARK_TEXT_ABOVE else "white")
     figure.tight_layout()
-    path = os.fspath(path)
-    directory = os.path.dirname(path)
-    if directory:
-      os.makedirs(directory, exist_ok=True)
-    temporary = _temporary_name(path)
-    figure.savefig(temporary, format="png")
-    os.replace(temporary, path)
-    return path
+    return files.save_png(figure, path)
 
-
-def _temporary_name(path: str) -> str:
-  directory, name = os.path.split(path)
-  return os.path.join(directory, f".{name}.tmp{os.getpid()}")
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-  """Writes via a temporary file in the same folder, so os.replace is atomic."""
-  temporary = _temporary_name(path)
-  with open(temporary, "wb") as f:
-    f.write(data)
-  os.replace(temporary, path)

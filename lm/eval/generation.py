@@ -60,6 +60,8 @@ from sacrebleu.metrics.bleu import BLEU
 from sacrebleu.metrics.helpers import extract_all_word_ngrams
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
+from lm.eval import files
+
 FILENAME = "generation.json"
 TOKENIZE = "13a"  # sacrebleu's default tokenizer (mteval-v13a)
 SMOOTH_METHOD = "none"  # corpus statistics need no smoothing; a zero is a real zero
@@ -361,19 +363,6 @@ def _ordered_curve(curve: list[QualityDiversity]) -> list[QualityDiversity]:
   return curve
 
 
-def _temporary_name(path: str) -> str:
-  directory, name = os.path.split(path)
-  return os.path.join(directory, f".{name}.tmp{os.getpid()}")
-
-
-def _prepare(path: str | os.PathLike) -> str:
-  path = os.fspath(path)
-  directory = os.path.dirname(path)
-  if directory:
-    os.makedirs(directory, exist_ok=True)
-  return path
-
-
 def plot_quality_diversity(curve: Sequence[QualityDiversity], points: Sequence[QualityDiversity],
                            path: str | os.PathLike, *, order: int = DEFAULT_PLOT_ORDER) -> str:
   """Draws the quality-diversity plane as a PNG; returns its path.
@@ -383,12 +372,7 @@ def plot_quality_diversity(curve: Sequence[QualityDiversity], points: Sequence[Q
   line, each point (a GAN) as a labelled marker, hollow when the curve dominates it.
   """
   curve, points = _check_points(curve, points, order)
-  # A bare Figure with the Agg canvas needs no pyplot and leaves the process's backend alone.
-  from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-
-  figure = Figure(figsize=FIGURE_INCHES, dpi=FIGURE_DPI)
-  FigureCanvasAgg(figure)
+  figure = files.new_figure(FIGURE_INCHES, FIGURE_DPI)
   axes = figure.add_subplot()
   curve = _ordered_curve(curve)
   if curve:
@@ -416,11 +400,7 @@ def plot_quality_diversity(curve: Sequence[QualityDiversity], points: Sequence[Q
   axes.grid(True, alpha=0.3)
   axes.legend(fontsize="small", loc="best")
   figure.tight_layout()
-  path = _prepare(path)
-  temporary = _temporary_name(path)
-  figure.savefig(temporary, format="png")
-  os.replace(temporary, path)
-  return path
+  return files.save_png(figure, path)
 
 
 def write_report(curve: Sequence[QualityDiversity], points: Sequence[QualityDiversity],
@@ -444,10 +424,5 @@ def write_report(curve: Sequence[QualityDiversity], points: Sequence[QualityDive
       "points": entries,
       "dominated": [entry["label"] for entry in entries if entry["dominated"]],
   }
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(os.fspath(workdir), FILENAME)
-  temporary = _temporary_name(path)
-  with open(temporary, "wb") as f:
-    f.write(json.dumps(report, indent=2, allow_nan=False).encode("utf-8"))
-  os.replace(temporary, path)
-  return path
+  return files.atomic_write(os.path.join(os.fspath(workdir), FILENAME),
+                            json.dumps(report, indent=2, allow_nan=False).encode("utf-8"))

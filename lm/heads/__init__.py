@@ -49,6 +49,8 @@ class Head:
   init_from_heads: tuple[str, ...] = ("lm",)
   # Non-empty: the head cannot start from scratch, and this message says what config.init_from needs.
   requires_init_from = ""
+  # Whether lm.train.perf's FLOP count (a decoder-only LM's) is this head's: MFU is reported only then.
+  counts_lm_flops = True
 
   def __init__(self, config: ml_collections.ConfigDict, model_config: TransformerConfig, tokenizer: Tokenizer):
     self.config = config

@@ -37,6 +37,7 @@ quality_diversity.png and samples.jsonl.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -80,6 +81,7 @@ class GANHead(Head):
   """A text GAN (module doc)."""
 
   name = "gan"
+  counts_lm_flops = False  # several players and steps per update
 
   def __init__(self, config, model_config, tokenizer):
     self.kind = config.gan.kind
@@ -281,7 +283,7 @@ class GANHead(Head):
     length = self.config.seq_len
     if self.kind == "latent":
       noise = jax.random.normal(jax.random.key(seed), (count, self.config.gan.noise_size), jnp.float32)
-      z = jax.jit(lambda p, n: self.generator.apply({"params": p}, n))(params["generator"], noise)
+      z = _apply(self.generator, params["generator"], noise)
       prompt = jnp.full((count, 1), self.vocab.bos, jnp.int32)
       ids = generate_from_latent(self.model, params["autoencoder"], z, prompt, jax.random.key(seed + 1),
                                  max_new_tokens=length, temperature=0.0 if temperature is None else temperature)
@@ -343,12 +345,24 @@ def mean_sentence_nll(experiment: Any, params: Any, texts: list[str]) -> float:
   if not kept:
     return math.nan
   examples = sentences_lib.examples_for_texts(experiment.tokenizer, experiment.config.seq_len, kept)
-  evaluate = jax.jit(step_lib.make_eval_step(experiment.model))
   total = 0.0
   for start in range(0, len(kept), 256):
     chunk = {key: jnp.asarray(value[start:start + 256]) for key, value in examples.items() if key != "index"}
-    total += float(evaluate(params, chunk)["loss_sum"])
+    total += float(_nll_sum(experiment.model, params, chunk))
   return total / len(kept)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(module: nn.Module, params: Any, inputs: jax.Array) -> jax.Array:
+  """module(inputs), jitted once per module and shape (under the mesh context: logical constraints trace)."""
+  return module.apply({"params": params}, inputs)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _nll_sum(model: TransformerLM, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
+  """Summed NLL of a sentence batch's targets (mask) under an LM."""
+  logits = model.apply({"params": params}, batch["inputs"])
+  return step_lib.cross_entropy(logits, batch["targets"], batch["mask"])[0]
 
 
 # -- the quality-diversity report ------------------------------------------
@@ -392,7 +406,14 @@ def quality_diversity_report(experiment: Any, params: Any) -> dict[str, Any]:
   gan, count = config.gan, int(config.gan.eval_samples)
   references = [text for text in open_eval_split(config) if text.strip()]
   baseline_dir = gan.baseline or (config.init_from if head.kind == "relgan" else "")
-  judge = load_run(gan.judge, config) if gan.judge else None
+  loaded: dict[str, tuple[Any, Any]] = {}
+
+  def load(workdir: str) -> tuple[Any, Any]:  # the baseline is often the judge too: build and restore it once
+    if workdir not in loaded:
+      loaded[workdir] = load_run(workdir, config)
+    return loaded[workdir]
+
+  judge = load(gan.judge) if gan.judge else None
 
   def judged(texts):
     if judge is None:
@@ -403,7 +424,7 @@ def quality_diversity_report(experiment: Any, params: Any) -> dict[str, Any]:
 
   curve, written = [], []
   if baseline_dir:
-    baseline, baseline_params = load_run(baseline_dir, config)
+    baseline, baseline_params = load(baseline_dir)
     for index, temperature in enumerate(gan.temperatures):
       with baseline.steps.context():
         texts = sample_sentences(baseline.model, baseline_params, baseline.head.vocab, baseline.tokenizer, count,

@@ -20,6 +20,7 @@ as `eval/nll_per_sentence` is with its per-sentence NLL.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Mapping
 
@@ -49,6 +50,7 @@ class VAEHead(Head):
 
   name = "vae"
   init_from_heads = ("vae",)
+  counts_lm_flops = False  # an encoder too
 
   def build_model(self) -> nn.Module:
     vae = self.config.vae
@@ -201,6 +203,8 @@ class VAEHead(Head):
     raise ConfigError(f"config.sample.kind={kind!r}: a VAE generates with kind prior, reconstruct or interpolate.")
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def _encode(model: SentenceVAE, params: Any, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-  # Jitted so the logical sharding constraints inside the encoder trace under the mesh.
-  return jax.jit(lambda p, t, m: model.apply({"params": p}, t, m, method=SentenceVAE.encode))(params, targets, mask)
+  # Jitted so the logical sharding constraints inside the encoder trace under the mesh; the module is
+  # static, so repeated calls (notebooks, --mode sample) reuse one compilation per shape.
+  return model.apply({"params": params}, targets, mask, method=SentenceVAE.encode)

@@ -134,7 +134,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       "step_time_p90_ms": 1e3 * float(np.percentile(times, 90)),
       "tokens_per_sec": tokens / step_time,
       # The FLOP count is the LM's (lm.train.perf); other heads report no MFU.
-      "mfu": flops / step_time / (peak * jax.device_count()) if experiment.head.name == "lm" else None,
+      "mfu": flops / step_time / (peak * jax.device_count()) if experiment.head.counts_lm_flops else None,
       "compile_time_s": compile_time,
       "device": perf.device_description(),
       "peak_flops_per_device": peak,

@@ -206,7 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
           row.update({k: float(v) for k, v in metrics.items()})
           row["perf/step_time_ms"] = 1e3 * step_time
           row["perf/tokens_per_sec"] = config.batch_size * config.seq_len / step_time
-          if experiment.head.name == "lm":  # the FLOP count is the LM's (lm.train.perf)
+          if experiment.head.counts_lm_flops:
             row["perf/mfu"] = flops_per_step / step_time / peak
           last_train = row["train/loss"]
           progress.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{row['perf/tokens_per_sec']:,.0f}")
