@@ -120,7 +120,9 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
     yield record[text_field]
 
 
-def _tsv_documents(path: Path, text_field: str) -> Iterator[str]:
+def _tsv_rows(path: Path, text_field: str, label_field: str | None = None
+              ) -> Iterator[tuple[int, list[str], int, int | None]]:
+  """Yields (line_number, row, text column, label column or None) of a .tsv file, checking its columns."""
   lines = _lines(path)
   header = next(lines, (1, ""))[1].split("\t")
   candidates = [text_field, *_TSV_FALLBACK_COLUMNS]
@@ -130,6 +132,11 @@ def _tsv_documents(path: Path, text_field: str) -> Iterator[str]:
         f"{path} has no header naming a text column: its first line has columns {header[:10]}, none of "
         f"{candidates}. Fix: make the first line a header such as 'label<TAB>sentence', or pass "
         "text_field= naming the text column.")
+  if label_field is not None and label_field not in header:
+    raise DataError(
+        f"{path} has no label column {label_field!r}: its header has columns {header[:10]}. Fix: make the first "
+        f"line a header such as '{label_field}<TAB>sentence', or set config.data.label_field to its label column.")
+  label_column = None if label_field is None else header.index(label_field)
   for line_number, line in lines:
     if not line:
       continue
@@ -138,10 +145,68 @@ def _tsv_documents(path: Path, text_field: str) -> Iterator[str]:
       raise DataError(
           f"{path} line {line_number} has {len(row)} tab-separated columns; the header has "
           f"{len(header)}. Fix: give every row the header's columns (tabs inside the text must go).")
+    yield line_number, row, column, label_column
+
+
+def _tsv_documents(path: Path, text_field: str) -> Iterator[str]:
+  for _, row, column, _ in _tsv_rows(path, text_field):
     yield row[column]
 
 
 _READERS = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".tsv": _tsv_documents}
+
+
+def _tsv_labeled(path: Path, text_field: str, label_field: str) -> Iterator[tuple[str, str, str]]:
+  for line_number, row, column, label_column in _tsv_rows(path, text_field, label_field):
+    label = row[label_column].strip()
+    if not label:
+      raise DataError(f"{path} line {line_number} has an empty {label_field!r}. Fix: give every row a label "
+                      "(or drop the row).")
+    yield row[column], label, f"{path.name}:{line_number}"
+
+
+def _jsonl_labeled(path: Path, text_field: str, label_field: str) -> Iterator[tuple[str, str, str]]:
+  for line_number, line in _lines(path):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as error:
+      raise DataError(f"{path} line {line_number} is not valid JSON ({error.msg}). Fix: write one JSON object "
+                      f'per line, e.g. {{"{text_field}": "...", "{label_field}": 1}}.') from None
+    if not isinstance(record, dict) or text_field not in record or label_field not in record:
+      fields = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+      raise DataError(f"{path} line {line_number} needs fields {text_field!r} and {label_field!r} (it has "
+                      f"{fields}). Fix: add them, or set config.data.text_field / label_field.")
+    text, label = record[text_field], record[label_field]
+    if not isinstance(text, str):
+      raise DataError(f"{path} line {line_number}: field {text_field!r} is {type(text).__name__}, not a string.")
+    if isinstance(label, bool) or not isinstance(label, (int, str)) or not str(label).strip():
+      raise DataError(f"{path} line {line_number}: label {label!r} is not a class name or integer. Fix: write "
+                      "the label as a non-empty string or an integer.")
+    yield text, str(label).strip(), f"{path.name}:{line_number}"
+
+
+def read_labeled_documents(path: str | os.PathLike, *, text_field: str = "text",
+                           label_field: str = "label") -> Iterator[tuple[str, str, str]]:
+  """Streams (text, label, "file:line") of a .tsv or .jsonl file, checking it as it goes.
+
+  Labels are returned as written (stripped); which labels are valid classes is
+  decided against the training split (lm.heads.classifier).
+  Raises:
+    DataError: a .txt file (it has no labels), a missing label column/field, an empty label.
+  """
+  path = Path(path)
+  readers = {".tsv": _tsv_labeled, ".jsonl": _jsonl_labeled}
+  if path.suffix.lower() not in readers:
+    raise DataError(f"{path} has no labels: a classifier reads .tsv (header with a {label_field!r} column) or "
+                    f".jsonl ({{\"{text_field}\": ..., \"{label_field}\": ...}} per line) files.")
+  count = 0
+  for example in readers[path.suffix.lower()](path, text_field, label_field):
+    count += 1
+    yield example
+  if not count:
+    raise DataError(f"{path} holds no labeled rows. Fix: add rows to it or remove it.")
 
 
 def read_documents(path: str | os.PathLike, *, text_field: str = "text") -> Iterator[str]:

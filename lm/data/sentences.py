@@ -101,7 +101,9 @@ class Sentences:
       if len(ids) > seq_len - 1:
         self.cropped += 1
         ids = ids[:seq_len - 1]
-      chars += len(text) if len(ids) < seq_len else len(tokenizer.decode(ids))
+        chars += len(tokenizer.decode(ids))  # the characters of what is kept
+      else:
+        chars += len(text)
       pieces.append(ids)
       lengths.append(len(ids))
     if not pieces:
@@ -138,9 +140,10 @@ class Sentences:
 
 
 class PaddedToBatches:
-  """A `Sentences` split lengthened with empty rows to a multiple of `batch_size`, so evaluation sees every sentence."""
+  """A `Sentences` split (or any examples with `empty_example`) lengthened with empty rows to a multiple of
+  `batch_size`, so evaluation sees every sentence."""
 
-  def __init__(self, sentences: Sentences, batch_size: int):
+  def __init__(self, sentences: Any, batch_size: int):
     self.sentences = sentences
     self.name = sentences.name
     self._length = -(-len(sentences) // batch_size) * batch_size

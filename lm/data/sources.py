@@ -45,6 +45,8 @@ _PARSER_VERSION = 1
 _CACHE_ENV = "LM_DATA_CACHE"
 _DEFAULT_CACHE_DIR = "~/.cache/lm/tfds"
 _LOCAL_FEATURE = "text"
+_LOCAL_LABEL = "label"
+_LOCAL_WHERE = "where"  # "file:line" of each labeled row, for error messages
 _READ_CHUNK = 1024  # documents per batched read when iterating
 _VERSION_RE = re.compile(r"^(\d+(\.(\d+|\*)){0,2}|\*)$")
 
@@ -93,6 +95,50 @@ class TextSource:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
 
+def _as_str(value: Any) -> str:
+  if isinstance(value, bytes):
+    return value.decode("utf-8")
+  return str(value.item() if hasattr(value, "item") else value)
+
+
+class LabeledSource(TextSource):
+  """A TextSource whose documents also carry a label (`open_split(..., label_field=...)`).
+
+  Indexing and iterating still give the texts (tokenizers are trained on them);
+  `labels()` gives every document's label as a string, `where(i)` where
+  document i came from (``dev.tsv:17`` for local files), for error messages.
+  """
+
+  def __init__(self, records: Sequence[Mapping[str, Any]], *, field: str, name: str, label_field: str,
+               label_names: Sequence[str] | None = None, where_field: str | None = None):
+    super().__init__(records, field=field, name=name)
+    self._label_field = label_field
+    self._label_names = list(label_names) if label_names else None  # a TFDS ClassLabel's names
+    self._where_field = where_field
+
+  def _label(self, row: Mapping[str, Any]) -> str:
+    value = row[self._label_field]
+    if self._label_names is not None:
+      return self._label_names[int(value)]
+    return _as_str(value).strip()
+
+  def labels(self) -> list[str]:
+    """Every document's label, in order."""
+    out: list[str] = []
+    for start in range(0, len(self), _READ_CHUNK):
+      indices = list(range(start, min(start + _READ_CHUNK, len(self))))
+      batched_read = getattr(self._records, "__getitems__", None)
+      rows = batched_read(indices) if batched_read else [self._records[i] for i in indices]
+      out.extend(self._label(row) for row in rows)
+    return out
+
+  def where(self, index: int) -> str:
+    """Where document `index` was read from: ``file:line`` for local files, ``name[index]`` otherwise."""
+    if self._where_field is not None:
+      return _as_str(self._records[index][self._where_field])
+    return f"{self.name}[{index}]"
+
+
 def parse_source(source: str) -> tuple[str, str, str | None]:
   """Splits a source string into ``(kind, target, split or None)``.
 
@@ -121,7 +167,7 @@ def parse_source(source: str) -> tuple[str, str, str | None]:
 
 
 def open_split(source: str, split: str, *, text_field: str = "text",
-               cache_dir: str | None = None) -> TextSource:
+               cache_dir: str | None = None, label_field: str | None = None) -> TextSource:
   """Opens one split of ``source`` for random access.
 
   Args:
@@ -132,6 +178,9 @@ def open_split(source: str, split: str, *, text_field: str = "text",
     text_field: the TFDS feature, JSONL field or TSV column holding the text.
     cache_dir: where local files are prepared; default ``$LM_DATA_CACHE`` or
       ``~/.cache/lm/tfds``. TFDS catalog data is read from ``$TFDS_DATA_DIR``.
+    label_field: also read each document's label from this TSV column / JSONL
+      field / TFDS feature (a ClassLabel, a Text or an integer); returns a
+      ``LabeledSource``.
   Raises:
     DataError: the source, split or files are unusable; the message says how to fix it.
   """
@@ -144,10 +193,24 @@ def open_split(source: str, split: str, *, text_field: str = "text",
       raise DataError(
           f"TFDS dataset {target!r} has no text feature {text_field!r}; its features are {present}. "
           "Fix: pass text_field= naming one of its Text features.")
-    return _open_builder_split(builder, split, text_field, label=f"tfds:{target}")
+    labels: dict[str, Any] = {}
+    if label_field is not None:
+      feature = features.get(label_field)
+      if isinstance(feature, tfds.features.ClassLabel):
+        labels = dict(label_field=label_field, label_names=feature.names)
+      elif isinstance(feature, tfds.features.Text) or (
+          isinstance(feature, tfds.features.Tensor) and feature.shape == () and feature.dtype.is_integer):
+        labels = dict(label_field=label_field)
+      else:
+        present = {name: type(feature).__name__ for name, feature in features.items()}
+        raise DataError(f"TFDS dataset {target!r} has no label feature {label_field!r} (a ClassLabel, Text or "
+                        f"integer); its features are {present}. Fix: set config.data.label_field to one of them.")
+    return _open_builder_split(builder, split, text_field, label=f"tfds:{target}", **labels)
   root = local_files.resolve_path(target)
-  builder = _prepared_local_builder(local_files.discover_splits(root), text_field, _cache_root(cache_dir))
-  return _open_builder_split(builder, split, _LOCAL_FEATURE, label=str(root))
+  builder = _prepared_local_builder(local_files.discover_splits(root), text_field, _cache_root(cache_dir),
+                                    label_field)
+  labels = {} if label_field is None else dict(label_field=_LOCAL_LABEL, where_field=_LOCAL_WHERE)
+  return _open_builder_split(builder, split, _LOCAL_FEATURE, label=str(root), **labels)
 
 
 def list_splits(source: str, *, cache_dir: str | None = None) -> list[str]:
@@ -208,7 +271,7 @@ def _catalog_builder(name: str) -> tfds.core.DatasetBuilder:
 
 
 def _open_builder_split(builder: tfds.core.DatasetBuilder, split: str, field: str, *,
-                        label: str) -> TextSource:
+                        label: str, **labeled: Any) -> TextSource:
   """Checks ``split`` against the builder's splits and opens it; ``label`` names the source in errors."""
   available = list(builder.info.splits.keys())
   try:
@@ -227,6 +290,8 @@ def _open_builder_split(builder: tfds.core.DatasetBuilder, split: str, field: st
         "cannot be sliced by percent.")
   with _quiet_tfds():
     records = builder.as_data_source(split=split)
+  if labeled:
+    return LabeledSource(records, field=field, name=f"{label}:{split}", **labeled)
   return TextSource(records, field=field, name=f"{label}:{split}")
 
 
@@ -237,14 +302,17 @@ def _cache_root(cache_dir: str | None) -> Path:
   return Path(cache_dir or os.environ.get(_CACHE_ENV) or _DEFAULT_CACHE_DIR).expanduser().resolve()
 
 
-def _fingerprint(split_files: Mapping[str, Sequence[Path]], text_field: str) -> str:
+def _fingerprint(split_files: Mapping[str, Sequence[Path]], text_field: str, label_field: str | None = None) -> str:
   """Names the cache entry; any edit to an input file (size or mtime) changes it."""
   entries = []
   for split, files in sorted(split_files.items()):
     for path in files:
       stat = path.stat()
       entries.append([split, str(path), stat.st_size, stat.st_mtime_ns])
-  payload = json.dumps({"parser": _PARSER_VERSION, "text_field": text_field, "files": entries})
+  described = {"parser": _PARSER_VERSION, "text_field": text_field, "files": entries}
+  if label_field is not None:  # unlabeled caches keep their names from before labels existed
+    described["label_field"] = label_field
+  payload = json.dumps(described)
   return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:24]
 
 
@@ -254,17 +322,22 @@ class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   name = "lm_local_text"
   VERSION = tfds.core.Version("1.0.0")
 
-  def __init__(self, *, split_files: Mapping[str, Sequence[Path]], text_field: str, **kwargs: Any):
+  def __init__(self, *, split_files: Mapping[str, Sequence[Path]], text_field: str, label_field: str | None = None,
+               **kwargs: Any):
     self._split_files = {split: list(files) for split, files in split_files.items()}
     self._text_field = text_field
+    self._label_field = label_field
     super().__init__(file_format="array_record", **kwargs)
     # TFDS pickles a builder (e.g. into Grain workers) as its constructor arguments.
-    self._original_state.update(split_files=self._split_files, text_field=text_field)
+    self._original_state.update(split_files=self._split_files, text_field=text_field, label_field=label_field)
 
   def _info(self) -> tfds.core.DatasetInfo:
     # disable_shuffling keeps documents in file order: LM training concatenates them.
     # (dataset_info_from_configs would look for metadata beside a package that does not exist.)
-    features = tfds.features.FeaturesDict({_LOCAL_FEATURE: tfds.features.Text()})
+    features = {_LOCAL_FEATURE: tfds.features.Text()}
+    if self._label_field is not None:
+      features.update({_LOCAL_LABEL: tfds.features.Text(), _LOCAL_WHERE: tfds.features.Text()})
+    features = tfds.features.FeaturesDict(features)
     return tfds.core.DatasetInfo(builder=self, features=features, disable_shuffling=True)
 
   def _split_generators(self, dl_manager: Any) -> dict[str, Iterator[tuple[int, dict[str, str]]]]:
@@ -274,6 +347,12 @@ class _LocalTextBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True)
   def _generate_examples(self, files: Sequence[Path]) -> Iterator[tuple[int, dict[str, str]]]:
     ordinal = 0
     for path in files:
+      if self._label_field is not None:
+        for text, label, where in local_files.read_labeled_documents(path, text_field=self._text_field,
+                                                                     label_field=self._label_field):
+          yield ordinal, {_LOCAL_FEATURE: text, _LOCAL_LABEL: label, _LOCAL_WHERE: where}
+          ordinal += 1
+        continue
       for document in local_files.read_documents(path, text_field=self._text_field):
         yield ordinal, {_LOCAL_FEATURE: document}
         ordinal += 1
@@ -309,9 +388,9 @@ def _exclusive_lock(lock_path: Path) -> Iterator[None]:
 
 
 def _prepared_local_builder(split_files: Mapping[str, Sequence[Path]], text_field: str,
-                            cache_root: Path) -> _LocalTextBuilder:
+                            cache_root: Path, label_field: str | None = None) -> _LocalTextBuilder:
   """A builder for these files, prepared in ``cache_root`` unless it already is."""
-  data_dir = cache_root / _fingerprint(split_files, text_field)
+  data_dir = cache_root / _fingerprint(split_files, text_field, label_field)
   try:
     data_dir.mkdir(parents=True, exist_ok=True)
   except OSError as error:
@@ -320,7 +399,8 @@ def _prepared_local_builder(split_files: Mapping[str, Sequence[Path]], text_fiel
         f"{_CACHE_ENV} to a writable folder.") from None
 
   def make_builder() -> _LocalTextBuilder:
-    return _LocalTextBuilder(split_files=split_files, text_field=text_field, data_dir=str(data_dir))
+    return _LocalTextBuilder(split_files=split_files, text_field=text_field, label_field=label_field,
+                             data_dir=str(data_dir))
 
   # The lock makes a second process wait, then reuse what the first prepared.
   with _exclusive_lock(data_dir / ".prepare.lock"), _quiet_tfds():
