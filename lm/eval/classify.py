@@ -27,10 +27,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lm.eval import files
+from lm.eval import ab, files
 
 EXACT_BELOW = 25  # mcnemar: exact binomial test below this many discordant pairs, chi-square from it on
-BOOTSTRAP_CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (32 MiB of int64)
 MAX_ANNOTATED_CLASSES = 30  # beyond this the confusion-matrix cells are too small to write counts in
 FIGURE_DPI = 100
 
@@ -399,22 +398,9 @@ def paired_bootstrap_difference(a_values: Any, b_values: Any, *, samples: int = 
     raise ValueError(f"confidence={confidence} must lie in (0, 1); pass a fraction such as 0.95, not a percentage.")
   differences = b - a
   observed = float(differences.mean())
-  rng = np.random.default_rng(seed)
-  rows = max(1, BOOTSTRAP_CHUNK_ELEMENTS // num_examples)
-  means = np.empty(int(samples), np.float64)
-  for start in range(0, int(samples), rows):
-    stop = min(int(samples), start + rows)
-    indices = rng.integers(0, num_examples, size=(stop - start, num_examples))  # [chunk, num_examples]
-    means[start:stop] = differences[indices].mean(axis=1)
-  shifted = means - observed  # the null distribution: same spread, mean 0
-  if observed > 0:
-    p_value = min(1.0, 2.0 * np.count_nonzero(shifted >= observed) / int(samples))
-  elif observed < 0:
-    p_value = min(1.0, 2.0 * np.count_nonzero(shifted <= observed) / int(samples))
-  else:
-    p_value = 1.0
-  alpha = 1.0 - confidence
-  lower, upper = np.quantile(means, [alpha / 2.0, 1.0 - alpha / 2.0])
+  means = ab.resampled_means(differences, int(samples), seed)  # the same resampler as the online gate
+  p_value = ab.shifted_p_value(means, observed)
+  lower, upper = ab.percentile_interval(means, confidence)
   return {
       "mean_a": float(a.mean()), "mean_b": float(b.mean()), "difference": observed,
       "lower": float(lower), "upper": float(upper),
