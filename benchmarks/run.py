@@ -84,6 +84,8 @@ def main() -> None:
       "steps_per_round": args.steps,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }
+  # Decode throughput with and without the KV cache (lm's bench.decode), from the last round.
+  summary.update({key: value for key, value in lm_figures.items() if key.startswith("decode/")})
   if torch_times:
     summary["torch_step_time_ms"] = statistics.median(torch_times)
     summary["torch"] = torch_figures.get("torch")

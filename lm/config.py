@@ -27,9 +27,9 @@ from ml_collections.config_dict import placeholder
 
 from lm.models.transformer import CHOICES as MODEL_CHOICES
 
-MODES = ("train", "online", "eval", "sample", "bench")
+MODES = ("train", "online", "eval", "sample", "bench", "crossval", "ab", "export")
 TOKENIZERS = ("char", "byte", "sentencepiece")
-HEADS = ("lm", "vae", "gan")
+HEADS = ("lm", "vae", "gan", "classifier")
 DATA_FORMATS = ("windows", "sentences")
 SAMPLE_KINDS = ("continue", "prior", "reconstruct", "interpolate")
 
@@ -51,6 +51,7 @@ def default_rules() -> tuple[tuple[str, Any], ...]:
       ("length", None),
       ("layers", None),
       ("latent", None),  # a VAE's latent vector: small, replicated
+      ("classes", None),  # a classifier's output layer: small, replicated
   )
 
 
@@ -94,6 +95,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.tie_embeddings = placeholder(bool)
   config.model.dropout = 0.0
   config.model.gelu_approximate = False  # True: GPT-2's tanh approximation of GELU
+  config.model.norm_eps = 1e-5  # LayerNorm / RMSNorm epsilon (Llama checkpoints use 1e-5 or 1e-6)
+  config.model.rope_theta = 10_000.0  # RoPE base frequency (Llama 3: 500000)
   config.model.dtype = "float32"  # computation dtype: bfloat16 on accelerators
   config.model.param_dtype = "float32"  # master weights
   config.model.attention_impl = "xla"  # xla | cudnn
@@ -118,6 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.text_field = "text"
+  # head="classifier": the .tsv column / .jsonl field / TFDS feature holding each example's label.
+  config.data.label_field = "label"
   # windows: documents joined into one token stream, cut into seq_len windows (the LM's default);
   # sentences: one record = one example, BOS + tokens + EOS padded to seq_len (lm.data.sentences).
   config.data.format = "windows"
@@ -217,6 +222,39 @@ def base_config() -> ml_collections.ConfigDict:
   config.gan.baseline = ""  # head="lm" workdir whose temperature sweep is the MLE curve; empty: relgan's init_from
   config.gan.judge = ""  # workdir of a separately trained head="lm" model: NLL of the samples under it
 
+  # head="classifier" (lm.heads.classifier, lm.models.classifier): a sequence classifier on the Transformer,
+  # trained from scratch or from a head="lm" run on sentences (config.init_from), on data.label_field.
+  config.classifier = ml_collections.ConfigDict()
+  config.classifier.labels = ()  # the class labels as written in the data, in class order; empty: the
+  #                                training split's distinct labels, sorted (numerically when all are integers)
+  config.classifier.pooling = "mean"  # mean | max (over the sentence's tokens) | last (the EOS position)
+  config.classifier.attention = "causal"  # causal (as the LM) | bidirectional (every token reads the sentence)
+  config.classifier.label_smoothing = 0.0
+  config.classifier.token_dropout = 0.0  # rate of sentence tokens replaced by <mask> in training (augmentation)
+  config.classifier.class_weights = ""  # "": none | "balanced" (inverse class frequency) | "w0,w1,..."
+  config.classifier.test_split = "test"  # evaluated once after training with the best-on-dev weights; "": none
+
+  # --mode eval / --mode crossval (lm.run_modes).
+  config.eval = ml_collections.ConfigDict()
+  config.eval.source = ""  # evaluate on this source (tfds:NAME[:SPLIT] or a local path); empty: data.source
+  config.eval.split = ""  # and this split of it; empty: data.eval_split
+  config.eval.stride = 0  # sliding window: windows start every `stride` tokens and score only their new
+  #                         tokens, each with >= seq_len - stride tokens of context; 0: non-overlapping windows
+  config.eval.folds = 5  # --mode crossval: K stratified folds of the training split
+
+  # --mode ab (lm.eval.ab): two runs evaluated on the same examples, difference with a paired bootstrap.
+  config.ab = ml_collections.ConfigDict()
+  config.ab.a = ""  # workdir or checkpoints folder of model A (the baseline)
+  config.ab.b = ""  # of model B (the candidate); B - A is reported
+  config.ab.confidence = 0.95  # two-sided interval level
+  config.ab.bootstrap_samples = 1000
+  config.ab.seed = 0
+
+  # --mode export (lm.interop): write the run's latest weights as a Hugging Face directory.
+  config.export = ml_collections.ConfigDict()
+  config.export.dir = ""  # where to write config.json + model.safetensors (must not exist or be empty)
+  config.export.max_shard_size = 0  # bytes per .safetensors shard (0: one file)
+
   # Multi-process runs (lm.distributed): explicit settings, or JAX_COORDINATOR_ADDRESS,
   # JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment (lm.launch_local sets them).
   config.distributed = ml_collections.ConfigDict()
@@ -247,12 +285,19 @@ def base_config() -> ml_collections.ConfigDict:
   config.sample.top_p = 1.0  # 1.0: off
   config.sample.num_samples = 1
   config.sample.seed = 0
+  config.sample.beam_size = 1  # > 1: beam search (deterministic; temperature/top-k/top-p unused)
+  config.sample.length_penalty = 0.6  # beam search: GNMT's alpha (0: raw log-probability)
+  config.sample.stop = ()  # strings that end a sample (cut before them), e.g. ("\n\n",)
+  config.sample.prompts_file = ""  # one prompt per line (.txt) or per {"prompt": ...} line (.jsonl)
 
   config.bench = ml_collections.ConfigDict()
   config.bench.steps = 50
   config.bench.warmup_steps = 5
-  config.bench.peak_flops_per_device = placeholder(float)
-  config.bench.compile_only = False  # True: memory per device from the compiled step, no timing  # None: from the device table in lm.train.perf
+  config.bench.peak_flops_per_device = placeholder(float)  # None: from the device table in lm.train.perf
+  config.bench.compile_only = False  # True: memory per device from the compiled step, no timing
+  config.bench.decode = True  # also time sampling with the KV cache against recomputing without it
+  config.bench.decode_batch = 8
+  config.bench.decode_tokens = 64
   return config
 
 
@@ -379,6 +424,19 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
            "config.gan.max_temperature must be >= 1 and temperature_schedule one of exponential, linear, constant.")
   _require(gan.eval_samples >= 2 and all(t > 0 for t in gan.temperatures),
            "config.gan.eval_samples must be >= 2 and every config.gan.temperatures entry > 0.")
+  classifier = config.classifier
+  _require(classifier.pooling in ("mean", "max", "last"),
+           f"config.classifier.pooling={classifier.pooling!r} is not one of ('mean', 'max', 'last').")
+  _require(0 <= classifier.label_smoothing < 1,
+           f"config.classifier.label_smoothing={classifier.label_smoothing} must be in [0, 1).")
+  _require(classifier.attention in ("causal", "bidirectional"),
+           f"config.classifier.attention={classifier.attention!r} is not one of ('causal', 'bidirectional').")
+  _require(0 <= classifier.token_dropout < 1,
+           f"config.classifier.token_dropout={classifier.token_dropout} must be in [0, 1).")
+  _require(isinstance(classifier.class_weights, str), "config.classifier.class_weights must be a string: '', "
+           "'balanced' or comma-separated weights such as '1.0,2.5'.")
+  _require(isinstance(config.data.label_field, str) and config.data.label_field.strip() != "",
+           "config.data.label_field is empty: name the .tsv column / .jsonl field holding the labels.")
   data = config.data
   _require(isinstance(data.source, str) and data.source.strip() != "",
            "config.data.source is empty: set it to tfds:NAME[:SPLIT] or a path to a .txt/.jsonl/.tsv corpus.")
@@ -430,10 +488,76 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   _require(0 < sample.top_p <= 1, "config.sample.top_p must be in (0, 1].")
   _require(sample.top_k >= 0 and sample.max_tokens > 0 and sample.num_samples > 0,
            "config.sample.top_k must be >= 0; max_tokens and num_samples must be > 0.")
+  _require(isinstance(sample.beam_size, int) and sample.beam_size >= 1,
+           f"config.sample.beam_size={sample.beam_size!r} must be an integer >= 1 (1: sampling, > 1: beam search).")
+  _require(sample.beam_size == 1 or sample.num_samples <= sample.beam_size,
+           f"config.sample.num_samples={sample.num_samples} best beams asked of beam_size={sample.beam_size}: "
+           "beam search returns at most beam_size per prompt; raise beam_size or lower num_samples.")
+  _require(sample.length_penalty >= 0, f"config.sample.length_penalty={sample.length_penalty} must be >= 0 "
+           "(GNMT's alpha: 0 ranks beams by log-probability, larger values favour longer outputs).")
+  _require(all(isinstance(stop, str) and stop for stop in sample.stop),
+           f"config.sample.stop={tuple(sample.stop)!r} must be non-empty strings, e.g. "
+           "--config.sample.stop='(\"\\n\\n\", \"THE END\")'.")
+  if mode == "sample" and (sample.prompts_file or sample.beam_size > 1 or sample.stop):
+    _require(config.head == "lm" and sample.kind == "continue", "config.sample.prompts_file, beam_size > 1 and "
+             f"stop continue prompts with a language model (head='lm', sample.kind='continue'); this is head="
+             f"{config.head!r}, kind={sample.kind!r}. Unset them.")
+  _require(isinstance(config.eval.stride, int) and 0 <= config.eval.stride <= config.seq_len,
+           f"config.eval.stride={config.eval.stride!r} must be in [0, seq_len={config.seq_len}] (0: non-overlapping "
+           "windows; S: a sliding window scoring each token with >= seq_len - S tokens of context).")
+  if config.eval.stride:
+    _require(config.head == "lm" and config.data.format == "windows", f"config.eval.stride={config.eval.stride} "
+             "slides a window over a token stream: it needs head='lm' and data.format='windows' (this is head="
+             f"{config.head!r}, data.format={config.data.format!r}); set eval.stride=0.")
+  _require(config.bench.decode_batch >= 1 and config.bench.decode_tokens >= 1,
+           "config.bench.decode_batch and bench.decode_tokens must be >= 1.")
+  _require(isinstance(config.eval.folds, int) and config.eval.folds >= 2,
+           f"config.eval.folds={config.eval.folds!r} must be an integer >= 2 (the usual value is 5 or 10).")
+  ab = config.ab
+  if mode == "ab":
+    _require(bool(ab.a) and bool(ab.b), "--mode ab compares two runs: set --config.ab.a=WORKDIR_A and "
+             "--config.ab.b=WORKDIR_B (workdirs or checkpoints folders of trained runs).")
+  _require(0 < ab.confidence < 1 and ab.bootstrap_samples >= 1,
+           f"config.ab.confidence={ab.confidence} must be in (0, 1) (e.g. 0.95) and ab.bootstrap_samples >= 1.")
   _require(config.bench.steps > 0 and config.bench.warmup_steps >= 0,
            "config.bench.steps must be > 0 and config.bench.warmup_steps >= 0.")
+  _require(mode != "export" or bool(config.export.dir), "--mode export writes a Hugging Face folder: set "
+           "--config.export.dir=OUT (a new or empty folder).")
+  _require(config.export.max_shard_size >= 0, "config.export.max_shard_size must be >= 0 bytes (0: one file).")
 
 
 def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Plain JSON-serializable dict of the config (tuples become lists)."""
   return ml_collections.ConfigDict(config).to_dict()
+
+
+def _as_tuples(value: Any) -> Any:
+  return tuple(_as_tuples(item) for item in value) if isinstance(value, list) else value
+
+
+def config_from_saved(saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """The config a run recorded (its config.json / checkpoint metadata), on today's schema.
+
+  Keys the schema no longer has are dropped; keys it gained keep their
+  defaults; JSON lists become the tuples the schema holds.
+  """
+  config = base_config()
+
+  def merge(node: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+      if key not in node:
+        continue
+      if isinstance(node[key], ml_collections.ConfigDict):
+        if isinstance(value, Mapping):
+          merge(node[key], value)
+        continue
+      if isinstance(node[key], tuple) and isinstance(value, list):
+        value = _as_tuples(value)
+      try:
+        node[key] = value
+      except TypeError:  # a value of another type than today's default (e.g. None for a placeholder)
+        with node.ignore_type():
+          node[key] = value
+
+  merge(config, saved)
+  return config

@@ -1,7 +1,7 @@
 r"""Command-line entry point: `python -m lm.main` or the `lm` console script.
 
   python -m lm.main --config experiments/shakespeare_char.py --workdir runs/x \
-      [--config.KEY=VALUE ...] [--mode train|eval|sample|bench]
+      [--config.KEY=VALUE ...] [--mode train|online|eval|sample|bench|crossval|ab|export]
 
 Everything here is flag parsing and error reporting; the work is done by
 importable functions (lm.train.loop.train, lm.run_modes.*, lm.train.bench).
@@ -32,11 +32,12 @@ EXIT_USER_ERROR = 2
 def _user_errors() -> tuple[type[BaseException], ...]:
   from lm.data.sources import DataError  # pylint: disable=g-import-not-at-top
   from lm.data.tokenizers import TokenizerError
+  from lm.interop import HFError
   from lm.train.checkpoint import CheckpointError
   from lm.train.loop import NonFiniteError
   from lm.train.sharding import MeshError
   return (config_lib.ConfigError, DataError, TokenizerError, CheckpointError, MeshError, NonFiniteError,
-          distributed.DistributedError)
+          distributed.DistributedError, HFError)
 
 
 def run_mode(config, workdir: str | None, mode: str) -> int:
@@ -71,9 +72,29 @@ def run_mode(config, workdir: str | None, mode: str) -> int:
   if mode == "eval":
     report(json.dumps(run_modes.evaluate_checkpoint(config, workdir)))
     return 0
+  if mode == "crossval":
+    from lm.train import crossval  # pylint: disable=g-import-not-at-top
+    outcome = crossval.crossval(config, workdir)
+    report(json.dumps(crossval.summary_line(outcome), ensure_ascii=False))
+    return 0 if outcome.get("interrupted") in (None, "SIGTERM") else 128 + 2
+  if mode == "ab":
+    outcome = run_modes.ab_test(config, workdir)
+    keys = ("accuracy", "macro_f1", "mcnemar") if outcome["head"] == "classifier" else (
+        "a", "b", "difference", "lower", "upper", "p_value")
+    report(json.dumps({key: outcome[key] for key in keys}))
+    return 0
+  if mode == "export":
+    report(json.dumps(run_modes.export_checkpoint(config, workdir)))
+    return 0
   if mode == "sample":
     for index, text in enumerate(run_modes.sample_checkpoint(config, workdir)):
-      report(f"--- sample {index} ---\n{text}")
+      # Samples of a prompts file or a beam search say which prompt (and score) each one is.
+      about = []
+      if config.sample.prompts_file and hasattr(text, "prompt_index"):
+        about.append(f"prompt {text.prompt_index}, {text.where}")
+      if getattr(text, "score", None) is not None:
+        about.append(f"score {text.score:.4f}")
+      report(f"--- sample {index}{' (' + '; '.join(about) + ')' if about else ''} ---\n{text}")
     return 0
   figures = bench.benchmark(config, workdir or "")
   report(json.dumps(figures))
@@ -84,10 +105,14 @@ class _QuietLibraries:
   """Drops INFO lines of the libraries that narrate every checkpoint (warnings and errors pass)."""
 
   PATHS = (f"{os.sep}orbax{os.sep}",)
+  # Orbax warns on every checkpoint saved between evaluations (they have no selection figure to rank by).
+  ROUTINE_WARNINGS = ("Requested `tracked_metric`",)
 
   def filter(self, record) -> bool:
-    return record.levelno >= logging.converter.STANDARD_WARNING or not any(
-        path in record.pathname for path in self.PATHS)
+    from_library = any(path in record.pathname for path in self.PATHS)
+    if from_library and str(record.msg).startswith(self.ROUTINE_WARNINGS):
+      return False
+    return record.levelno >= logging.converter.STANDARD_WARNING or not from_library
 
 
 def main(argv: list[str]) -> None:

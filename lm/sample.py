@@ -1,11 +1,14 @@
 """Autoregressive decoding with the KV cache: greedy, temperature, top-k, top-p, beam search.
 
 The prompt is prefilled in one call, then each new token is one cached step
-inside a `lax.scan`, so the whole generation is a single jitted function.
+inside a `lax.while_loop`, so the whole generation is a single jitted
+function; with stop tokens the loop ends once every row has stopped.
 
 * `generate`: sampling (temperature 0 is greedy), optionally padded after a
   stop token; `truncate_at_stop` cuts the rows on the host.
 * `generate_long`: sampling past the model's context, in re-prefilled segments.
+* Many prompts of different lengths, a prompts file, stop strings:
+  `lm.prompts` (what `--mode sample` runs).
 * `beam_search`: beam search over the KV cache, GNMT length penalty.
 * `generate_without_cache` and `decode_benchmark`: the no-cache greedy
   baseline and the decode throughput of both (for `--mode bench`).
@@ -120,19 +123,30 @@ def _generate(model: TransformerLM, params: Any, prompt: jax.Array, rng: jax.Arr
   cache = model.init_cache(batch)
   logits, variables = model.apply({"params": params, "cache": cache}, prompt, decode=True, mutable=["cache"])
   first = choose_tokens(logits[:, -1], jax.random.fold_in(rng, 0), temperature, top_k, top_p)
+  out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
 
-  def step(carry, index):
-    cache, token = carry
+  def is_stop(token):
+    if not stop_tokens:
+      return jnp.zeros(token.shape, bool)
+    return jnp.isin(token, jnp.asarray(stop_tokens, jnp.int32))
+
+  def more(carry):
+    _, _, index, _, done = carry
+    # With stop tokens the loop ends as soon as every row has stopped, so a
+    # batch that stops early does not pay for the rest of max_new_tokens.
+    return (index < max_new_tokens) & ~jnp.all(done) if stop_tokens else index < max_new_tokens
+
+  def step(carry):
+    cache, token, index, out, done = carry
     logits, variables = model.apply({"params": params, "cache": cache}, token[:, None], decode=True,
                                     mutable=["cache"])
     next_token = choose_tokens(logits[:, -1], jax.random.fold_in(rng, index), temperature, top_k, top_p)
-    return (variables["cache"], next_token), token
+    # A stopped row keeps decoding (the batch shares the loop) but writes pad_id.
+    out = jax.lax.dynamic_update_index_in_dim(out, jnp.where(done, pad_id, next_token), index, axis=1)
+    return variables["cache"], next_token, index + 1, out, done | is_stop(next_token)
 
-  (_, last), tokens = jax.lax.scan(step, (variables["cache"], first), jnp.arange(1, max_new_tokens))
-  tokens = jnp.concatenate([tokens, last[None]], axis=0) if max_new_tokens > 1 else last[None]
-  # The rows keep sampling after their stop token (the scan has a fixed
-  # length); masking afterwards gives the same tokens as stopping would.
-  return _pad_after_stop(tokens.T, stop_tokens, pad_id)
+  carry = (variables["cache"], first, jnp.asarray(1, jnp.int32), out, is_stop(first))
+  return jax.lax.while_loop(more, step, carry)[3]
 
 
 def generate(model: TransformerLM, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new_tokens: int,
@@ -140,11 +154,12 @@ def generate(model: TransformerLM, params: Any, prompt: jax.Array, rng: jax.Arra
              pad_id: int = 0) -> jax.Array:
   """Continues `prompt` [batch, prompt_len] by `max_new_tokens`; returns [batch, max_new_tokens] int32.
 
-  One jitted prefill + `lax.scan` of cached steps (the jitted core takes
-  every keyword argument as static). temperature 0 is greedy; top_k 0 and
-  top_p 1 keep the whole distribution. Once a row has produced one of
+  One jitted prefill + a `lax.while_loop` of cached steps (the jitted core
+  takes every keyword argument as static). temperature 0 is greedy; top_k 0
+  and top_p 1 keep the whole distribution. Once a row has produced one of
   `stop_tokens` (the token itself is kept), every later position of that row
-  is `pad_id`; `truncate_at_stop` cuts the rows there on the host.
+  is `pad_id`, and the loop ends when every row has stopped;
+  `truncate_at_stop` cuts the rows there on the host.
 
   prompt_len + max_new_tokens - 1 must not exceed the model's max_len (the
   last new token is never fed back); `generate_long` goes further.
@@ -156,28 +171,40 @@ def generate(model: TransformerLM, params: Any, prompt: jax.Array, rng: jax.Arra
 
 
 def generate_long(model: TransformerLM, params: Any, prompt: jax.Array, rng: jax.Array, *, max_new_tokens: int,
-                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> jax.Array:
+                  temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, stop_tokens: Iterable[int] = (),
+                  pad_id: int = 0) -> jax.Array:
   """Like `generate`, but for outputs longer than the model's context.
 
   Generates in segments: when the context is full it keeps the last half of
   it as the next segment's prompt (re-prefilled into a fresh cache), as
-  nanoGPT crops the context to block_size. Returns [batch, max_new_tokens].
+  nanoGPT crops the context to block_size; a prompt longer than the context
+  keeps its last max_len tokens. Returns [batch, max_new_tokens]; with
+  `stop_tokens`, positions after a row's first stop token are `pad_id` and no
+  further segment starts once every row has stopped.
   """
+  stops = _check_stop_tokens(model, stop_tokens, "generate_long")
   max_len = model.config.max_len
   keep = max(max_len // 2, 1)
-  context = prompt[:, -(max_len - 1):] if prompt.shape[1] >= max_len else prompt
+  context = prompt[:, -max_len:]
   produced = []
   remaining, segment = max_new_tokens, 0
   while remaining > 0:
     room = max_len - context.shape[1] + 1
     count = min(room, remaining)
     new = generate(model, params, context, jax.random.fold_in(rng, segment), max_new_tokens=count,
-                   temperature=temperature, top_k=top_k, top_p=top_p)
+                   temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops, pad_id=pad_id)
     produced.append(new)
     remaining -= count
     segment += 1
-    context = jnp.concatenate([context, new], axis=1)[:, -keep:]
-  return jnp.concatenate(produced, axis=1)
+    if stops and remaining and bool(jnp.all(jnp.any(jnp.isin(jnp.concatenate(produced, axis=1),
+                                                             jnp.asarray(stops, jnp.int32)), axis=1))):
+      produced.append(jnp.full((prompt.shape[0], remaining), pad_id, jnp.int32))
+      break
+    # Stopped rows hold pad_id, which need not be a token id: clip it into the vocabulary (those rows are
+    # padded in the output anyway).
+    context = jnp.concatenate([context, jnp.clip(new, 0, model.config.vocab_size - 1)], axis=1)[:, -keep:]
+  # Each segment restarts its own stop tracking; rows stopped in an earlier one are padded here.
+  return _pad_after_stop(jnp.concatenate(produced, axis=1), stops, pad_id)
 
 
 # -- beam search -------------------------------------------------------------
@@ -264,8 +291,14 @@ def _beam_search(model: TransformerLM, params: Any, prompt: jax.Array, *, beam_s
     )
     return new_state, parent, token
 
-  def step(carry, t):
-    cache, state, log_probs = carry
+  def more(carry):
+    # Once every beam has finished, further steps only append free pad
+    # tokens and keep every score, so the search can end there.
+    _, state, _, t = carry
+    return (t < steps - 1) & ~jnp.all(state["finished"])
+
+  def step(carry):
+    cache, state, log_probs, t = carry
     state, parent, token = select(state, log_probs, t)
     rows = (jnp.arange(batch)[:, None] * beams + parent).reshape(-1)
     cache = jax.tree.map(lambda x, axis: x if axis < 0 else jnp.take(x, rows, axis=axis), cache, axes)
@@ -274,10 +307,12 @@ def _beam_search(model: TransformerLM, params: Any, prompt: jax.Array, *, beam_s
     logits, variables = model.apply({"params": params, "cache": cache}, token.reshape(-1, 1), decode=True,
                                     mutable=["cache"])
     log_probs = jax.nn.log_softmax(logits[:, -1]).reshape(batch, beams, vocab)
-    return (variables["cache"], state, log_probs), None
+    return variables["cache"], state, log_probs, t + 1
 
-  (_, state, log_probs), _ = jax.lax.scan(step, (cache, state, log_probs), jnp.arange(steps - 1))
-  state, _, _ = select(state, log_probs, steps - 1)  # the last token needs no forward pass after it
+  _, state, log_probs, _ = jax.lax.while_loop(more, step, (cache, state, log_probs, jnp.asarray(0, jnp.int32)))
+  # The last token needs no forward pass after it (nor any step, if every beam has finished).
+  state = jax.lax.cond(jnp.all(state["finished"]), lambda state: state,
+                       lambda state: select(state, log_probs, steps - 1)[0], state)
   return state["tokens"], state["score"]
 
 
@@ -301,7 +336,8 @@ def beam_search(model: TransformerLM, params: Any, prompt: jax.Array, *, beam_si
       longer outputs. Candidates are ranked this way at every step.
     stop_tokens: token ids that finish a hypothesis; a finished hypothesis
       keeps its log-probability and length (so its score is frozen) and
-      continues only with `pad_id` at zero cost.
+      continues only with `pad_id` at zero cost. The search ends early once
+      every hypothesis of every row has finished.
     pad_id: written after a hypothesis's stop token (any int; not fed to the model).
 
   Returns:

@@ -1,9 +1,11 @@
-"""Decoding (lm.sample): stop tokens, beam search with the KV cache, the no-cache baseline and its benchmark."""
+"""Decoding (lm.sample, lm.prompts, Head.sample): stop tokens, beam search with the KV cache, many prompts,
+prompts files and stop strings, the no-cache baseline and its benchmark (also in --mode bench)."""
 
 from __future__ import annotations
 
 import functools
 import itertools
+import types
 
 import flax.linen as nn
 import jax
@@ -11,8 +13,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm import prompts as prompts_lib
 from lm import sample
+from lm.config import ConfigError, apply_overrides, validate
+from lm.data.tokenizers import CharTokenizer
+from lm.heads import Head
 from lm.models import TransformerConfig, TransformerLM
+from lm.train.experiment import model_config_for
+from tests.helpers import ROOT, cli_args, run_cli, tiny_overrides
 
 VOCAB, MAX_LEN, PROMPT_LEN, NEW = 13, 16, 3, 6
 
@@ -219,3 +227,230 @@ def test_bad_inputs_are_rejected_with_the_fix(gpt2):
     sample.generate(model, params, prompt, jax.random.key(0), max_new_tokens=2, stop_tokens=(13,))
   with pytest.raises(ValueError, match=r"\[batch, prompt_len\]"):
     sample.beam_search(model, params, prompt[0], beam_size=2, max_new_tokens=2)
+
+
+# -- many prompts, prompts files, stop strings (lm.prompts, Head.sample, --mode sample) -----------------
+def random_params(model, max_len: int = MAX_LEN, seed: int = 0) -> dict:
+  """Parameters of `model` drawn as `make` draws them (spread 0.3: no near-ties for greedy choices)."""
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, max_len), jnp.int32))["params"]
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    if path[-1].key == "scale":
+      return jnp.ones(leaf.shape, jnp.float32)
+    return jnp.asarray(rng.normal(0.0, 0.3, leaf.shape), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(shapes))
+
+
+def ragged_prompts(lengths=(3, 1, 3, 2, 3), seed: int = 3) -> list[np.ndarray]:
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, VOCAB, length).astype(np.int32) for length in lengths]
+
+
+def test_prompts_of_different_lengths_decode_as_they_would_alone(gpt2):
+  model, params = gpt2
+  ids = ragged_prompts()
+  # 2 rows per batch: the three 3-token prompts take a full batch and one padded with a copy of its row.
+  got = prompts_lib.decode_batched(model, params, ids, count=1, rows_per_batch=2, max_new_tokens=NEW,
+                                   temperature=0.0)
+  for prompt, (continuation,) in zip(ids, got):
+    np.testing.assert_array_equal(continuation.tokens, greedy(model, params, jnp.asarray(prompt[None]))[0])
+    assert continuation.score is None
+  stops = (int(got[0][0].tokens[1]), int(got[2][0].tokens[0]))
+  stopped = prompts_lib.decode_batched(model, params, ids, count=1, rows_per_batch=2, max_new_tokens=NEW,
+                                       temperature=0.0, stop_tokens=stops, pad_id=-1)
+  for (free,), (continuation,) in zip(got, stopped):  # each cut after its first stop token
+    np.testing.assert_array_equal(continuation.tokens, sample.truncate_at_stop(free.tokens[None], stops)[0])
+  assert len(stopped[0][0].tokens) <= 2 and stopped[0][0].tokens[-1] in stops
+
+
+def test_beams_of_many_prompts_are_each_prompts_own_best_beams(gpt2):
+  model, params = gpt2
+  ids = ragged_prompts((4, 2, 4, 4))
+  got = prompts_lib.decode_batched(model, params, ids, count=2, rows_per_batch=6, max_new_tokens=NEW, beam_size=3,
+                                   length_penalty=0.6)  # 6 rows = 2 prompts x 3 beams per batch
+  for prompt, continuations in zip(ids, got):
+    tokens, scores = sample.beam_search(model, params, jnp.asarray(prompt[None]), beam_size=3, max_new_tokens=NEW,
+                                        length_penalty=0.6)
+    assert len(continuations) == 2
+    for beam, continuation in enumerate(continuations):
+      np.testing.assert_array_equal(continuation.tokens, np.asarray(tokens)[0, beam])
+      assert continuation.score == pytest.approx(float(scores[0, beam]), rel=1e-5, abs=1e-5)
+  with pytest.raises(ValueError, match="count=4 beams asked of beam_size=3"):
+    prompts_lib.decode_batched(model, params, ids, count=4, rows_per_batch=6, max_new_tokens=NEW, beam_size=3)
+
+
+def test_generate_long_stops_across_segments(gpt2):
+  model, params = gpt2
+  prompt, rng, new = prompts(batch=3), jax.random.key(5), MAX_LEN + 4  # two segments: 14 + 6 tokens
+  free = np.asarray(sample.generate_long(model, params, prompt, rng, max_new_tokens=new))
+  stops = (int(free[0, MAX_LEN - 1]),)  # row 0 stops in the second segment at the latest
+  stopped = np.asarray(sample.generate_long(model, params, prompt, rng, max_new_tokens=new, stop_tokens=stops,
+                                            pad_id=-1))
+  assert stopped.shape == free.shape
+  for row_free, row_stopped, prefix in zip(free, stopped, sample.truncate_at_stop(free, stops)):
+    np.testing.assert_array_equal(row_stopped[:len(prefix)], prefix)
+    assert (row_stopped[len(prefix):] == -1).all()
+
+
+def test_prompts_files(tmp_path):
+  text = tmp_path / "prompts.txt"
+  text.write_text("ROMEO:\n\nJULIET:\\nO Romeo\\\\n\n  \n\ufeffend\n", encoding="utf-8")
+  read = prompts_lib.read_prompts_file(str(text))
+  assert [p.text for p in read] == ["ROMEO:", "JULIET:\nO Romeo\\n", "  ", "\ufeffend"]
+  assert [p.where for p in read] == ["prompts.txt line 1", "prompts.txt line 3", "prompts.txt line 4",
+                                     "prompts.txt line 5"]
+  lines = tmp_path / "prompts.jsonl"
+  lines.write_text('{"prompt": "a\\nb", "id": 7}\n\n{"prompt": "c"}\n', encoding="utf-8")
+  assert [(p.text, p.where) for p in prompts_lib.read_prompts_file(str(lines))] == [
+      ("a\nb", "prompts.jsonl line 1"), ("c", "prompts.jsonl line 3")]
+  bad = {
+      "missing.txt": (None, "does not exist"),
+      "empty.txt": ("\n\n", "holds no prompts"),
+      "blank.jsonl": ("  \n", "holds no prompts"),
+      "broken.jsonl": ('{"prompt": "a"}\n{"prompt": "b"\n', r"broken.jsonl line 2 is not valid JSON"),
+      "field.jsonl": ('{"text": "a"}\n', r'field.jsonl line 1 has no string "prompt" field'),
+      "number.jsonl": ('{"prompt": 3}\n', r'number.jsonl line 1 has no string "prompt" field'),
+      "prompts.csv": ("a\n", r"'.csv' file"),
+  }
+  for name, (content, message) in bad.items():
+    if content is not None:
+      (tmp_path / name).write_text(content)
+    with pytest.raises(ConfigError, match=message):
+      prompts_lib.read_prompts_file(str(tmp_path / name))
+  (tmp_path / "latin.txt").write_bytes("ok\ncaf\xe9\n".encode("latin-1"))
+  with pytest.raises(ConfigError, match="latin.txt line 2 is not valid UTF-8"):
+    prompts_lib.read_prompts_file(str(tmp_path / "latin.txt"))
+
+
+def test_stop_strings():
+  assert prompts_lib.cut_at_stop_strings("abc\n\ndef END", ("END", "\n\n")) == "abc"
+  assert prompts_lib.cut_at_stop_strings("abc", ("x",)) == "abc"
+  assert prompts_lib.cut_at_stop_strings("abc", ()) == "abc"
+  tokenizer = CharTokenizer.from_texts(["abc\n"])
+  assert prompts_lib.single_token_stops(tokenizer, ("\n", "ab", "c", "z")) == tuple(
+      sorted(int(tokenizer.encode(s)[0]) for s in ("\n", "c")))  # "z" is <unk>, which decodes to nothing
+
+
+def lm_head(tiny_config, **extra):
+  """A head="lm" Head on a small char vocabulary with random parameters (nothing trained)."""
+  config = tiny_config(**{"seq_len": MAX_LEN, "batch_size": 4, **extra})
+  tokenizer = CharTokenizer.from_texts(["abcdefgh :\n"])
+  head = Head(config, model_config_for(config, tokenizer), tokenizer)
+  return head, random_params(head.model)
+
+
+def sample_options(head, **options):
+  return apply_overrides(head.config, {f"sample.{key}": value for key, value in options.items()}).sample
+
+
+def test_head_samples_many_prompts_cut_at_stop_strings(tiny_config):
+  head, params = lm_head(tiny_config)
+  items = [prompts_lib.Prompt(text, f"p.txt line {n}") for n, text in enumerate(["ab", "h:\nc", "ab", "gg"], 1)]
+  # 10 new tokens fit after every prompt: one segment, one compile per batch shape.
+  options = sample_options(head, temperature=0.0, max_tokens=10, num_samples=2, stop=("\n", "fa"))
+  texts = head.sample(params, options, prompts=items)
+  assert len(texts) == 8 and all(isinstance(text, prompts_lib.Sample) for text in texts)
+  assert [text.prompt_index for text in texts] == [0, 0, 1, 1, 2, 2, 3, 3]
+  for text in texts:
+    prompt = items[text.prompt_index]
+    assert text.startswith(prompt.text) and text.where == prompt.where and text.score is None
+    continuation = text[len(prompt.text):]
+    assert "\n" not in continuation and "fa" not in continuation
+  assert texts[0] == texts[1] == texts[4]  # greedy: the same prompt, the same text
+  for index in (1, 3):  # alone, a prompt gives what it gave among the others
+    assert head.sample(params, options, prompts=[items[index]])[0] == texts[2 * index]
+  beams = head.sample(params, sample_options(head, beam_size=3, num_samples=2, max_tokens=8, stop=("\n",)),
+                      prompts=items[:2])
+  assert [text.prompt_index for text in beams] == [0, 0, 1, 1]
+  assert beams[0].score >= beams[1].score and all("\n" not in text[len(items[text.prompt_index].text):]
+                                                   for text in beams)
+  assert beams[0] != beams[1]  # distinct beams
+
+
+def test_head_refuses_prompts_that_do_not_fit(tiny_config):
+  head, params = lm_head(tiny_config)
+  options = sample_options(head, temperature=0.0, max_tokens=4)
+  with pytest.raises(ConfigError, match=f"p.txt line 2 has {MAX_LEN + 1} tokens, more than the model's context"):
+    head.sample(params, options, prompts=[prompts_lib.Prompt("ab", "p.txt line 1"),
+                                          prompts_lib.Prompt("a" * (MAX_LEN + 1), "p.txt line 2")])
+  with pytest.raises(ConfigError, match="p.txt line 1 encodes to no tokens"):
+    head.sample(params, options, prompts=[prompts_lib.Prompt("", "p.txt line 1")])
+
+
+def test_sentence_heads_stop_at_eos(tiny_config):
+  head, params = lm_head(tiny_config, **{"data.format": "sentences"})
+  options = sample_options(head, temperature=0.0, max_tokens=40, num_samples=1)
+  texts = head.sample(params, options, prompts=[prompts_lib.Prompt("ab"), prompts_lib.Prompt(" cd ")])
+  ids = [np.concatenate([[head.vocab.bos], head.tokenizer.encode(text)]) for text in ("ab", "cd")]
+  for text, prompt_ids in zip(texts, ids):
+    alone = greedy(head.model, params, jnp.asarray(prompt_ids[None]), new=MAX_LEN - len(prompt_ids) + 1)[0]
+    assert text == head.decode_text(np.concatenate([prompt_ids[1:], alone]))  # up to EOS, specials dropped
+  with pytest.raises(ConfigError, match=f"no room left in seq_len={MAX_LEN}"):
+    head.sample(params, options, prompts=[prompts_lib.Prompt("a" * MAX_LEN)])
+
+
+def test_sample_options_are_validated(tiny_config):
+  with pytest.raises(ConfigError, match="num_samples=4 best beams asked of beam_size=2"):
+    validate(tiny_config(**{"sample.beam_size": 2, "sample.num_samples": 4}), "sample")
+  with pytest.raises(ConfigError, match="beam_size=0"):
+    validate(tiny_config(**{"sample.beam_size": 0}), "sample")
+  with pytest.raises(ConfigError, match="non-empty strings"):
+    validate(tiny_config(**{"sample.stop": ("",)}), "sample")
+  with pytest.raises(ConfigError, match="length_penalty=-1"):
+    validate(tiny_config(**{"sample.length_penalty": -1.0}), "sample")
+  with pytest.raises(ConfigError, match="head='lm', sample.kind='continue'"):
+    validate(tiny_config(**{"sample.beam_size": 2, "head": "vae", "data.format": "sentences",
+                            "sample.kind": "prior"}), "sample")
+  with pytest.raises(ConfigError, match="decode_batch"):
+    validate(tiny_config(**{"bench.decode_batch": 0}), "bench")
+
+
+# -- decode throughput in --mode bench ------------------------------------------------
+def test_bench_reports_decode_throughput_with_and_without_the_cache(tiny_config):
+  from lm.train import bench  # pylint: disable=g-import-not-at-top
+  config = tiny_config(**{"bench.steps": 2, "bench.warmup_steps": 1, "bench.decode_batch": 2,
+                          "bench.decode_tokens": 100})
+  figures = bench.benchmark(config)
+  assert figures["decode/cached_tokens_per_sec"] > 0 and figures["decode/uncached_tokens_per_sec"] > 0
+  assert figures["decode/speedup"] == pytest.approx(
+      figures["decode/cached_tokens_per_sec"] / figures["decode/uncached_tokens_per_sec"])
+  # 100 new tokens do not fit a context of 32: the last 32 positions are decoded, after a 1-token prompt.
+  assert (figures["decode/batch_size"], figures["decode/new_tokens"], figures["decode/prompt_len"]) == (2, 32, 1)
+  off = types.SimpleNamespace(config=apply_overrides(config, {"bench.decode": False}), head=Head)
+  assert bench.decode_figures(off, None) == {}
+
+
+# -- --mode sample on the command line --------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  """A tiny trained run (10 steps of the baseline, shrunk)."""
+  from lm.config import load_config  # pylint: disable=g-import-not-at-top
+  from lm.train.loop import train  # pylint: disable=g-import-not-at-top
+  workdir = tmp_path_factory.mktemp("sample") / "run"
+  train(load_config(str(ROOT / "experiments" / "shakespeare_char.py"), tiny_overrides(steps=10)), str(workdir))
+  return workdir
+
+
+def test_prompts_file_beam_search_and_stop_strings_on_the_command_line(trained_workdir, tmp_path):
+  prompts_file = tmp_path / "prompts.jsonl"
+  prompts_file.write_text('{"prompt": "ROMEO:"}\n\n{"prompt": "KING:"}\n{"prompt": "To be"}\n')
+  result = run_cli("--config", "experiments/shakespeare_char.py", "--workdir", str(trained_workdir), "--mode", "sample",
+                   *cli_args(steps=10, **{"sample.prompts_file": prompts_file, "sample.beam_size": 3,
+                                          "sample.num_samples": 2, "sample.max_tokens": 12}),
+                   "--config.sample.stop=('\\n', 'e ')", check=True)
+  headers = [line for line in result.stdout.splitlines() if line.startswith("--- sample")]
+  assert len(headers) == 6
+  for index, (header, (prompt, line)) in enumerate(zip(headers, [("ROMEO:", 1)] * 2 + [("KING:", 3)] * 2 +
+                                                                  [("To be", 4)] * 2)):
+    assert header.startswith(f"--- sample {index} (prompt {index // 2}, prompts.jsonl line {line}; score -")
+  texts = result.stdout.split("--- sample")[1:]
+  for text, prompt in zip(texts, ["ROMEO:"] * 2 + ["KING:"] * 2 + ["To be"] * 2):
+    body = text.split("---\n", 1)[1].rstrip("\n")  # print() ends each sample with one newline
+    assert body.startswith(prompt) and "\n" not in body and "e " not in body[len(prompt):]
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"prompt": "ROMEO:"}\n{"prompt": ROMEO}\n')
+  result = run_cli("--config", "experiments/shakespeare_char.py", "--workdir", str(trained_workdir), "--mode", "sample",
+                   *cli_args(steps=10, **{"sample.prompts_file": bad}))
+  assert result.returncode == 2 and "error:" in result.stderr and "bad.jsonl line 2 is not valid JSON" in result.stderr

@@ -1,4 +1,4 @@
-"""Tokenizers: characters, UTF-8 bytes, SentencePiece; saved as small versioned JSON.
+"""Tokenizers: characters, UTF-8 bytes, SentencePiece, Hugging Face; saved as small versioned JSON.
 
 Every tokenizer maps a ``str`` to ``int32`` ids ``[num_tokens]`` and back. ``encode``
 never appends an end-of-document id: the pipeline joins documents, with ``eos_id``
@@ -9,7 +9,8 @@ control ids, ids outside ``[0, vocab_size)`` — decode to nothing, for every ki
 sampled ids always decode without error.
 
 A saved tokenizer is a directory holding ``tokenizer.json`` (``{"format": 1, "kind": ...}``)
-and, for SentencePiece, the model file ``spm.model``.
+and, for SentencePiece, the model file ``spm.model``; for a Hugging Face ``tokenizers``
+tokenizer (kind "hf", taken from an imported model, never trained here), ``hf_tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import sentencepiece as spm
 FORMAT_VERSION = 1
 CONFIG_FILENAME = "tokenizer.json"
 SENTENCEPIECE_FILENAME = "spm.model"
-KINDS = ("char", "byte", "sentencepiece")
+HF_TOKENIZER_FILENAME = "hf_tokenizer.json"
+KINDS = ("char", "byte", "sentencepiece", "hf")
+BUILDABLE_KINDS = ("char", "byte", "sentencepiece")  # "hf" comes with an imported model (lm.interop)
 _NUM_BYTES = 256
 # The trained model depends on the thread count, so it is fixed for reproducibility.
 _SENTENCEPIECE_THREADS = 2
@@ -259,6 +262,80 @@ class SentencePieceTokenizer(Tokenizer):
     return cls(model.getvalue())
 
 
+class HFTokenizer(Tokenizer):
+  """A Hugging Face ``tokenizers`` tokenizer (a model directory's ``tokenizer.json``), used as is.
+
+  ``encode`` adds no special tokens (BOS is the model's business, EOS the
+  pipeline's); special tokens and ``unk_id`` decode to nothing.
+  """
+
+  kind = "hf"
+
+  def __init__(self, tokenizer_json: str, *, eos_id: int | None = None, unk_id: int | None = None):
+    from tokenizers import Tokenizer as _HFTokenizer  # pylint: disable=g-import-not-at-top
+    self._json = tokenizer_json
+    try:
+      self._tokenizer = _HFTokenizer.from_str(tokenizer_json)
+    except Exception as error:  # tokenizers raises a bare Exception for malformed JSON
+      raise TokenizerError(f"Not a Hugging Face tokenizer.json ({error}). Fix: copy the model's original "
+                           "tokenizer.json.") from None
+    self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
+    for name, value in (("eos_id", eos_id), ("unk_id", unk_id)):
+      if value is not None and not 0 <= value < self.vocab_size:
+        raise TokenizerError(f"{name}={value} is outside the tokenizer's {self.vocab_size} ids. Fix: check the "
+                             "model's config.json / tokenizer_config.json.")
+    self.eos_id, self.unk_id = eos_id, unk_id
+    # Ids with no text of their own: unk and the special added tokens (bos, eos, pad, ...).
+    special = [i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special]
+    self._textless = np.array(sorted(set(special) | ({unk_id} if unk_id is not None else set())), np.int64)
+
+  @property
+  def tokenizer_json(self) -> str:
+    """The serialized tokenizer, as written to ``hf_tokenizer.json``."""
+    return self._json
+
+  def token_to_id(self, token: str) -> int | None:
+    """The id of one token's text (e.g. "</s>"), None if it is not in the vocabulary."""
+    return self._tokenizer.token_to_id(token)
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32).reshape(-1)
+
+  def decode(self, ids: Any) -> str:
+    ids = _id_array(ids)
+    ids = ids[(ids >= 0) & (ids < self.vocab_size) & ~np.isin(ids, self._textless)]
+    return self._tokenizer.decode(ids.tolist(), skip_special_tokens=False)
+
+  def to_json(self) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "kind": self.kind, "vocab_size": self.vocab_size,
+            "unk_id": self.unk_id, "eos_id": self.eos_id, "model_file": HF_TOKENIZER_FILENAME}
+
+  def _save_files(self, directory: Path) -> None:
+    _atomic_write(directory / HF_TOKENIZER_FILENAME, self._json.encode("utf-8"))
+
+  # Worker processes (e.g. Grain's) receive the tokenizer by value: send the JSON.
+  def __getstate__(self) -> dict[str, Any]:
+    return {"tokenizer_json": self._json, "eos_id": self.eos_id, "unk_id": self.unk_id}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["tokenizer_json"], eos_id=state["eos_id"], unk_id=state["unk_id"])
+
+  @classmethod
+  def from_file(cls, path: str | os.PathLike, *, eos_id: int | None = None,
+                unk_id: int | None = None) -> HFTokenizer:
+    path = Path(path)
+    if not path.is_file():
+      raise TokenizerError(f"Hugging Face tokenizer file {path} does not exist. Fix: copy the model's "
+                           "tokenizer.json there, or rebuild the tokenizer folder.")
+    try:
+      return cls(path.read_text(encoding="utf-8"), eos_id=eos_id, unk_id=unk_id)
+    except UnicodeDecodeError as error:
+      raise TokenizerError(f"{path} is not UTF-8 text ({error}). Fix: copy the model's original "
+                           "tokenizer.json.") from None
+    except TokenizerError as error:
+      raise TokenizerError(f"{path}: {error}") from None
+
+
 def _training_lines(texts: Iterable[str], max_chars: int) -> Iterator[str]:
   """Non-blank lines of ``texts``, stopping once ``max_chars`` characters are reached."""
   total = 0
@@ -305,6 +382,9 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
       tokenizer: Tokenizer = CharTokenizer(config["chars"])
     elif kind == "byte":
       tokenizer = ByteTokenizer()
+    elif kind == "hf":
+      tokenizer = HFTokenizer.from_file(config_path.parent / config.get("model_file", HF_TOKENIZER_FILENAME),
+                                        eos_id=config.get("eos_id"), unk_id=config.get("unk_id"))
     else:
       model_path = config_path.parent / config.get("model_file", SENTENCEPIECE_FILENAME)
       tokenizer = SentencePieceTokenizer.from_file(model_path)
@@ -342,8 +422,8 @@ def build_tokenizer(
   Raises:
     TokenizerError: unknown kind, missing inputs, or a workdir tokenizer of another kind.
   """
-  if kind not in KINDS:
-    raise TokenizerError(f"Unknown tokenizer kind {kind!r}. Fix: use one of {KINDS}.")
+  if kind not in BUILDABLE_KINDS:
+    raise TokenizerError(f"Unknown tokenizer kind {kind!r}. Fix: use one of {BUILDABLE_KINDS}.")
   if workdir_dir is not None and (Path(workdir_dir) / CONFIG_FILENAME).is_file():
     tokenizer = load_tokenizer(workdir_dir)
     if tokenizer.kind != kind or (kind == "sentencepiece" and model_file is None

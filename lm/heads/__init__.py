@@ -13,6 +13,8 @@ resumed exactly like the plain LM.
   vae (`lm.heads.vae.VAEHead`): a sentence VAE (`lm.models.vae`).
   gan (`lm.heads.gan.GANHead`): a text GAN (`lm.models.gan`), started from an
       MLE-trained LM (`gan.kind = "relgan"`) or VAE (`gan.kind = "latent"`).
+  classifier (`lm.heads.classifier.ClassifierHead`): a sequence classifier
+      (`lm.models.classifier`) on labeled sentences, from scratch or from an LM.
 
 Evaluation: `eval_step(params, batch)` returns float32 sums (added over
 batches) and per-row arrays under keys starting with "rows/" (gathered);
@@ -23,7 +25,7 @@ batches) and per-row arrays under keys starting with "rows/" (gathered);
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -110,6 +112,14 @@ class Head:
     return pipeline.Windows(tokens, config.seq_len, stride or config.seq_len, name=source.name)
 
   # -- evaluation ----------------------------------------------------------
+  def selection(self, metrics: Mapping[str, float]) -> float:
+    """The figure (lower is better) that picks the best checkpoint(s) kept by config.keep_best."""
+    return float(metrics["eval/loss"])
+
+  def metadata(self) -> dict[str, Any]:
+    """What beyond the config a checkpoint must record for this head (its classes, ...)."""
+    return {}
+
   def summarize(self, sums: Mapping[str, float], rows: Mapping[str, np.ndarray], chars_per_token: float
                 ) -> dict[str, float]:
     """Eval sums (and rows) over a split -> metrics."""
@@ -133,31 +143,76 @@ class Head:
     return {}
 
   # -- generation ----------------------------------------------------------
-  def sample(self, params: Any, options: ml_collections.ConfigDict, prompt: str | None = None) -> list[str]:
-    """`options.num_samples` continuations of the prompt (sample.kind="continue"); call under the mesh context.
+  def sample(self, params: Any, options: ml_collections.ConfigDict, prompt: str | None = None, *,
+             prompts: Sequence[Any] | None = None) -> list[str]:
+    """Continuations of prompts (sample.kind="continue"); call under the mesh context.
 
-    On sentences, generation starts after BOS (+ the prompt's tokens) and stops at EOS.
+    Args:
+      params: the LM's parameters.
+      options: config.sample: num_samples, max_tokens, temperature, top_k,
+        top_p, seed; beam_size > 1 for beam search (deterministic; its
+        num_samples best beams, num_samples <= beam_size) with length_penalty;
+        stop, strings that end a continuation (cut before the first one; a
+        stop string that is one token also stops decoding early).
+      prompt: the one prompt to continue (default options.prompt) when
+        `prompts` is not given.
+      prompts: `lm.prompts.Prompt`s (e.g. `lm.prompts.read_prompts_file`),
+        decoded together in batches of prompts of one token length.
+
+    Returns:
+      num_samples texts per prompt, prompt by prompt: `lm.prompts.Sample`s,
+      strs (the prompt + its continuation) that also carry prompt_index,
+      prompt, where and the beam score. On windows, sampling may run past the
+      context (re-prefilled segments) while beam search stays within it; on
+      sentences, decoding starts after BOS + the prompt's tokens and EOS is a
+      stop token. A prompt longer than the context is a ConfigError naming it.
     """
-    from lm import sample as sample_lib  # pylint: disable=g-import-not-at-top
-    prompt = options.prompt if prompt is None else prompt
-    rng = jax.random.key(options.seed)
-    knobs = dict(temperature=float(options.temperature), top_k=int(options.top_k), top_p=float(options.top_p))
+    from lm import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+    if prompts is None:
+      prompts = [prompts_lib.Prompt(options.prompt if prompt is None else prompt)]
+    stops = tuple(options.stop)
+    stop_tokens = prompts_lib.single_token_stops(self.tokenizer, stops)
     if self.sentences:
-      prompt = prompt.strip()
-      ids = np.concatenate([[self.vocab.bos], self.tokenizer.encode(prompt)]).astype(np.int32)
-      room = self.model_config.max_len - len(ids) + 1
-      if room < 1:
-        raise ConfigError(f"config.sample.prompt has {len(ids) - 1} tokens, no room left in seq_len="
-                         f"{self.model_config.max_len}; shorten it.")
-      prompts = jnp.asarray(np.tile(ids[None], (options.num_samples, 1)))
-      new = sample_lib.generate(self.model, params, prompts, rng, max_new_tokens=min(room, options.max_tokens), **knobs)
-      return [self.decode_text(np.concatenate([ids[1:], np.asarray(row)])) for row in new]
-    ids = self.tokenizer.encode(prompt)
+      stop_tokens = (self.vocab.eos,) + stop_tokens
+    ids = [self._prompt_ids(item) for item in prompts]
+    continuations = prompts_lib.decode_batched(
+        self.model, params, ids, count=int(options.num_samples), rows_per_batch=int(self.config.batch_size),
+        max_new_tokens=int(options.max_tokens), temperature=float(options.temperature), top_k=int(options.top_k),
+        top_p=float(options.top_p), beam_size=int(options.beam_size), length_penalty=float(options.length_penalty),
+        stop_tokens=stop_tokens, pad_id=self.vocab.pad if self.sentences else 0, seed=int(options.seed),
+        beyond_context=not self.sentences)
+    return [prompts_lib.Sample(self._sample_text(item, prompt_ids, continuation.tokens, stops), prompt_index=index,
+                               prompt=item.text, where=item.where, score=continuation.score)
+            for index, (item, prompt_ids, outs) in enumerate(zip(prompts, ids, continuations))
+            for continuation in outs]
+
+  def _prompt_ids(self, prompt: Any) -> np.ndarray:
+    """A `lm.prompts.Prompt`'s token ids (sentences: BOS first), checked to fit the context."""
+    max_len = self.model_config.max_len
+    if self.sentences:
+      ids = np.concatenate([[self.vocab.bos], self.tokenizer.encode(prompt.text.strip())]).astype(np.int32)
+      if len(ids) > max_len:
+        raise ConfigError(f"{prompt.where} has {len(ids) - 1} tokens, no room left in seq_len={max_len} after BOS; "
+                          f"shorten it to at most {max_len - 1} tokens.")
+      return ids
+    ids = np.asarray(self.tokenizer.encode(prompt.text), np.int32).reshape(-1)
     if len(ids) == 0:
-      raise ConfigError("config.sample.prompt encodes to no tokens; give at least one character.")
-    prompts = jnp.asarray(np.tile(np.asarray(ids, np.int32)[None], (options.num_samples, 1)))
-    new = sample_lib.generate_long(self.model, params, prompts, rng, max_new_tokens=options.max_tokens, **knobs)
-    return [prompt + self.tokenizer.decode(np.asarray(row)) for row in new]
+      raise ConfigError(f"{prompt.where} encodes to no tokens; give at least one character.")
+    if len(ids) > max_len:
+      raise ConfigError(f"{prompt.where} has {len(ids)} tokens, more than the model's context (max_len={max_len}); "
+                        f"shorten it to at most {max_len} tokens.")
+    return ids
+
+  def _sample_text(self, prompt: Any, prompt_ids: np.ndarray, new: np.ndarray, stops: Sequence[str]) -> str:
+    """The prompt + its continuation's text, cut before the first stop string (looked for in the continuation)."""
+    from lm import prompts as prompts_lib  # pylint: disable=g-import-not-at-top
+    body = prompt_ids[1:] if self.sentences else prompt_ids
+    head = self.decode_text(body)
+    # Decoding the new ids together with the prompt's keeps what a subword tokenizer drops at the start of a
+    # text (SentencePiece's leading space); the prompt's own text is then taken off again.
+    full = self.decode_text(np.concatenate([body, new]).astype(np.int32))
+    continuation = full[len(head):] if full.startswith(head) else self.decode_text(new)
+    return (head if self.sentences else prompt.text) + prompts_lib.cut_at_stop_strings(continuation, stops)
 
   def decode_text(self, ids: Any) -> str:
     """Generated ids -> text (sentences stop at EOS; specials decode to nothing)."""
@@ -208,4 +263,7 @@ def make_head(config: ml_collections.ConfigDict, model_config: TransformerConfig
   if config.head == "gan":
     from lm.heads.gan import GANHead  # pylint: disable=g-import-not-at-top
     return GANHead(config, model_config, tokenizer)
+  if config.head == "classifier":
+    from lm.heads.classifier import ClassifierHead  # pylint: disable=g-import-not-at-top
+    return ClassifierHead(config, model_config, tokenizer)
   return Head(config, model_config, tokenizer)

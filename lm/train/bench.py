@@ -1,8 +1,14 @@
-"""`--mode bench`: time the jitted train step of a config, and its memory per device.
+"""`--mode bench`: time the jitted train step of a config, its memory per device, and decoding.
 
 Batches are taken from the real training data and placed on the devices
 before timing, so the figure is the step itself. Each step is timed to
 completion (`block_until_ready`), like an eager framework's step.
+
+With `bench.decode` (head="lm"), the benchmarked model's greedy decoding is
+timed too: new tokens per second with the KV cache (`lm.sample.generate`)
+and recomputing the whole prefix for every token (`generate_without_cache`),
+`bench.decode_batch` rows of `bench.decode_tokens` new tokens each
+(`decode_figures`).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from lm import sample as sample_lib
 from lm.data import pipeline
 from lm.train import perf
 from lm.train.experiment import build_experiment, open_train_split, token_windows
@@ -97,10 +104,40 @@ def compile_memory(config: ml_collections.ConfigDict, workdir: str = "") -> dict
   }
 
 
+def decode_figures(experiment: Any, params: Any) -> dict[str, Any]:
+  """Greedy decode throughput of the model with and without the KV cache ("decode/..." figures).
+
+  `bench.decode_tokens` new tokens (at most the context) after a random
+  prompt that fills the rest of the context, so the timed tokens are the
+  last ones of a full context, as long sampling decodes them (`generate_long`
+  keeps half the context and fills the rest). tokens/s counts new tokens;
+  the cached run's time includes the prompt's prefill. Only for head="lm"
+  on one process ({} otherwise).
+  """
+  config = experiment.config
+  if not config.bench.decode or experiment.head.name != "lm" or jax.process_count() > 1:
+    return {}
+  max_len = experiment.model_config.max_len
+  new_tokens = min(config.bench.decode_tokens, max_len)
+  with experiment.steps.context():
+    figures = sample_lib.decode_benchmark(experiment.model, params, batch_size=config.bench.decode_batch,
+                                          prompt_len=max(max_len - new_tokens + 1, 1), new_tokens=new_tokens)
+  return {
+      "decode/cached_tokens_per_sec": figures["cached_tokens_per_s"],
+      "decode/uncached_tokens_per_sec": figures["uncached_tokens_per_s"],
+      "decode/speedup": figures["speedup"],
+      "decode/batch_size": figures["batch_size"],
+      "decode/prompt_len": figures["prompt_len"],
+      "decode/new_tokens": figures["new_tokens"],
+      "decode/tokens_match": figures["tokens_match"],
+  }
+
+
 def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str, Any]:
   """Compiles and times `config.bench.steps` train steps; returns the figures.
 
-  With `config.bench.compile_only`, only compiles and reports memory (`compile_memory`).
+  With `config.bench.compile_only`, only compiles and reports memory (`compile_memory`); with
+  `config.bench.decode`, also the decode throughput with and without the KV cache (`decode_figures`).
   """
   if config.bench.compile_only:
     return compile_memory(config, workdir)
@@ -149,4 +186,5 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       "memory_per_device": {**state_bytes_per_device(state), **memory_per_device(compiled)},
       **_mesh_figures(experiment),
       "jax": jax.__version__,
+      **decode_figures(experiment, state.params),
   }

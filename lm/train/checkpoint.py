@@ -80,6 +80,25 @@ def resolve_checkpoint_root(directory: str) -> str:
       "checkpoints/ subfolder). Point the option at a workdir of a finished run.")
 
 
+SELECTION = "selection"  # the figure best checkpoints are ranked by (lower is better; Head.selection)
+
+
+def _selection(metrics: dict[str, float]) -> float:
+  # Checkpoints written before heads chose their own figure recorded eval/loss.
+  return metrics.get(SELECTION, metrics.get("eval/loss"))
+
+
+def best_step(directory: str) -> int | None:
+  """The step of the best checkpoint (lowest selection figure) in a workdir; None if none has one."""
+  root = resolve_checkpoint_root(directory)
+  manager = ocp.CheckpointManager(root, item_names=ITEMS, options=ocp.CheckpointManagerOptions(
+      create=False, read_only=True, save_interval_steps=0, best_fn=_selection, best_mode="min"))
+  try:
+    return manager.best_step()
+  finally:
+    manager.close()
+
+
 class Checkpointer:
   """Thin wrapper over `ocp.CheckpointManager` with this project's items."""
 
@@ -88,13 +107,17 @@ class Checkpointer:
     if keep_best:
       policies.append(
           ocp.checkpoint_managers.BestN(
-              get_metric_fn=lambda metrics: metrics["eval/loss"],
+              get_metric_fn=_selection,
               reverse=True,  # BestN keeps the tail of the sorted list: descending puts the lowest loss there.
               n=keep_best,
               keep_checkpoints_without_metrics=False,
           ))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+        # Without best_fn Orbax keeps a step's metrics in memory only; with it they are written beside
+        # the step, so best_step() finds the best checkpoint after a restart too.
+        best_fn=_selection,
+        best_mode="min",
         enable_async_checkpointing=asynchronous,
         create=True,
     )
@@ -108,8 +131,9 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state: TrainState, data_state: dict[str, Any], metadata: dict[str, Any],
-           eval_loss: float | None = None) -> bool:
-    metrics = {"eval/loss": float(eval_loss)} if eval_loss is not None else None
+           selection: float | None = None) -> bool:
+    """Saves `step`; `selection` (lower is better, e.g. eval/loss) ranks it for keep_best."""
+    metrics = {SELECTION: float(selection)} if selection is not None else None
     return self._manager.save(
         step,
         args=ocp.args.Composite(

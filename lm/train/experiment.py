@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from lm import __version__ as lm_version
 from lm import config as config_lib
 from lm import distributed
+from lm import interop
 from lm.data import clean as clean_lib
 from lm.data import pipeline, sentences as sentences_lib, sources
 from lm.data import tokenizers as tokenizers_lib
@@ -84,6 +85,7 @@ class Experiment:
         "head": self.head.name,
         "model": dataclasses.asdict(self.model_config),
         "tokenizer": self.tokenizer.to_json(),
+        **self.head.metadata(),
         "mesh": {"shape": dict(self.mesh.shape), "rules": [list(rule) for rule in self.rules],
                  "process_count": jax.process_count()},
         "lm_version": lm_version,
@@ -114,11 +116,18 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) ->
   """The run's tokenizer and whether it is new (must be saved into the workdir).
 
   Order: the workdir's own (resume), the tokenizer of the warm_start/init_from
-  run (so weights and ids agree), else one built from the training split.
+  run (so weights and ids agree), the tokenizer of an `hf:DIR` init_from when
+  DIR has one (lm.interop.read_tokenizer), else one built from the training
+  split (which must fit the imported vocabulary: `model_config_for` checks).
   """
-  for directory in (workdir, config.warm_start, config.init_from):
+  hf_dir = interop.hf_directory(config.init_from)
+  for directory in (workdir, config.warm_start, None if hf_dir is not None else config.init_from):
     if directory and os.path.exists(os.path.join(directory, TOKENIZER_DIR, "tokenizer.json")):
       return tokenizers_lib.load_tokenizer(os.path.join(directory, TOKENIZER_DIR)), directory != workdir
+  if hf_dir is not None:
+    tokenizer = interop.read_tokenizer(hf_dir)
+    if tokenizer is not None:
+      return tokenizer, True
   data = config.data
   texts = None
   if data.tokenizer == "char" or (data.tokenizer == "sentencepiece" and not data.tokenizer_model):
@@ -135,6 +144,8 @@ def tokenizer_identity(tokenizer: tokenizers_lib.Tokenizer) -> dict[str, Any]:
   identity = dict(tokenizer.to_json())
   if isinstance(tokenizer, tokenizers_lib.SentencePieceTokenizer):
     identity["model_sha256"] = hashlib.sha256(tokenizer.model_proto).hexdigest()
+  if isinstance(tokenizer, tokenizers_lib.HFTokenizer):
+    identity["model_sha256"] = hashlib.sha256(tokenizer.tokenizer_json.encode("utf-8")).hexdigest()
   return identity
 
 
@@ -142,18 +153,28 @@ def _cache_dir(config: ml_collections.ConfigDict) -> str | None:
   return config.data.cache_dir or None
 
 
+def _label_field(config: ml_collections.ConfigDict) -> str | None:
+  """A classifier reads each record's label too."""
+  return config.data.label_field if config.head == "classifier" else None
+
+
 def open_train_split(config: ml_collections.ConfigDict) -> sources.TextSource:
   _, _, split = sources.parse_source(config.data.source)
   return sources.open_split(config.data.source, split or config.data.train_split,
-                            text_field=config.data.text_field, cache_dir=_cache_dir(config))
+                            text_field=config.data.text_field, cache_dir=_cache_dir(config),
+                            label_field=_label_field(config))
 
 
 def open_eval_split(config: ml_collections.ConfigDict, split: str | None = None) -> sources.TextSource:
   return sources.open_split(config.data.source, split or config.data.eval_split,
-                            text_field=config.data.text_field, cache_dir=_cache_dir(config))
+                            text_field=config.data.text_field, cache_dir=_cache_dir(config),
+                            label_field=_label_field(config))
 
 
 def model_config_for(config: ml_collections.ConfigDict, tokenizer: tokenizers_lib.Tokenizer) -> TransformerConfig:
+  hf_dir = interop.hf_directory(config.init_from)
+  if hf_dir is not None:
+    return _hf_model_config(config, tokenizer, hf_dir)
   model = config.model
   multiple = model.vocab_multiple
   needed = tokenizer.vocab_size
@@ -167,6 +188,46 @@ def model_config_for(config: ml_collections.ConfigDict, tokenizer: tokenizers_li
   try:
     return TransformerConfig.from_config(model.to_dict(), vocab_size=vocab_size,
                                          max_len=model.max_len or config.seq_len)
+  except ValueError as error:
+    raise config_lib.ConfigError(str(error)) from error
+
+
+# Model fields an `hf:DIR` run keeps from its own config: how it computes, not what the weights are.
+HF_RUN_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "dropout")
+
+
+def _hf_model_config(config: ml_collections.ConfigDict, tokenizer: tokenizers_lib.Tokenizer,
+                     hf_dir: str) -> TransformerConfig:
+  """The model of `init_from=hf:DIR`: shapes from DIR's config.json, HF_RUN_FIELDS from config.model."""
+  model = config.model
+  fields = interop.model_fields(hf_dir)
+  if fields["position"] == "rope" and model.max_len:
+    fields = interop.model_fields(hf_dir, max_len=model.max_len)  # a shorter KV cache than the checkpoint allows
+  source = f"the model in {config.init_from}"
+  if config.seq_len > fields["max_len"]:
+    raise config_lib.ConfigError(
+        f"config.seq_len={config.seq_len} is longer than the {fields['max_len']} positions of {source} "
+        "(n_positions / max_position_embeddings, or config.model.max_len). Lower --config.seq_len.")
+  if model.vocab_size not in (None, fields["vocab_size"]):
+    raise config_lib.ConfigError(
+        f"config.model.vocab_size={model.vocab_size}, but {source} has {fields['vocab_size']} ids. Leave "
+        "config.model.vocab_size unset: an imported model keeps its vocabulary.")
+  if tokenizer.vocab_size > fields["vocab_size"]:
+    raise config_lib.ConfigError(
+        f"The {tokenizer.kind} tokenizer has {tokenizer.vocab_size} ids, more than the {fields['vocab_size']} of "
+        f"{source}. Put the model's tokenizer (tokenizer.json or tokenizer.model) in that folder, or choose a "
+        "config.data.tokenizer with at most that many ids (byte: 257).")
+  if config.data.format == "sentences":
+    needed = sentences_lib.SentenceVocab.for_tokenizer(tokenizer).size
+    if needed > fields["vocab_size"]:
+      raise config_lib.ConfigError(
+          f"config.data.format='sentences' adds PAD, BOS, EOS and MASK after the tokenizer's {tokenizer.vocab_size} "
+          f"ids ({needed} in all), and {source} has only {fields['vocab_size']}: there is no room for them. Use "
+          "--config.data.format=windows, or a smaller tokenizer.")
+  logging.info("Model shapes from %s: %s (config.model keeps only %s).", config.init_from,
+               {key: value for key, value in fields.items() if key != "variant"}, ", ".join(HF_RUN_FIELDS))
+  try:
+    return TransformerConfig(**fields, **{key: model[key] for key in HF_RUN_FIELDS})
   except ValueError as error:
     raise config_lib.ConfigError(str(error)) from error
 
@@ -201,6 +262,13 @@ def check_checkpoint_fits(directory: str, model_config: TransformerConfig, head:
       raise checkpoint_lib.CheckpointError(
           f"The checkpoint in {directory} was written for another VAE ({'; '.join(differences)}). Set those "
           "config.vae fields to the checkpoint's values, or use a new --workdir. Nothing was written.")
+  if head is not None and head.name == "classifier" and saved_head(metadata) == "classifier":
+    saved_classes, classes = metadata.get("classes"), head.metadata()["classes"]
+    if saved_classes is not None and list(saved_classes) != list(classes):
+      raise checkpoint_lib.CheckpointError(
+          f"The checkpoint in {directory} classifies into {saved_classes}, but this config's classes are "
+          f"{classes}. Set config.classifier.labels={tuple(saved_classes)!r} (same classes, same order), or use "
+          "a new --workdir. Nothing was written.")
   saved = metadata.get("model", {})
   current = dataclasses.asdict(model_config)
   differences = [f"{key}: checkpoint {saved.get(key)!r}, config {current[key]!r}"
@@ -244,10 +312,19 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
   abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
   compiled = step_lib.jit_steps(head.make_train_step(tx, schedule), head.make_eval_step(), shardings, mesh, rules,
                                 head.batch_ranks, step_lib.cpu_compiler_options(config.xla_cpu_options, mesh))
+  hf_dir = interop.hf_directory(config.init_from)
   for directory, how in ((workdir if checkpoint_lib.has_checkpoint(workdir) and config.resume else None, "resume"),
-                         (config.warm_start, "warm_start"), (config.init_from, "init_from")):
+                         (config.warm_start, "warm_start"), (None if hf_dir is not None else config.init_from,
+                                                             "init_from")):
     if directory:
       check_checkpoint_fits(directory, model_config, head, how)
+  if hf_dir is not None:  # a Hugging Face folder, not a checkpoint
+    if "lm" not in head.init_from_heads:
+      raise config_lib.ConfigError(
+          f"config.init_from={config.init_from!r} holds a language model, and config.head={head.name!r} cannot "
+          f"start from one (it starts from {', '.join(head.init_from_heads)}). Use --config.head=lm.")
+    if not (config.resume and checkpoint_lib.has_checkpoint(workdir)):  # its tensors will be read: check them now
+      interop.check_weights(hf_dir, model_config)
   experiment = Experiment(config, workdir, tokenizer, model_config, head, tx, schedule, mesh, rules, compiled,
                           abstract)
   logging.info("Model %s: %s parameters.", model_config.variant,

@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 from lm import config as config_lib
+from lm import interop
 from lm.data import pipeline
 from lm.data.sources import DataError
 from lm.heads import ROWS
@@ -74,9 +75,9 @@ class StopSignal:
         signal.signal(sig, old)
 
 
-def evaluate_params(experiment: Experiment, params: Any, windows: Any,
-                    num_batches: int | None = None) -> dict[str, float]:
-  """The head's eval metrics over eval examples (for the LM: mean token loss, perplexity, bits per token/char)."""
+def _evaluate(experiment: Experiment, params: Any, windows: Any,
+              num_batches: int | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+  """Runs the eval step over eval examples: (summed outputs, gathered per-row outputs)."""
   dataset = pipeline.eval_dataset(windows, global_batch_size=experiment.config.batch_size,
                                   num_batches=num_batches or None, rows=experiment.process_rows)
   if len(dataset) == 0:
@@ -93,8 +94,20 @@ def evaluate_params(experiment: Experiment, params: Any, windows: Any,
           rows.setdefault(key, []).append(np.asarray(value))
         else:
           sums[key] = sums.get(key, 0.0) + float(value)
-  gathered = {key: np.concatenate(values) for key, values in rows.items()}
-  return experiment.head.summarize(sums, gathered, windows.chars_per_token(experiment.tokenizer))
+  return sums, {key: np.concatenate(values) for key, values in rows.items()}
+
+
+def evaluate_params(experiment: Experiment, params: Any, windows: Any,
+                    num_batches: int | None = None) -> dict[str, float]:
+  """The head's eval metrics over eval examples (for the LM: mean token loss, perplexity, bits per token/char)."""
+  sums, rows = _evaluate(experiment, params, windows, num_batches)
+  return experiment.head.summarize(sums, rows, windows.chars_per_token(experiment.tokenizer))
+
+
+def evaluate_rows(experiment: Experiment, params: Any, windows: Any,
+                  num_batches: int | None = None) -> dict[str, np.ndarray]:
+  """The eval step's per-row outputs ("rows/..." keys, gathered in example order), all batches by default."""
+  return _evaluate(experiment, params, windows, num_batches)[1]
 
 
 def _check_finite(step: int, metrics: dict[str, Any]) -> None:
@@ -134,6 +147,12 @@ def initial_state(experiment: Experiment) -> tuple[TrainState, dict[str, Any] | 
   if head.requires_init_from and not config.init_from:
     raise config_lib.ConfigError(head.requires_init_from)
   state = experiment.init_state()
+  hf_dir = interop.hf_directory(config.init_from)
+  if hf_dir is not None:  # a Hugging Face language model (lm.interop), e.g. GPT-2 or Llama
+    target, merge = head.init_from_target(experiment.abstract_state.params, "lm")
+    state = state.replace(params=merge(state.params, interop.load_sharded_params(hf_dir, experiment.model_config,
+                                                                                  target)))
+    return state, None, f"initialized weights from {config.init_from}"
   if config.init_from:
     source_head = saved_head(checkpoint_lib.read_metadata(config.init_from))
     target, merge = head.init_from_target(experiment.abstract_state.params, source_head)
@@ -143,12 +162,18 @@ def initial_state(experiment: Experiment) -> tuple[TrainState, dict[str, Any] | 
   return state, None, "initialized from scratch"
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints)."""
+def train(config: ml_collections.ConfigDict, workdir: str, *, train_source: Any = None, eval_source: Any = None,
+          final_report: bool = True) -> TrainResult:
+  """Trains `config` in `workdir` (resuming if it holds checkpoints).
+
+  train_source / eval_source: documents to use instead of data.source's train
+  and eval splits (cross-validation folds: lm.train.crossval); final_report:
+  False skips the head's after-training report.
+  """
   experiment, tokenizer_is_new = build_experiment(config, workdir, "train")
-  train_windows = token_windows(experiment, open_train_split(config), config.data.train_stride,
+  train_windows = token_windows(experiment, train_source or open_train_split(config), config.data.train_stride,
                                 clean=config.data.clean_train, train=True)
-  eval_windows = token_windows(experiment, open_eval_split(config), config.seq_len)
+  eval_windows = token_windows(experiment, eval_source or open_eval_split(config), config.seq_len)
   state, data_state, how = initial_state(experiment)
   _write_run_files(experiment, tokenizer_is_new)
   logging.info("Train state %s; %d training windows, %d eval windows.", how, len(train_windows), len(eval_windows))
@@ -180,11 +205,11 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
   window_start, window_steps = time.perf_counter(), 0
   progress = _progress_bar(start_step, config.steps)
 
-  def save(at_step: int, eval_loss: float | None = None) -> None:
+  def save(at_step: int, selection: float | None = None) -> None:
     if pending is not None:
       _check_finite(*pending)
     checkpointer.save(at_step, state, {"iterator": batches.get_state(), "step": at_step,
-                                       "process_count": jax.process_count()}, metadata, eval_loss)
+                                       "process_count": jax.process_count()}, metadata, selection)
 
   stop = StopSignal()
   try:
@@ -211,23 +236,25 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> TrainResult:
           last_train = row["train/loss"]
           progress.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{row['perf/tokens_per_sec']:,.0f}")
           window_start, window_steps = time.perf_counter(), 0
-        eval_loss = None
+        selection = None
         if step % config.eval_every == 0 or step == config.steps:
           row.update(evaluate_params(experiment, state.params, eval_windows, config.eval_batches))
-          eval_loss = last_eval = row["eval/loss"]
-          logging.info("step %d: eval/loss %.4f", step, eval_loss)
+          last_eval = row["eval/loss"]
+          selection = experiment.head.selection(row)
+          logging.info("step %d: eval/loss %.4f", step, last_eval)
           window_start, window_steps = time.perf_counter(), 0  # keep eval time out of the step-time figure
         if row:
           writer.write(step, row)
         if step % config.checkpoint_every == 0 or step == config.steps:
-          save(step, eval_loss)
+          save(step, selection)
         progress.update(1)
         if stop.received:
           logging.warning("%s received: saving step %d and stopping.", stop.received, step)
           if step % config.checkpoint_every and step != config.steps:
             save(step)
           break
-    if step >= config.steps and start_step < config.steps and not stop.received:
+    if final_report and step >= config.steps and start_step < config.steps and not stop.received:
+      checkpointer.wait()  # a report may read the best checkpoint, which may be the one just saved
       report = experiment.head.final_report(experiment, state.params)
       if report:
         writer.write(step, report)

@@ -83,16 +83,21 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
 
 def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
-  """Builds `eval_step(params, batch) -> {'loss_sum', 'tokens'}` (summed, so batches add up).
+  """Builds `eval_step(params, batch) -> {'loss_sum', 'tokens', 'rows/loss_sum', 'rows/tokens'}`.
 
-  Sentence batches (with a 'mask') also count 'sentences', the rows with a target.
+  The sums add up over batches; the "rows/" values are per row [batch]. Sentence
+  batches (with a 'mask') also count 'sentences', the rows with a target.
   """
 
   def eval_step(params: Any, batch: Batch) -> Metrics:
     logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
     mask = batch.get("mask")
-    loss_sum, count = cross_entropy(logits, batch["targets"], mask)
-    out = {"loss_sum": loss_sum, "tokens": count}
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [batch, length]
+    weights = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
+    row_loss, row_tokens = jnp.sum(losses * weights, axis=-1), jnp.sum(weights, axis=-1)
+    # Per-row sums ("rows/", gathered by the loop) pair two models example by example (--mode ab).
+    out = {"loss_sum": jnp.sum(row_loss), "tokens": jnp.sum(row_tokens), "rows/loss_sum": row_loss,
+           "rows/tokens": row_tokens}
     if mask is not None:
       out["sentences"] = jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))
     return out
