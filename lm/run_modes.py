@@ -117,11 +117,16 @@ def _ab_run_config(config: ml_collections.ConfigDict, metadata: dict[str, Any]
   so both runs of an A/B pair read the same examples."""
   run = config_lib.config_from_saved(metadata.get("config", {})).to_dict()
   ours = config_lib.to_json_dict(config)
-  for key in ("data", "eval", "mesh", "distributed", "xla_cpu_options", "classifier"):
+  # What the model is (model, head, vae/gan/classifier groups, the data format and tokenizer) stays the run's;
+  # what is evaluated, where and how is this config's.
+  kept_data = {key: run["data"][key] for key in ("format", "tokenizer", "tokenizer_vocab_size", "tokenizer_model")}
+  for key in ("data", "eval", "mesh", "distributed", "xla_cpu_options"):
     run[key] = ours[key]
+  run["data"].update(kept_data)
   for key in ("seq_len", "batch_size", "eval_batches"):
     run[key] = ours[key]
-  run["classifier"]["labels"] = tuple(metadata.get("classes") or ()) or ours["classifier"]["labels"]
+  if metadata.get("classes"):
+    run["classifier"]["labels"] = tuple(metadata["classes"])
   # The model keeps its own context length whatever seq_len this evaluation uses.
   run["model"]["max_len"] = metadata.get("model", {}).get("max_len") or run["model"]["max_len"]
   run.update(init_from="", warm_start="", resume=True)

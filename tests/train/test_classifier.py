@@ -223,8 +223,10 @@ def test_ab_compares_two_classifiers_on_the_same_examples(trained, corpus, tmp_p
   workdir, _, _ = trained
   weak = tmp_path / "weak"
   # The same SentencePiece model file, so the pair shares its tokenizer.
-  loop.train(config_for(corpus, steps=2, eval_every=2, checkpoint_every=2,
-                        **{"data.tokenizer_model": str(workdir / "tokenizer" / "spm.model")}), str(weak))
+  # Another architecture too: each run must be evaluated as it was built, not as this config says.
+  loop.train(config_for(corpus, steps=2, eval_every=2, checkpoint_every=2, eval_batches=0,
+                        **{"data.tokenizer_model": str(workdir / "tokenizer" / "spm.model"),
+                           "classifier.pooling": "last", "classifier.attention": "bidirectional"}), str(weak))
   out = tmp_path / "ab"
   result = cli(out, corpus, "--mode", "ab", **{"ab.a": str(weak), "ab.b": str(workdir), "ab.bootstrap_samples": 200,
                                               "eval_batches": 0})
@@ -233,6 +235,10 @@ def test_ab_compares_two_classifiers_on_the_same_examples(trained, corpus, tmp_p
   assert report["head"] == "classifier" and report["num_examples"] == 48
   accuracy = report["accuracy"]
   assert accuracy["difference"] == pytest.approx(accuracy["b"] - accuracy["a"])
+  # The same figures each run's own evaluation of its latest checkpoint logged.
+  for name, run, step in (("a", weak, 2), ("b", workdir, 60)):
+    logged = [row for row in read_metrics(str(run)) if row["step"] == step and "eval/accuracy" in row][-1]
+    assert accuracy[name] == pytest.approx(logged["eval/accuracy"]), name
   assert accuracy["lower"] <= accuracy["difference"] <= accuracy["upper"]
   assert 0.0 <= report["mcnemar"]["p_value"] <= 1.0 and 0.0 <= report["macro_f1"]["p_value"] <= 1.0
   assert "ab/accuracy/difference" in read_metrics(str(out))[-1]
