@@ -6,12 +6,17 @@ train -> dev for model selection (the checkpoint with the best dev accuracy) ->
 test, evaluated once after training with those weights. A SentencePiece vocabulary
 trained on the training split; BOS + tokens + EOS, at most 64 positions.
 
-Model: 2 layers, 4 heads, width 128 (about 1.3M parameters with the embeddings),
-mean-pooled final hidden states -> linear layer; dropout 0.1, label smoothing 0.1.
-AdamW 1e-3, cosine decay.
+Model: 2 layers, 4 heads, width 128 (1.43M parameters, 1.02M of them the embedding table),
+bidirectional attention, max-pooled final hidden states -> linear layer; dropout 0.1, label
+smoothing 0.1. AdamW 1e-3, 200 warm-up steps, cosine decay over 3,000 steps of batch 64
+(2.9 passes over the phrases); eval on every dev sentence every 200 steps.
 
-Expected result: see BENCHMARKS.md "SST-2 classifier" (target: dev accuracy >= 0.82 within
-15 minutes of training on a 2-core CPU).
+Result (2-core CPU, BENCHMARKS.md "SST-2 classifier"): best dev accuracy 0.806 (step 1,000),
+test accuracy 0.808 with those weights, macro-F1 0.806 / 0.808; 5 min 41 s of training
+(about 100 ms per step). The issue's target, dev accuracy >= 0.82 within 15 minutes of CPU
+training, is NOT met: every variant tried (causal or bidirectional attention, mean or max
+pooling, dropout 0.3, token dropout 0.2, width 256, SST-2 LM pre-training then fine-tuning)
+peaked between 0.797 and 0.813.
 
 Command:
   python -m lm.main --config experiments/sst2_classifier.py --workdir runs/sst2_classifier
@@ -40,8 +45,8 @@ def get_config(variant: str = "scratch"):
   config.batch_size = 64
   config.seq_len = 64
   config.log_every = 100
-  config.eval_every = 500
-  config.checkpoint_every = 500
+  config.eval_every = 200
+  config.checkpoint_every = 1000
   config.eval_batches = 0  # every dev sentence
 
   config.model.variant = "gpt2"
@@ -63,7 +68,8 @@ def get_config(variant: str = "scratch"):
   config.data.tokenizer = "sentencepiece"
   config.data.tokenizer_vocab_size = 8000
 
-  config.classifier.pooling = "mean"
+  config.classifier.pooling = "max"
+  config.classifier.attention = "bidirectional"  # from scratch, every token reads the whole sentence
   config.classifier.label_smoothing = 0.1
   config.classifier.test_split = "test"
   config.sample.prompt = "a gorgeous , witty , seductive movie ."
