@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import shutil
 
 import jax
@@ -17,6 +18,7 @@ from lm.data import sources
 from lm.data.labeled import derive_classes
 from lm.heads.classifier import parse_class_weights
 from lm.models.classifier import classification_loss, pool
+from lm.run_modes import ab_test
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import loop
 from lm.train.experiment import build_experiment
@@ -245,17 +247,15 @@ def test_ab_compares_two_classifiers_on_the_same_examples(trained, corpus, tmp_p
 
 
 def test_ab_compares_two_language_models(tmp_path):
-  def lm_cli(workdir, *args, **extra):
-    flags = [f"--config.{key}={value}" for key, value in tiny_overrides(eval_batches=2, **extra).items()]
-    return run_cli("--config", "experiments/shakespeare_char.py", "--workdir", str(workdir), *flags, *args)
+  def lm_config(**extra):
+    return load_config("experiments/shakespeare_char.py", tiny_overrides(eval_batches=2, **extra))
 
   a, b = tmp_path / "a", tmp_path / "b"
-  assert lm_cli(a, steps=2, eval_every=2, checkpoint_every=2).returncode == 0
-  assert lm_cli(b, steps=2, eval_every=2, checkpoint_every=2, init_from=str(a)).returncode == 0
+  loop.train(lm_config(steps=2, eval_every=2, checkpoint_every=2), str(a))
+  loop.train(lm_config(steps=2, eval_every=2, checkpoint_every=2, init_from=str(a)), str(b))
   out = tmp_path / "ab"
-  result = lm_cli(out, "--mode", "ab", **{"ab.a": str(a), "ab.b": str(b), "ab.bootstrap_samples": 100})
-  assert result.returncode == 0, result.stderr[-3000:]
-  report = json.loads((out / "ab.json").read_text())
+  report = ab_test(lm_config(**{"ab.a": str(a), "ab.b": str(b), "ab.bootstrap_samples": 100}), str(out))
+  assert json.loads((out / "ab.json").read_text()) == json.loads(json.dumps(report))
   assert report["head"] == "lm" and report["metric"] == "loss" and report["num_examples"] == 16
   assert report["lower"] <= report["difference"] <= report["upper"]
   assert report["difference"] == pytest.approx(report["b"] - report["a"])
@@ -284,16 +284,16 @@ def test_a_bad_label_names_the_file_and_line(corpus, tmp_path):
 ])
 def test_bad_classifier_settings_are_refused_before_anything_is_written(corpus, tmp_path, change, match):
   workdir = tmp_path / "run"
-  result = cli(workdir, corpus, **change)
-  assert result.returncode == 2 and match in result.stderr, result.stderr[-2000:]
+  with pytest.raises((ConfigError, sources.DataError), match=re.escape(match)):
+    build_experiment(config_for(corpus, **change), str(workdir))
   assert not workdir.exists()
 
 
 def test_resuming_with_other_classes_is_refused_and_the_run_kept(trained, corpus):
   workdir, _, _ = trained
   before = snapshot(workdir)
-  result = cli(workdir, corpus, **{"steps": 80, "classifier.labels": ("1", "0")})
-  assert result.returncode == 2 and "classifies into ['0', '1']" in result.stderr
+  with pytest.raises(checkpoint_lib.CheckpointError, match=re.escape("classifies into ['0', '1']")):
+    build_experiment(config_for(corpus, steps=80, **{"classifier.labels": ("1", "0")}), str(workdir))
   assert snapshot(workdir) == before
 
 
@@ -302,9 +302,9 @@ def test_ab_refuses_runs_with_different_tokenizers(trained, corpus, tmp_path):
   other = tmp_path / "byte"
   loop.train(config_for(corpus, steps=2, eval_every=2, checkpoint_every=2, **{"data.tokenizer": "byte"}), str(other))
   out = tmp_path / "ab"
-  result = cli(out, corpus, "--mode", "ab", **{"ab.a": str(workdir), "ab.b": str(other)})
-  assert result.returncode == 2 and "different tokenizers" in result.stderr
-  assert not (out / "ab.json").exists()
+  with pytest.raises(ConfigError, match="different tokenizers"):
+    ab_test(config_for(corpus, **{"ab.a": str(workdir), "ab.b": str(other)}), str(out))
+  assert not out.exists()
 
 
 def test_ab_needs_both_runs(corpus, tmp_path):
