@@ -164,14 +164,16 @@ def ab_test(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
         f"The runs have different tokenizers ({dir_a}/tokenizer: {exp_a.tokenizer!r}; {dir_b}/tokenizer: "
         f"{exp_b.tokenizer!r}), so their examples and losses do not pair. Compare runs trained with the same "
         "tokenizer (start B with config.init_from=A, or set data.tokenizer_model to one SentencePiece file).")
+  if exp_a.config.data.format != exp_b.config.data.format:
+    raise config_lib.ConfigError(f"config.ab.a ({dir_a}) was trained on data.format={exp_a.config.data.format!r} "
+                                 f"and config.ab.b ({dir_b}) on {exp_b.config.data.format!r}; their examples differ.")
   if exp_a.head.name == "classifier" and exp_a.head.classes != exp_b.head.classes:
     raise config_lib.ConfigError(f"The classifiers have different classes ({exp_a.head.classes} in {dir_a}, "
                                  f"{exp_b.head.classes} in {dir_b}); they cannot be compared example by example.")
-  rows = {}
-  for name, (experiment, params, _, _) in runs.items():
-    source = open_eval_split(experiment.config, split)
-    rows[name] = evaluate_rows(experiment, params, token_windows(experiment, source, config.seq_len),
-                               config.eval_batches)
+  # One tokenizer, one seq_len, the same classes: the examples are built once and fed to both runs.
+  examples = token_windows(exp_a, open_eval_split(exp_a.config, split), config.seq_len)
+  rows = {name: evaluate_rows(experiment, params, examples, config.eval_batches)
+          for name, (experiment, params, _, _) in runs.items()}
   options = dict(confidence=float(config.ab.confidence), samples=int(config.ab.bootstrap_samples),
                  seed=int(config.ab.seed))
   if exp_a.head.name == "classifier":

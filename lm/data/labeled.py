@@ -27,6 +27,17 @@ KEYS = ("inputs", "mask", "label", "index")
 BATCH_RANKS = {"inputs": 2, "mask": 2, "label": 1, "index": 1}
 
 
+def encode(vocab: SentenceVocab, seq_len: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """(inputs, mask) [seq_len] int32 of a sentence's tokens (at most seq_len - 2 of them are kept)."""
+  tokens = np.asarray(tokens, np.int32)[:seq_len - 2]
+  n = len(tokens)
+  inputs = np.full(seq_len, vocab.pad, np.int32)
+  inputs[0], inputs[1:n + 1], inputs[n + 1] = vocab.bos, tokens, vocab.eos
+  mask = np.zeros(seq_len, np.int32)
+  mask[:n + 2] = 1
+  return inputs, mask
+
+
 def _sort_key(label: str) -> tuple[int, Any]:
   try:
     return 0, int(label)
@@ -106,9 +117,6 @@ class LabeledSentences:
   def __len__(self) -> int:
     return len(self.labels)
 
-  def class_counts(self) -> np.ndarray:
-    return np.bincount(self.labels, minlength=len(self.classes))
-
   def chars_per_token(self, tokenizer: Tokenizer) -> float:  # pylint: disable=unused-argument
     return 1.0  # not a language-modelling figure here
 
@@ -120,11 +128,6 @@ class LabeledSentences:
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     index = int(index)
-    tokens = self._ids[self._offsets[index]:self._offsets[index + 1]]
-    n = len(tokens)
-    inputs = np.full(self.seq_len, self.vocab.pad, np.int32)
-    inputs[0], inputs[1:n + 1], inputs[n + 1] = self.vocab.bos, tokens, self.vocab.eos
-    mask = np.zeros(self.seq_len, np.int32)
-    mask[:n + 2] = 1
+    inputs, mask = encode(self.vocab, self.seq_len, self._ids[self._offsets[index]:self._offsets[index + 1]])
     return {"inputs": inputs, "mask": mask, "label": np.asarray(self.labels[index], np.int32),
             "index": np.asarray(index, np.int32)}

@@ -98,25 +98,33 @@ def _txt_documents(path: Path, text_field: str) -> Iterator[str]:
     yield "\n".join(paragraph)
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+def _jsonl_records(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+  """Yields (line_number, record) of a .jsonl file whose records all hold `fields`, the first a string."""
+  named = " and ".join(repr(field) for field in fields)
   for line_number, line in _lines(path):
     if not line.strip():
       continue
     try:
       record = json.loads(line)
     except json.JSONDecodeError as error:
+      example = ", ".join(f'"{field}": "..."' for field in fields)
       raise DataError(
           f"{path} line {line_number} is not valid JSON ({error.msg}). Fix: write one JSON object "
-          f'per line, e.g. {{"{text_field}": "..."}}.') from None
-    if not isinstance(record, dict) or text_field not in record:
-      fields = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
+          f"per line, e.g. {{{example}}}.") from None
+    if not isinstance(record, dict) or any(field not in record for field in fields):
+      present = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
       raise DataError(
-          f"{path} line {line_number} has no field {text_field!r} (it has {fields}). Fix: pass "
-          "text_field= naming the field that holds the text, or add it to every line.")
-    if not isinstance(record[text_field], str):
+          f"{path} line {line_number} has no field {named} (it has {present}). Fix: set "
+          "config.data.text_field (and label_field) to the fields that hold them, or add them to every line.")
+    if not isinstance(record[fields[0]], str):
       raise DataError(
-          f"{path} line {line_number}: field {text_field!r} is {type(record[text_field]).__name__}, "
+          f"{path} line {line_number}: field {fields[0]!r} is {type(record[fields[0]]).__name__}, "
           "not a string. Fix: store the text as a JSON string.")
+    yield line_number, record
+
+
+def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
+  for _, record in _jsonl_records(path, (text_field,)):
     yield record[text_field]
 
 
@@ -166,25 +174,12 @@ def _tsv_labeled(path: Path, text_field: str, label_field: str) -> Iterator[tupl
 
 
 def _jsonl_labeled(path: Path, text_field: str, label_field: str) -> Iterator[tuple[str, str, str]]:
-  for line_number, line in _lines(path):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as error:
-      raise DataError(f"{path} line {line_number} is not valid JSON ({error.msg}). Fix: write one JSON object "
-                      f'per line, e.g. {{"{text_field}": "...", "{label_field}": 1}}.') from None
-    if not isinstance(record, dict) or text_field not in record or label_field not in record:
-      fields = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
-      raise DataError(f"{path} line {line_number} needs fields {text_field!r} and {label_field!r} (it has "
-                      f"{fields}). Fix: add them, or set config.data.text_field / label_field.")
-    text, label = record[text_field], record[label_field]
-    if not isinstance(text, str):
-      raise DataError(f"{path} line {line_number}: field {text_field!r} is {type(text).__name__}, not a string.")
+  for line_number, record in _jsonl_records(path, (text_field, label_field)):
+    label = record[label_field]
     if isinstance(label, bool) or not isinstance(label, (int, str)) or not str(label).strip():
       raise DataError(f"{path} line {line_number}: label {label!r} is not a class name or integer. Fix: write "
                       "the label as a non-empty string or an integer.")
-    yield text, str(label).strip(), f"{path.name}:{line_number}"
+    yield record[text_field], str(label).strip(), f"{path.name}:{line_number}"
 
 
 def read_labeled_documents(path: str | os.PathLike, *, text_field: str = "text",

@@ -115,6 +115,7 @@ class LabeledSource(TextSource):
     self._label_field = label_field
     self._label_names = list(label_names) if label_names else None  # a TFDS ClassLabel's names
     self._where_field = where_field
+    self._labels: list[str] | None = None
 
   def _label(self, row: Mapping[str, Any]) -> str:
     value = row[self._label_field]
@@ -123,7 +124,12 @@ class LabeledSource(TextSource):
     return _as_str(value).strip()
 
   def labels(self) -> list[str]:
-    """Every document's label, in order."""
+    """Every document's label, in order (read once: classes, class weights and examples all need them)."""
+    if self._labels is None:
+      self._labels = self._read_labels()
+    return self._labels
+
+  def _read_labels(self) -> list[str]:
     out: list[str] = []
     for start in range(0, len(self), _READ_CHUNK):
       indices = list(range(start, min(start + _READ_CHUNK, len(self))))

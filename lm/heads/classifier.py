@@ -269,15 +269,9 @@ class ClassifierHead(Head):
 
   def classify_texts(self, params: Any, texts: list[str]) -> list[tuple[str, float]]:
     """(predicted class, its probability) for each text; call under the mesh context."""
-    seq_len = self.config.seq_len
-    rows = []
-    for text in texts:
-      tokens = np.asarray(self.tokenizer.encode(text.strip()), np.int32)[:seq_len - 2]
-      inputs = np.full(seq_len, self.vocab.pad, np.int32)
-      inputs[0], inputs[1:len(tokens) + 1], inputs[len(tokens) + 1] = self.vocab.bos, tokens, self.vocab.eos
-      rows.append(inputs)
-    inputs = np.stack(rows)
-    mask = (inputs != self.vocab.pad).astype(np.int32)
+    encoded = [labeled_lib.encode(self.vocab, self.config.seq_len, self.tokenizer.encode(text.strip()))
+               for text in texts]
+    inputs, mask = (np.stack(parts) for parts in zip(*encoded))
     probabilities = np.asarray(_probabilities(self.model, params, jnp.asarray(inputs), jnp.asarray(mask)))
     return [(self.classes[int(p.argmax())], float(p.max())) for p in probabilities]
 
