@@ -15,11 +15,70 @@ from typing import TYPE_CHECKING, Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from absl import logging
+from jax.ad_checkpoint import checkpoint_name
 
 if TYPE_CHECKING:
   from lm.models.transformer import TransformerConfig
 
 Initializer = Callable[..., jax.Array]
+
+# Names of the query/key/value projections' outputs, for remat policies that keep them ("qkv_proj").
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+# cuDNN's flash attention takes these compute dtypes (jax._src.cudnn.fused_attention_stablehlo).
+CUDNN_DTYPES = ("bfloat16", "float16")
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.warning("%s", message)
+
+
+def cudnn_attention_problem(config: TransformerConfig, platform: str, compute_capability: str | None = None
+                            ) -> str | None:
+  """Why cuDNN's flash attention cannot run this model on `platform` ("cpu", "gpu", "tpu"); None if it can.
+
+  The conditions are those `jax.nn.dot_product_attention(implementation="cudnn")`
+  checks: an NVIDIA GPU, bfloat16/float16 inputs, a head dimension that is a
+  multiple of 8 and at most 128 (256 on Hopper, compute capability 9.0+).
+  """
+  if platform != "gpu":
+    return f"cuDNN flash attention needs an NVIDIA GPU, and this run's devices are {platform}"
+  if config.dtype not in CUDNN_DTYPES:
+    return (f"cuDNN flash attention takes bfloat16 or float16, and model.dtype={config.dtype}; set "
+            "model.dtype=bfloat16")
+  head_dim = config.width // config.num_heads
+  hopper = compute_capability is not None and tuple(int(x) for x in compute_capability.split(".")[:2]) >= (9, 0)
+  limit = 256 if hopper else 128
+  if head_dim % 8 or head_dim > limit:
+    return (f"cuDNN flash attention needs a head dimension (model.width / model.num_heads) that is a multiple "
+            f"of 8 and at most {limit}, and this model's is {head_dim}; change model.num_heads")
+  return None
+
+
+def _attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool, impl: str) -> jax.Array:
+  """Unmasked (causal or full) attention [batch, length, heads, head_dim] through `impl`.
+
+  "cudnn" and "auto" try cuDNN's flash attention and fall back to XLA's, with
+  a warning naming the reason, where cuDNN refuses the shape at trace time;
+  "auto" does not try where `cudnn_attention_problem` already says no.
+  """
+  if impl in ("cudnn", "auto"):
+    config_dtype = jnp.dtype(query.dtype).name
+    platform = jax.default_backend()
+    if impl == "auto" and (platform != "gpu" or config_dtype not in CUDNN_DTYPES):
+      impl = "xla"
+    else:
+      try:
+        return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation="cudnn")
+      except (NotImplementedError, ValueError, RuntimeError) as error:
+        _warn_once(f"cuDNN attention cannot take query {tuple(query.shape)} {config_dtype} on {platform} "
+                   f"({error}); using XLA's attention instead: same result, no flash kernel. Set "
+                   "model.attention_impl=xla to silence this.")
+        impl = "xla"
+  return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation=impl)
 
 
 def param_init(std: float, axes: tuple[str, ...]) -> Initializer:
@@ -179,9 +238,9 @@ class Attention(nn.Module):
                        "yet written; pass key_mask only to a full (encoder) forward.")
     key_projection = dense((cfg.kv_heads, head_dim), ("embed", "heads", "kv"), "key")
     value_projection = dense((cfg.kv_heads, head_dim), ("embed", "heads", "kv"), "value")
-    query = dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), "query")(x)
-    key = key_projection(x)
-    value = value_projection(x)
+    query = checkpoint_name(dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), "query")(x), QKV_NAMES[0])
+    key = checkpoint_name(key_projection(x), QKV_NAMES[1])
+    value = checkpoint_name(value_projection(x), QKV_NAMES[2])
     if cfg.position == "rope":
       query = apply_rope(query, positions, cfg.rope_theta)
       key = apply_rope(key, positions, cfg.rope_theta)
@@ -210,8 +269,7 @@ class Attention(nn.Module):
       mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (1,), bool), mask], axis=-1)
 
     if mask is None:
-      out = jax.nn.dot_product_attention(
-          query, key, value, is_causal=self.causal, implementation=cfg.attention_impl)
+      out = _attention(query, key, value, self.causal, cfg.attention_impl)
     else:
       # An explicit mask (cache, memory slot, padding) with key length !=
       # query length: XLA's implementation takes any mask; the fused cuDNN

@@ -21,18 +21,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.models import layers
+from lm.models import fused_loss, layers
 
 VARIANT_DEFAULTS: dict[str, dict[str, Any]] = {
     "gpt2": dict(position="learned", norm="layernorm", mlp="gelu", use_bias=True, tie_embeddings=True),
     "llama": dict(position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False, tie_embeddings=False),
 }
+# Rematerialization of each block (`model.remat_policy`): what the backward pass may keep from the
+# forward instead of recomputing it. Fewer saved values: less memory, more FLOPs.
 REMAT_POLICIES = {
-    "none": None,
+    "none": None,  # no remat: everything the backward needs is kept
     "full": jax.checkpoint_policies.nothing_saveable,
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    # MaxText's "minimal": keep the weight matmuls' outputs (projections, MLP), recompute the
+    # attention scores and the elementwise work.
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    # Keep only the query/key/value projections (named in layers.Attention); recompute the rest.
+    "qkv_proj": jax.checkpoint_policies.save_only_these_names(*layers.QKV_NAMES),
     "everything_saveable": jax.checkpoint_policies.everything_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -41,7 +48,8 @@ CHOICES = {
     "position": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
-    "attention_impl": ("xla", "cudnn"),
+    "attention_impl": ("xla", "cudnn", "auto"),
+    "loss_impl": ("auto", "fused", "logits"),
     "remat_policy": tuple(REMAT_POLICIES),
     "dtype": tuple(DTYPES),
     "param_dtype": tuple(DTYPES),
@@ -52,7 +60,7 @@ CHOICES = {
 class TransformerConfig:
   """Static hyperparameters of `TransformerLM` (hashable, so jit can close over it)."""
 
-  vocab_size: int
+  vocab_size: int  # rows of the embedding table (padded to a multiple of model.vocab_multiple)
   num_layers: int
   num_heads: int
   width: int
@@ -72,9 +80,20 @@ class TransformerConfig:
   init_std: float = 0.02
   dtype: str = "float32"  # computation
   param_dtype: str = "float32"  # storage (master weights)
+  # xla | cudnn (flash attention on NVIDIA GPUs) | auto (cudnn where it can run, else xla);
+  # `resolve_attention` settles it for the devices at hand and says why it falls back.
   attention_impl: str = "xla"
   remat_policy: str = "none"
   scan_layers: bool = False
+  # The training/eval loss: logits (full [batch, length, vocab] float32 logits), fused
+  # (lm.models.fused_loss: chunk_len positions at a time, no full logits), or auto: fused when the
+  # full logits would take >= fused_loss_min_mb per device.
+  loss_impl: str = "auto"
+  loss_chunk_len: int = 128
+  fused_loss_min_mb: float = 256.0
+  # Ids the data can hold; those from here to vocab_size are padding (a vocabulary padded to a multiple of
+  # 128 for the matmul units): their logits are -1e9, so they take no probability. None: no padding.
+  valid_vocab_size: int | None = None
 
   @classmethod
   def from_config(cls, model: Mapping[str, Any], vocab_size: int, max_len: int) -> TransformerConfig:
@@ -108,6 +127,13 @@ class TransformerConfig:
     # handles well.
     return "xla"
 
+  def fused_loss(self, batch: int, length: int, devices: int = 1) -> bool:
+    """Whether the loss of a [batch, length] (global) batch on `devices` devices uses `fused_loss`."""
+    if self.loss_impl != "auto":
+      return self.loss_impl == "fused"
+    logits_bytes = batch * length * self.vocab_size * 4 / max(devices, 1)
+    return logits_bytes >= self.fused_loss_min_mb * 2**20
+
   @property
   def compute_dtype(self) -> Any:
     return DTYPES[self.dtype]
@@ -127,6 +153,30 @@ class TransformerConfig:
           f"model.num_heads={self.num_heads} must be a multiple of model.num_kv_heads={self.kv_heads}.")
     if self.position == "rope" and (self.width // self.num_heads) % 2:
       raise ValueError("RoPE needs an even head dimension (model.width / model.num_heads).")
+    if self.valid_vocab_size is not None and not 0 < self.valid_vocab_size <= self.vocab_size:
+      raise ValueError(f"valid_vocab_size={self.valid_vocab_size} must be in [1, vocab_size={self.vocab_size}].")
+    if self.loss_chunk_len < 1:
+      raise ValueError(f"model.loss_chunk_len={self.loss_chunk_len} must be >= 1 (positions per loss chunk).")
+
+
+def resolve_attention(config: TransformerConfig, platform: str | None = None,
+                      compute_capability: str | None = None) -> tuple[TransformerConfig, str | None]:
+  """Settles attention_impl "cudnn"/"auto" for the devices at hand: (config with xla or cudnn, why not cudnn).
+
+  The reason is None when the config keeps what it asked for (or asked for
+  xla). Defaults: JAX's default backend and its first device's compute
+  capability.
+  """
+  if config.attention_impl == "xla":
+    return config, None
+  if platform is None:
+    platform = jax.default_backend()
+    if platform == "gpu":
+      compute_capability = getattr(jax.local_devices()[0], "compute_capability", None)
+  problem = layers.cudnn_attention_problem(config, platform, compute_capability)
+  if problem is None:
+    return dataclasses.replace(config, attention_impl="cudnn"), None
+  return dataclasses.replace(config, attention_impl="xla"), problem
 
 
 class Block(nn.Module):
@@ -258,7 +308,7 @@ class TransformerLM(nn.Module):
       logits = layers.Projection((cfg.vocab_size,), ("embed", "vocab"), use_bias=False, std=cfg.init_std,
                                  dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, name="unembed")(x)
     logits = nn.with_logical_constraint(logits, ("batch", "length", "vocab"))
-    return logits.astype(jnp.float32)
+    return fused_loss.mask_padding(logits.astype(jnp.float32), cfg.valid_vocab_size)
 
   def init_cache(self, batch_size: int) -> Any:
     """Empty KV cache for `batch_size` sequences of up to `max_len` tokens."""

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
+from lm.models import fused_loss
 from lm.train import sharding as sharding_lib
 from lm.train.state import TrainState
 
@@ -38,6 +39,41 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None 
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+def lm_loss_sum(model: nn.Module, params: Any, batch: Batch, *, deterministic: bool = True,
+                rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """A TransformerLM's summed token cross-entropy and token count on a batch (see `cross_entropy`).
+
+  Through the full logits, or through `fused_loss.fused_loss_sum` without
+  them when the model's `loss_impl` says so for this batch's shape (same
+  value; the gradient is computed chunk by chunk).
+  """
+  cfg = model.config
+  rngs = {"dropout": rng} if rng is not None else {}
+  mask = batch.get("mask")
+  if not cfg.fused_loss(*batch["inputs"].shape, devices=jax.device_count()):
+    logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
+    return cross_entropy(logits, batch["targets"], mask)
+  hidden = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
+                       return_hidden=True)
+  table, vocab_major = fused_loss.output_table(params, cfg.tie_embeddings)
+  weights = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+  loss_sum = fused_loss.fused_loss_sum(hidden, table, batch["targets"], weights, vocab_major, cfg.loss_chunk_len,
+                                       cfg.valid_vocab_size)
+  return loss_sum, jnp.sum(weights)
+
+
+def lm_token_losses(model: nn.Module, params: Any, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """A TransformerLM's per-token cross-entropy [batch, length] (evaluation; fused like `lm_loss_sum`)."""
+  cfg = model.config
+  if not cfg.fused_loss(*inputs.shape, devices=jax.device_count()):
+    logits = model.apply({"params": params}, inputs, deterministic=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  hidden = model.apply({"params": params}, inputs, deterministic=True, return_hidden=True)
+  table, vocab_major = fused_loss.output_table(params, cfg.tie_embeddings)
+  return fused_loss.token_losses(hidden, table, targets, vocab_major=vocab_major, chunk_len=cfg.loss_chunk_len,
+                                 valid_vocab=cfg.valid_vocab_size)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
   """Builds `train_step(state, batch)`.
@@ -49,9 +85,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
   deterministic = model.config.dropout == 0.0
 
   def loss_fn(params: Any, micro: Batch, rng: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logits = model.apply({"params": params}, micro["inputs"], deterministic=deterministic,
-                         rngs={"dropout": rng})
-    loss_sum, count = cross_entropy(logits, micro["targets"], micro.get("mask"))
+    loss_sum, count = lm_loss_sum(model, params, micro, deterministic=deterministic, rng=rng)
     return loss_sum / jnp.maximum(count, 1.0), loss_sum
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
@@ -90,9 +124,8 @@ def make_eval_step(model: nn.Module) -> Callable[[Any, Batch], Metrics]:
   """
 
   def eval_step(params: Any, batch: Batch) -> Metrics:
-    logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
     mask = batch.get("mask")
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])  # [batch, length]
+    losses = lm_token_losses(model, params, batch["inputs"], batch["targets"])  # [batch, length]
     weights = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
     row_loss, row_tokens = jnp.sum(losses * weights, axis=-1), jnp.sum(weights, axis=-1)
     # Per-row sums ("rows/", gathered by the loop) pair two models example by example (--mode ab).

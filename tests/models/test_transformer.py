@@ -83,11 +83,7 @@ def _grads(options):
   return model, params, jax.grad(loss)(params)
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_with_no_batch_dims_saveable"])
-def test_remat_gives_identical_gradients(policy):
-  _, _, plain = _grads({})
-  _, _, remat = _grads({"remat_policy": policy})
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), plain, remat)
+# Remat policies and scan: tests/models/test_fast_path.py.
 
 
 def test_scan_over_layers_matches_unrolled_layers():
