@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from lm import config as config_lib
 from lm import distributed
+from lm import xla_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/NAME.py).",
                                           lock_config=True)
@@ -44,6 +45,14 @@ def run_mode(config, workdir: str | None, mode: str) -> int:
   """Runs one mode; returns the process exit code."""
   if mode != "bench" and not workdir:
     raise config_lib.ConfigError(f"--mode {mode} needs --workdir (the run directory).")
+  # XLA reads its flags once, when JAX starts its backends: the presets go first.
+  try:
+    logging.info("%s", xla_flags.apply(config.xla.preset, config.xla.flags).summary())
+  except config_lib.ConfigError:
+    if config.xla.preset != "auto" or config.xla.flags or not xla_flags.backends_started():
+      raise  # asked for explicitly: an error rather than flags silently not applied
+    logging.warning("JAX already started (e.g. earlier in this notebook): XLA flag preset auto not applied. "
+                    "Call lm.xla_flags.apply() before the first JAX computation to use it.")
   cluster = distributed.initialize(config.distributed)  # before anything touches a device
   import jax  # pylint: disable=g-import-not-at-top
   from lm import run_modes  # pylint: disable=g-import-not-at-top
