@@ -99,9 +99,18 @@ def base_config() -> ml_collections.ConfigDict:
   config.model.rope_theta = 10_000.0  # RoPE base frequency (Llama 3: 500000)
   config.model.dtype = "float32"  # computation dtype: bfloat16 on accelerators
   config.model.param_dtype = "float32"  # master weights
-  config.model.attention_impl = "xla"  # xla | cudnn
+  # xla | cudnn (flash attention, NVIDIA GPUs; falls back to xla with a warning saying why) |
+  # auto (cudnn where it can run, else xla, silently)
+  config.model.attention_impl = "xla"
+  # none | minimal | nothing_saveable (= full) | dots_with_no_batch_dims_saveable | dots_saveable |
+  # qkv_proj | everything_saveable: what the backward keeps of each block (lm.models.transformer)
   config.model.remat_policy = "none"
-  config.model.scan_layers = False
+  config.model.scan_layers = False  # nn.scan over the layers: one compiled block, stacked weights
+  # auto | fused | logits: the LM loss without the full-vocabulary float32 logits (lm.models.fused_loss)
+  # when they would take >= fused_loss_min_mb per device (auto), always (fused) or never (logits).
+  config.model.loss_impl = "auto"
+  config.model.loss_chunk_len = 128  # positions per chunk of the fused loss
+  config.model.fused_loss_min_mb = 256.0
 
   config.optim = ml_collections.ConfigDict()
   config.optim.lr = 1e-3
@@ -129,6 +138,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.tokenizer = "char"  # char | byte | sentencepiece
   config.data.tokenizer_vocab_size = 8000  # sentencepiece only
   config.data.tokenizer_model = ""  # a SentencePiece .model file; empty: train one on the train split
+  # data.source="synthetic" (lm.data.synthetic): uniform random ids, for throughput runs.
+  config.data.synthetic_vocab_size = 50_257  # GPT-2's vocabulary
+  config.data.synthetic_tokens = 1 << 22  # ids per split
   config.data.cache_dir = ""  # where local corpora are prepared as TFDS datasets; empty: ~/.cache/lm/tfds
   config.data.train_stride = 1  # training windows start every `train_stride` tokens
   config.data.clean_train = False  # True: clean the training split with config.clean (dedup, filters) first
@@ -272,6 +284,12 @@ def base_config() -> ml_collections.ConfigDict:
   config.xla_cpu_options = ml_collections.ConfigDict()
   config.xla_cpu_options.xla_cpu_experimental_ynn_fusion_type = "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"
 
+  # XLA flag presets (lm.xla_flags), set in XLA_FLAGS / LIBTPU_INIT_ARGS by `lm.main` before JAX starts.
+  # A flag already in those environment variables wins over both fields.
+  config.xla = ml_collections.ConfigDict()
+  config.xla.preset = "auto"  # auto | gpu | tpu | none; auto: gpu on an NVIDIA GPU, tpu on a TPU VM, else none
+  config.xla.flags = ""  # extra "--name=value --name2=value2" flags; one of the preset's name replaces it
+
   config.sample = ml_collections.ConfigDict()
   # continue: continue sample.prompt (LM); with a VAE: prior (z ~ N(0, I)), reconstruct (sample.prompt),
   # interpolate (from sample.prompt to sample.prompt_b in sample.interpolation_steps points).
@@ -295,9 +313,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.bench.warmup_steps = 5
   config.bench.peak_flops_per_device = placeholder(float)  # None: from the device table in lm.train.perf
   config.bench.compile_only = False  # True: memory per device from the compiled step, no timing
-  config.bench.decode = True  # also time sampling with the KV cache against recomputing without it
-  config.bench.decode_batch = 8
-  config.bench.decode_tokens = 64
+  config.bench.decode = True  # also time greedy sampling with the KV cache (head="lm")
+  config.bench.decode_batches = (8,)  # one figure per batch size, e.g. (1, 64)
+  config.bench.decode_tokens = 64  # new tokens per row, after a prompt that fills the rest of the context
+  config.bench.decode_uncached = True  # and recomputing the prefix without the cache (at the first batch size)
   return config
 
 
@@ -372,6 +391,10 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
              f"config.model.num_kv_heads={model.num_kv_heads}.")
   _require(0.0 <= model.dropout < 1.0, f"config.model.dropout must be in [0, 1) (got {model.dropout}).")
   _require(model.vocab_multiple >= 1, "config.model.vocab_multiple must be >= 1.")
+  _require(int(model.loss_chunk_len) >= 1,
+           f"config.model.loss_chunk_len must be >= 1 positions (got {model.loss_chunk_len}).")
+  _require(float(model.fused_loss_min_mb) >= 0,
+           f"config.model.fused_loss_min_mb must be >= 0 MB (got {model.fused_loss_min_mb}).")
   if model.max_len is not None:
     _require(model.max_len >= config.seq_len,
              f"config.model.max_len={model.max_len} is shorter than config.seq_len={config.seq_len}.")
@@ -442,6 +465,14 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
            "config.data.source is empty: set it to tfds:NAME[:SPLIT] or a path to a .txt/.jsonl/.tsv corpus.")
   _require(data.tokenizer in TOKENIZERS, f"config.data.tokenizer={data.tokenizer!r} is not one of {TOKENIZERS}.")
   _require(data.train_stride >= 1, "config.data.train_stride must be >= 1.")
+  if data.source == "synthetic":
+    _require(config.head == "lm" and data.format == "windows" and data.tokenizer == "byte",
+             "config.data.source='synthetic' is random token ids for a language model's throughput: it needs "
+             f"head='lm', data.format='windows' and data.tokenizer='byte' (got {config.head!r}, {data.format!r}, "
+             f"{data.tokenizer!r}).")
+    _require(data.synthetic_vocab_size >= 1 and data.synthetic_tokens > config.seq_len,
+             f"config.data.synthetic_vocab_size must be >= 1 and data.synthetic_tokens > seq_len={config.seq_len} "
+             f"(got {data.synthetic_vocab_size}, {data.synthetic_tokens}).")
   _require(config.mesh.preset in ("", "dp", "fsdp", "fsdp_tp"),
            f"config.mesh.preset={config.mesh.preset!r} is not one of 'dp', 'fsdp', 'fsdp_tp' "
            "(or empty to use mesh.data/fsdp/tensor/rules as set).")
@@ -475,6 +506,10 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
   distributed = config.distributed
   _require(distributed.initialization_timeout > 0 and distributed.heartbeat_timeout > 0,
            "config.distributed.initialization_timeout and heartbeat_timeout must be > 0 seconds.")
+  from lm import xla_flags  # pylint: disable=g-import-not-at-top
+  _require(config.xla.preset in xla_flags.CHOICES,
+           f"config.xla.preset={config.xla.preset!r} is not one of {xla_flags.CHOICES}.")
+  xla_flags.parse(config.xla.flags)  # ConfigError naming a malformed flag
   sample = config.sample
   _require(sample.kind in SAMPLE_KINDS, f"config.sample.kind={sample.kind!r} is not one of {SAMPLE_KINDS}.")
   if mode == "sample" and sample.kind != "continue":
@@ -509,8 +544,11 @@ def validate(config: ml_collections.ConfigDict, mode: str = "train") -> None:
     _require(config.head == "lm" and config.data.format == "windows", f"config.eval.stride={config.eval.stride} "
              "slides a window over a token stream: it needs head='lm' and data.format='windows' (this is head="
              f"{config.head!r}, data.format={config.data.format!r}); set eval.stride=0.")
-  _require(config.bench.decode_batch >= 1 and config.bench.decode_tokens >= 1,
-           "config.bench.decode_batch and bench.decode_tokens must be >= 1.")
+  batches = config.bench.decode_batches
+  _require(isinstance(batches, tuple) and len(batches) > 0 and all(isinstance(b, int) and b >= 1 for b in batches)
+           and config.bench.decode_tokens >= 1,
+           f"config.bench.decode_batches={batches!r} must be a non-empty tuple of batch sizes >= 1, e.g. "
+           "--config.bench.decode_batches='(1, 64)', and bench.decode_tokens >= 1.")
   _require(isinstance(config.eval.folds, int) and config.eval.folds >= 2,
            f"config.eval.folds={config.eval.folds!r} must be an integer >= 2 (the usual value is 5 or 10).")
   ab = config.ab

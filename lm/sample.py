@@ -391,7 +391,7 @@ def generate_without_cache(model: TransformerLM, params: Any, prompt: jax.Array,
 
 
 def decode_benchmark(model: TransformerLM, params: Any, *, batch_size: int, prompt_len: int, new_tokens: int,
-                     repeats: int = 3) -> dict[str, Any]:
+                     repeats: int = 3, uncached: bool = True) -> dict[str, Any]:
   """Greedy decode throughput with the KV cache (`generate`) and without (`generate_without_cache`).
 
   Each is called once to compile (not timed), then `repeats` times, timed
@@ -402,7 +402,8 @@ def decode_benchmark(model: TransformerLM, params: Any, *, batch_size: int, prom
   Returns: {"cached_tokens_per_s", "uncached_tokens_per_s", "cached_seconds",
   "uncached_seconds", "speedup" (cached / uncached throughput), "tokens_match"
   (both gave the same greedy tokens), "batch_size", "prompt_len",
-  "new_tokens", "repeats"}.
+  "new_tokens", "repeats"}; with `uncached=False` only the cached run is
+  timed, and the "uncached_*", "speedup" and "tokens_match" entries are absent.
   """
   if batch_size < 1 or prompt_len < 1 or new_tokens < 1 or repeats < 1:
     raise ValueError(f"decode_benchmark: batch_size={batch_size}, prompt_len={prompt_len}, "
@@ -414,6 +415,8 @@ def decode_benchmark(model: TransformerLM, params: Any, *, batch_size: int, prom
                                  temperature=0.0),
       "uncached": lambda: generate_without_cache(model, params, prompt, max_new_tokens=new_tokens),
   }
+  if not uncached:
+    del runs["uncached"]
   result: dict[str, Any] = dict(batch_size=batch_size, prompt_len=prompt_len, new_tokens=new_tokens,
                                 repeats=repeats)
   outputs = {}
@@ -426,6 +429,8 @@ def decode_benchmark(model: TransformerLM, params: Any, *, batch_size: int, prom
       seconds.append(time.perf_counter() - start)
     result[f"{name}_seconds"] = min(seconds)
     result[f"{name}_tokens_per_s"] = batch_size * new_tokens / min(seconds)
+  if not uncached:
+    return result
   result["speedup"] = result["cached_tokens_per_s"] / result["uncached_tokens_per_s"]
   result["tokens_match"] = bool(np.array_equal(outputs["cached"], outputs["uncached"]))
   return result

@@ -403,21 +403,23 @@ def test_sample_options_are_validated(tiny_config):
   with pytest.raises(ConfigError, match="head='lm', sample.kind='continue'"):
     validate(tiny_config(**{"sample.beam_size": 2, "head": "vae", "data.format": "sentences",
                             "sample.kind": "prior"}), "sample")
-  with pytest.raises(ConfigError, match="decode_batch"):
-    validate(tiny_config(**{"bench.decode_batch": 0}), "bench")
+  with pytest.raises(ConfigError, match="decode_batches"):
+    validate(tiny_config(**{"bench.decode_batches": (2, 0)}), "bench")
 
 
 # -- decode throughput in --mode bench ------------------------------------------------
 def test_bench_reports_decode_throughput_with_and_without_the_cache(tiny_config):
   from lm.train import bench  # pylint: disable=g-import-not-at-top
-  config = tiny_config(**{"bench.steps": 2, "bench.warmup_steps": 1, "bench.decode_batch": 2,
+  config = tiny_config(**{"bench.steps": 2, "bench.warmup_steps": 1, "bench.decode_batches": (2, 3),
                           "bench.decode_tokens": 100})
   figures = bench.benchmark(config)
-  assert figures["decode/cached_tokens_per_sec"] > 0 and figures["decode/uncached_tokens_per_sec"] > 0
-  assert figures["decode/speedup"] == pytest.approx(
-      figures["decode/cached_tokens_per_sec"] / figures["decode/uncached_tokens_per_sec"])
+  assert figures["decode/b2/cached_tokens_per_sec"] > 0 and figures["decode/b2/uncached_tokens_per_sec"] > 0
+  assert figures["decode/b2/speedup"] == pytest.approx(
+      figures["decode/b2/cached_tokens_per_sec"] / figures["decode/b2/uncached_tokens_per_sec"])
+  # The uncached baseline runs at the first batch size only.
+  assert figures["decode/b3/cached_tokens_per_sec"] > 0 and "decode/b3/uncached_tokens_per_sec" not in figures
   # 100 new tokens do not fit a context of 32: the last 32 positions are decoded, after a 1-token prompt.
-  assert (figures["decode/batch_size"], figures["decode/new_tokens"], figures["decode/prompt_len"]) == (2, 32, 1)
+  assert (figures["decode/batch_sizes"], figures["decode/new_tokens"], figures["decode/prompt_len"]) == ([2, 3], 32, 1)
   off = types.SimpleNamespace(config=apply_overrides(config, {"bench.decode": False}), head=Head)
   assert bench.decode_figures(off, None) == {}
 

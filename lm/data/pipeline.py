@@ -19,7 +19,7 @@ import grain
 import jax
 import numpy as np
 
-from lm.data import sources
+from lm.data import sources, synthetic
 from lm.data.tokenizers import Tokenizer
 
 
@@ -30,6 +30,8 @@ def tokenize_split(source: sources.TextSource, tokenizer: Tokenizer) -> np.ndarr
   tokenizers without one (characters), by the encoded paragraph separator, so
   a corpus split into paragraphs is restored as the original text.
   """
+  if isinstance(source, synthetic.SyntheticSource):
+    return source.tokens  # already token ids
   if tokenizer.eos_id is not None:
     separator = np.array([tokenizer.eos_id], np.int32)
   else:

@@ -5,10 +5,10 @@ before timing, so the figure is the step itself. Each step is timed to
 completion (`block_until_ready`), like an eager framework's step.
 
 With `bench.decode` (head="lm"), the benchmarked model's greedy decoding is
-timed too: new tokens per second with the KV cache (`lm.sample.generate`)
-and recomputing the whole prefix for every token (`generate_without_cache`),
-`bench.decode_batch` rows of `bench.decode_tokens` new tokens each
-(`decode_figures`).
+timed too: new tokens per second with the KV cache (`lm.sample.generate`) at
+each of `bench.decode_batches` batch sizes, `bench.decode_tokens` new tokens
+per row, and (`bench.decode_uncached`, first batch size) recomputing the
+whole prefix for every token (`generate_without_cache`) (`decode_figures`).
 """
 
 from __future__ import annotations
@@ -18,10 +18,12 @@ import time
 from typing import Any
 
 import jax
+import jaxlib
 import ml_collections
 import numpy as np
 
 from lm import sample as sample_lib
+from lm import xla_flags
 from lm.data import pipeline
 from lm.train import perf
 from lm.train.experiment import build_experiment, open_train_split, token_windows
@@ -76,6 +78,26 @@ def _mesh_figures(experiment: Any) -> dict[str, Any]:
           "devices": jax.device_count(), "processes": jax.process_count()}
 
 
+MODEL_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "width", "mlp_dim", "vocab_size", "valid_vocab_size",
+                "max_len", "variant", "position", "norm", "mlp", "use_bias", "tie_embeddings", "gelu_approximate",
+                "dropout", "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "loss_impl")
+
+
+def _run_figures(experiment: Any) -> dict[str, Any]:
+  """What was benchmarked: the model's shape and fast-path choices (attention as settled for these
+  devices, the loss actually used), the platform, versions and XLA flags, so a figure carries its setup."""
+  config, model = experiment.config, experiment.model_config
+  micro_batch = config.batch_size // config.grad_accum_steps
+  return {
+      "model": {field: getattr(model, field) for field in MODEL_FIELDS},
+      "fused_loss": model.fused_loss(micro_batch, config.seq_len, devices=jax.device_count()),
+      "platform": jax.default_backend(),
+      "xla_flags": xla_flags.describe(),
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+  }
+
+
 def compile_memory(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str, Any]:
   """Compiles the train step for abstract inputs and reports memory per device; runs nothing.
 
@@ -100,37 +122,41 @@ def compile_memory(config: ml_collections.ConfigDict, workdir: str = "") -> dict
       "seq_len": config.seq_len,
       "compile_time_s": compile_time,
       "device": perf.device_description(),
-      "jax": jax.__version__,
+      **_run_figures(experiment),
   }
 
 
 def decode_figures(experiment: Any, params: Any) -> dict[str, Any]:
-  """Greedy decode throughput of the model with and without the KV cache ("decode/..." figures).
+  """Greedy decode throughput of the model with the KV cache, and without it ("decode/..." figures).
 
   `bench.decode_tokens` new tokens (at most the context) after a random
   prompt that fills the rest of the context, so the timed tokens are the
   last ones of a full context, as long sampling decodes them (`generate_long`
   keeps half the context and fills the rest). tokens/s counts new tokens;
   the cached run's time includes the prompt's prefill. Only for head="lm"
-  on one process ({} otherwise).
+  on one process ({} otherwise). Per batch size B: "decode/bB/cached_tokens_per_sec",
+  and at the first one with bench.decode_uncached also "decode/bB/uncached_tokens_per_sec",
+  "decode/bB/speedup" and "decode/bB/tokens_match".
   """
   config = experiment.config
   if not config.bench.decode or experiment.head.name != "lm" or jax.process_count() > 1:
     return {}
   max_len = experiment.model_config.max_len
   new_tokens = min(config.bench.decode_tokens, max_len)
-  with experiment.steps.context():
-    figures = sample_lib.decode_benchmark(experiment.model, params, batch_size=config.bench.decode_batch,
-                                          prompt_len=max(max_len - new_tokens + 1, 1), new_tokens=new_tokens)
-  return {
-      "decode/cached_tokens_per_sec": figures["cached_tokens_per_s"],
-      "decode/uncached_tokens_per_sec": figures["uncached_tokens_per_s"],
-      "decode/speedup": figures["speedup"],
-      "decode/batch_size": figures["batch_size"],
-      "decode/prompt_len": figures["prompt_len"],
-      "decode/new_tokens": figures["new_tokens"],
-      "decode/tokens_match": figures["tokens_match"],
-  }
+  prompt_len = max(max_len - new_tokens + 1, 1)
+  out: dict[str, Any] = {"decode/batch_sizes": list(config.bench.decode_batches), "decode/prompt_len": prompt_len,
+                         "decode/new_tokens": new_tokens}
+  for index, batch_size in enumerate(config.bench.decode_batches):
+    uncached = config.bench.decode_uncached and index == 0
+    with experiment.steps.context():
+      figures = sample_lib.decode_benchmark(experiment.model, params, batch_size=batch_size, prompt_len=prompt_len,
+                                            new_tokens=new_tokens, uncached=uncached)
+    out[f"decode/b{batch_size}/cached_tokens_per_sec"] = figures["cached_tokens_per_s"]
+    if uncached:
+      out[f"decode/b{batch_size}/uncached_tokens_per_sec"] = figures["uncached_tokens_per_s"]
+      out[f"decode/b{batch_size}/speedup"] = figures["speedup"]
+      out[f"decode/b{batch_size}/tokens_match"] = figures["tokens_match"]
+  return out
 
 
 def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str, Any]:
@@ -177,6 +203,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       "peak_flops_per_device": peak,
       "flops_per_step": flops,
       "params": num_params,
+      "flops_per_token": perf.flops_per_token(num_params, experiment.model_config, config.seq_len),
       "vocab_size": experiment.model_config.vocab_size,
       "tie_embeddings": experiment.model_config.tie_embeddings,
       "batch_size": config.batch_size,
@@ -185,6 +212,6 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       "final_loss": float(metrics["train/loss"]),
       "memory_per_device": {**state_bytes_per_device(state), **memory_per_device(compiled)},
       **_mesh_figures(experiment),
-      "jax": jax.__version__,
+      **_run_figures(experiment),
       **decode_figures(experiment, state.params),
   }

@@ -28,10 +28,11 @@ from lm import config as config_lib
 from lm import distributed
 from lm import interop
 from lm.data import clean as clean_lib
-from lm.data import pipeline, sentences as sentences_lib, sources
+from lm.data import pipeline, sentences as sentences_lib, sources, synthetic
 from lm.data import tokenizers as tokenizers_lib
 from lm.heads import Head, make_head
 from lm.models import TransformerConfig
+from lm.models import transformer as transformer_lib
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import sharding, step as step_lib
 from lm.train import state as state_lib
@@ -158,7 +159,14 @@ def _label_field(config: ml_collections.ConfigDict) -> str | None:
   return config.data.label_field if config.head == "classifier" else None
 
 
+def _synthetic_split(config: ml_collections.ConfigDict, split: str) -> synthetic.SyntheticSource:
+  return synthetic.SyntheticSource(split, vocab_size=config.data.synthetic_vocab_size,
+                                   num_tokens=config.data.synthetic_tokens, seed=config.seed)
+
+
 def open_train_split(config: ml_collections.ConfigDict) -> sources.TextSource:
+  if config.data.source == synthetic.SOURCE:
+    return _synthetic_split(config, config.data.train_split)
   _, _, split = sources.parse_source(config.data.source)
   return sources.open_split(config.data.source, split or config.data.train_split,
                             text_field=config.data.text_field, cache_dir=_cache_dir(config),
@@ -166,6 +174,8 @@ def open_train_split(config: ml_collections.ConfigDict) -> sources.TextSource:
 
 
 def open_eval_split(config: ml_collections.ConfigDict, split: str | None = None) -> sources.TextSource:
+  if config.data.source == synthetic.SOURCE:
+    return _synthetic_split(config, split or config.data.eval_split)
   return sources.open_split(config.data.source, split or config.data.eval_split,
                             text_field=config.data.text_field, cache_dir=_cache_dir(config),
                             label_field=_label_field(config))
@@ -178,7 +188,9 @@ def model_config_for(config: ml_collections.ConfigDict, tokenizer: tokenizers_li
   model = config.model
   multiple = model.vocab_multiple
   needed = tokenizer.vocab_size
-  if config.data.format == "sentences":
+  if config.data.source == synthetic.SOURCE:
+    needed = config.data.synthetic_vocab_size
+  elif config.data.format == "sentences":
     needed = sentences_lib.SentenceVocab.for_tokenizer(tokenizer).size  # + PAD, BOS, EOS, MASK
   vocab_size = model.vocab_size or -(-needed // multiple) * multiple
   if vocab_size < needed:
@@ -186,14 +198,27 @@ def model_config_for(config: ml_collections.ConfigDict, tokenizer: tokenizers_li
         f"config.model.vocab_size={vocab_size} is smaller than the {needed} ids the tokenizer (and sentence "
         "specials) need; leave it unset to use the tokenizer's size.")
   try:
-    return TransformerConfig.from_config(model.to_dict(), vocab_size=vocab_size,
-                                         max_len=model.max_len or config.seq_len)
+    fields = dict(model.to_dict(), valid_vocab_size=needed if needed < vocab_size else None)
+    return TransformerConfig.from_config(fields, vocab_size=vocab_size, max_len=model.max_len or config.seq_len)
   except ValueError as error:
     raise config_lib.ConfigError(str(error)) from error
 
 
+def settle_attention(model_config: TransformerConfig) -> TransformerConfig:
+  """model.attention_impl cudnn/auto -> cudnn or xla for these devices, saying why cuDNN is not used."""
+  settled, problem = transformer_lib.resolve_attention(model_config)
+  if problem and model_config.attention_impl == "cudnn":
+    logging.warning("model.attention_impl=cudnn cannot be used: %s. Using XLA's attention instead (same result, "
+                    "no flash kernel); set model.attention_impl=auto to choose silently.", problem)
+  elif model_config.attention_impl != "xla":
+    logging.info("model.attention_impl=%s -> %s%s", model_config.attention_impl, settled.attention_impl,
+                 f" ({problem})" if problem else "")
+  return settled
+
+
 # Model fields an `hf:DIR` run keeps from its own config: how it computes, not what the weights are.
-HF_RUN_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "dropout")
+HF_RUN_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "dropout", "loss_impl",
+                 "loss_chunk_len", "fused_loss_min_mb")
 
 
 def _hf_model_config(config: ml_collections.ConfigDict, tokenizer: tokenizers_lib.Tokenizer,
@@ -289,7 +314,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
   run_identity = config_lib.to_json_dict(config)
   run_identity.pop("distributed")  # differs per process by design (process_id)
   distributed.check_same_on_all_processes({"config": run_identity, "tokenizer": tokenizer_identity(tokenizer)})
-  model_config = model_config_for(config, tokenizer)
+  model_config = settle_attention(model_config_for(config, tokenizer))
   try:
     head = make_head(config, model_config, tokenizer)
   except ValueError as error:

@@ -20,18 +20,28 @@ import jax
 
 from lm.models.transformer import TransformerConfig
 
-# Dense peak FLOP/s per device for the dtype the model computes in. Sources:
-# vendor data sheets (dense, no sparsity).
+# Dense peak FLOP/s per device for the dtype the model computes in, keyed by the start of
+# `device.device_kind` (lower case; the longest matching prefix wins, so "nvidia h100 pcie" beats
+# "nvidia h100", the SXM part). Sources: vendor data sheets, dense (no 2:4 sparsity); float32 is the
+# plain (non-tensor-core) rate. Override with config.bench.peak_flops_per_device.
 PEAK_FLOPS = {
     ("tpu v4", "bfloat16"): 275e12,
     ("tpu v5 lite", "bfloat16"): 197e12,
     ("tpu v5e", "bfloat16"): 197e12,
+    ("tpu v5", "bfloat16"): 459e12,  # v5p reports "TPU v5"
     ("tpu v5p", "bfloat16"): 459e12,
     ("tpu v6 lite", "bfloat16"): 918e12,
-    ("nvidia h100", "bfloat16"): 989e12,
+    ("nvidia h100", "bfloat16"): 989e12,  # SXM ("NVIDIA H100 80GB HBM3")
     ("nvidia h100", "float32"): 67e12,
+    ("nvidia h100 pcie", "bfloat16"): 756e12,
+    ("nvidia h100 pcie", "float32"): 51e12,
+    ("nvidia h100 nvl", "bfloat16"): 835e12,
+    ("nvidia h100 nvl", "float32"): 60e12,
     ("nvidia h200", "bfloat16"): 989e12,
     ("nvidia h200", "float32"): 67e12,
+    ("nvidia gh200", "bfloat16"): 989e12,
+    ("nvidia gh200", "float32"): 67e12,
+    ("nvidia b200", "bfloat16"): 2250e12,
     ("nvidia a100", "bfloat16"): 312e12,
     ("nvidia a100", "float32"): 19.5e12,
 }
@@ -78,11 +88,15 @@ def peak_flops_per_device(dtype: str = "float32", override: float | None = None)
   device = jax.local_devices()[0]
   if device.platform == "cpu":
     return cpu_peak_flops() / max(len(jax.local_devices()), 1)
-  kind = device.device_kind.lower()
-  for (name, table_dtype), value in PEAK_FLOPS.items():
-    if kind.startswith(name) and table_dtype == dtype:
-      return value
-  return float("nan")  # unknown accelerator: set config.bench.peak_flops_per_device
+  return table_peak_flops(device.device_kind, dtype)
+
+
+def table_peak_flops(device_kind: str, dtype: str) -> float:
+  """PEAK_FLOPS of the longest name `device_kind` starts with (case-insensitive); NaN when none does."""
+  kind = device_kind.lower()
+  matches = [(len(name), value) for (name, table_dtype), value in PEAK_FLOPS.items()
+             if kind.startswith(name) and table_dtype == dtype]
+  return max(matches)[1] if matches else float("nan")  # unknown: set config.bench.peak_flops_per_device
 
 
 def device_description() -> str:

@@ -1,0 +1,79 @@
+r"""What each fast-path option does to a config's train step: memory per device and compile time.
+
+  python benchmarks/fast_path.py [--config experiments/gpt2_124m.py] [--batch_size 32] [--platform cpu]
+
+Each variant is compiled (not run, nothing allocated: `--config.bench.compile_only=True`) in a fresh
+`python -m lm.main --mode bench` process on one device of `--platform`, so the figures are XLA's
+`memory_analysis()` of the real step: the temporaries (activations and other buffers live during the step)
+and the peak (arguments + temporaries). On a GPU add `--time` to also run and time each variant
+(tokens/s, MFU). Prints a Markdown table, then each run's JSON.
+
+Variants (on top of the config): the fused loss on and off, the remat policies, scan over layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VARIANTS = {
+    "logits loss": ["--config.model.loss_impl=logits"],
+    "fused loss": ["--config.model.loss_impl=fused"],
+    "fused + remat minimal": ["--config.model.loss_impl=fused", "--config.model.remat_policy=minimal"],
+    "fused + remat qkv_proj": ["--config.model.loss_impl=fused", "--config.model.remat_policy=qkv_proj"],
+    "fused + remat full": ["--config.model.loss_impl=fused", "--config.model.remat_policy=nothing_saveable"],
+    "fused + scan": ["--config.model.loss_impl=fused", "--config.model.scan_layers=True"],
+}
+
+
+def measure(config: str, overrides: list[str], platform: str, time_it: bool) -> dict:
+  env = dict(os.environ, JAX_PLATFORMS=platform)
+  mode = ["--config.bench.decode=False"] if time_it else ["--config.bench.compile_only=True"]
+  command = [sys.executable, "-m", "lm.main", "--config", config, "--mode", "bench", *mode, *overrides]
+  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
+  if result.returncode:
+    raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def gigabytes(value: int | None) -> str:
+  return "n/a" if value is None else f"{value / 1e9:,.2f}"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--config", default="experiments/gpt2_124m.py")
+  parser.add_argument("--batch_size", type=int, default=32)
+  parser.add_argument("--platform", default="cpu", help="JAX_PLATFORMS for the runs (cpu, cuda, tpu)")
+  parser.add_argument("--time", action="store_true", help="run and time each variant too (on an accelerator)")
+  parser.add_argument("extra", nargs="*", help="more --config.KEY=VALUE overrides (after --)")
+  args = parser.parse_args()
+  base = [f"--config.batch_size={args.batch_size}", *args.extra]
+  runs = {name: measure(args.config, [*base, *overrides], args.platform, args.time)
+          for name, overrides in VARIANTS.items()}
+  first = next(iter(runs.values()))
+  print(f"{args.config}: {first['params']:,} parameters, batch {first['batch_size']} x {first['seq_len']}, "
+        f"{first['device']}, jax {first['jax']}, {first['model']['dtype']} compute\n")
+  timed = " tokens/s | MFU |" if args.time else ""
+  print(f"| variant | temporaries GB | peak GB | compile s |{timed}")
+  print(f"|---|---|---|---|{'---|---|' if args.time else ''}")
+  for name, run in runs.items():
+    memory = run["memory_per_device"]
+    row = f"| {name} | {gigabytes(memory.get('temp_bytes'))} | {gigabytes(memory.get('peak_bytes'))} | " \
+          f"{run['compile_time_s']:.1f} |"
+    if args.time:
+      row += f" {run['tokens_per_sec']:,.0f} | {run['mfu']:.1%} |"
+    print(row)
+  print()
+  for name, run in runs.items():
+    print(name, json.dumps(run))
+
+
+if __name__ == "__main__":
+  main()
