@@ -1,0 +1,221 @@
+"""benchmarks/torch_peer.py and benchmarks/run.py: the PyTorch peer's shape, its CPU run, run.py's flags.
+
+Nothing here runs torch.compile or a GPU; the GPT-2 comparison itself is run by hand
+on a GPU machine (benchmarks/README.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from tests.helpers import ROOT  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+GPT2_PARAMS = 124_475_904  # GPT-2 small with a 50,304-entry vocabulary, tied, positions included
+GPT2_SHAPE = dict(vocab_size=50304, num_layers=12, num_heads=12, width=768, max_len=1024)
+
+
+def _load(name: str):
+  """Imports benchmarks/NAME.py (the folder is not a package) under a private module name."""
+  spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses and typing look their module up by name
+  spec.loader.exec_module(module)
+  return module
+
+
+peer = _load("torch_peer")
+runner = _load("run")
+
+
+@pytest.fixture(scope="module")
+def gpt2_counts():
+  """(torch total, torch matmul N, lm total, lm matmul N) of the GPT-2-small shape; nothing is run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from lm.models.transformer import TransformerConfig, TransformerLM  # pylint: disable=g-import-not-at-top
+  from lm.train import perf  # pylint: disable=g-import-not-at-top
+
+  preset = peer.PRESETS["gpt2-124m"]
+  model = peer.build_model(preset["vocab"], preset["context"], preset["layers"], preset["heads"], preset["width"],
+                           tied=not preset["untied"], bias=preset["bias"], gelu=preset["gelu"])
+  config = TransformerConfig(**GPT2_SHAPE, use_bias=True, tie_embeddings=True)
+  shapes = jax.eval_shape(lambda: TransformerLM(config).init(jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32)))
+  lm_total = sum(int(x.size) for x in jax.tree.leaves(shapes["params"]))
+  return (peer.count_params(model), peer.matmul_params(model), lm_total,
+          perf.matmul_params(shapes["params"], config))
+
+
+def test_gpt2_preset_has_the_shape_of_lm_gpt2_small(gpt2_counts):
+  preset = peer.PRESETS["gpt2-124m"]
+  assert (preset["layers"], preset["heads"], preset["width"], preset["context"], preset["vocab"]) == (
+      12, 12, 768, 1024, 50304)
+  torch_total, torch_matmul, lm_total, lm_matmul = gpt2_counts
+  assert torch_total == lm_total == GPT2_PARAMS
+  # N of the MFU formula (all but the 1024 x 768 position table) agrees too.
+  assert torch_matmul == lm_matmul == GPT2_PARAMS - 1024 * 768
+
+
+def test_mfu_arithmetic_matches_lm(gpt2_counts):
+  from lm.models.transformer import TransformerConfig  # pylint: disable=g-import-not-at-top
+  from lm.train import perf  # pylint: disable=g-import-not-at-top
+
+  _, n, _, _ = gpt2_counts
+  flops = peer.flops_per_token(n, 12, 1024, 768)
+  # 6 N + 6 L T d by hand: 6 x 123,689,472 + 6 x 12 x 1024 x 768.
+  assert flops == 742_136_832 + 56_623_104 == 798_759_936
+  config = TransformerConfig(**GPT2_SHAPE, use_bias=True, tie_embeddings=True)
+  assert flops == perf.flops_per_token(n, config, 1024)
+  # 1,000 tokens/s on a 1 TFLOP/s device.
+  assert peer.mfu(flops, 1000.0, 1e12) == pytest.approx(0.798759936)
+  assert peer.mfu(flops, 1000.0, None) is None
+  assert peer.mfu(flops, 1000.0, float("nan")) is None
+
+
+@pytest.mark.parametrize("bf16,warmup", [(False, 1), (True, 1), (False, 0)])
+def test_tiny_peer_run_on_cpu(bf16, warmup):
+  result = peer.run_benchmark(steps=2, warmup=warmup, device="cpu", n_layer=2, n_head=2, n_embd=32, context=16,
+                              batch_size=2, vocab_size=64, bias=True, gelu="tanh", bf16=bf16, threads=1,
+                              peak_flops=1e11)
+  assert math.isfinite(result["final_loss"])
+  for key in ("step_time_ms", "tokens_per_sec", "first_step_s", "mfu", "flops_per_token", "params",
+              "matmul_params", "peak_memory_bytes", "fused_adamw", "tf32", "compile", "bias", "gelu", "optimizer"):
+    assert key in result, key
+  assert result["impl"] == "torch-eager" and result["compile"] is False
+  assert result["bf16"] is bf16 and result["bias"] is True and result["gelu"] == "tanh"
+  # CPU defaults: single-tensor AdamW, no TF32, no CUDA memory figure.
+  assert result["fused_adamw"] is False and result["tf32"] is False and result["peak_memory_bytes"] is None
+  assert result["tokens_per_sec"] > 0 and result["first_step_s"] > 0
+  assert result["matmul_params"] == result["params"] - 16 * 32
+  assert result["mfu"] == pytest.approx(result["flops_per_token"] * result["tokens_per_sec"] / 1e11, rel=1e-3)
+
+
+def test_bias_and_gelu_change_the_model():
+  plain = peer.build_model(64, 16, 2, 2, 32)
+  gpt2 = peer.build_model(64, 16, 2, 2, 32, bias=True, gelu="tanh")
+  # Per layer: qkv 96 + proj 32 + fc 128 + proj 32 + two LayerNorm biases 64; plus the final LayerNorm's 32.
+  assert peer.count_params(gpt2) - peer.count_params(plain) == 2 * (96 + 32 + 128 + 32 + 64) + 32
+  assert all(not p.detach().any() for name, p in gpt2.named_parameters() if name.endswith(".bias"))
+  tokens = torch.randint(0, 64, (2, 16))
+  exact, tanh = peer.build_model(64, 16, 2, 2, 32, bias=True), gpt2
+  with torch.no_grad():
+    assert not torch.equal(exact(tokens), tanh(tokens))  # same weights (same seed), different GELU
+
+
+def test_cli_defaults_are_the_cpu_peer_and_the_preset_can_be_overridden():
+  default = peer.parse_args([])
+  assert (default.layers, default.width, default.context, default.batch, default.vocab) == (4, 128, 64, 12, 66)
+  assert default.device == "cpu" and not default.compile and not default.bf16 and not default.bias
+  assert default.gelu == "exact" and default.adam_b2 == 0.99 and default.fused_adamw is None
+  gpt2 = peer.parse_args(["--preset", "gpt2-124m"])
+  assert (gpt2.layers, gpt2.heads, gpt2.width, gpt2.context, gpt2.vocab, gpt2.batch) == (12, 12, 768, 1024, 50304, 16)
+  assert gpt2.bias and gpt2.gelu == "tanh" and gpt2.adam_b2 == 0.95 and gpt2.bf16 and gpt2.compile
+  assert gpt2.device == "auto" and not gpt2.untied
+  small = peer.parse_args(["--batch", "1", "--preset", "gpt2-124m", "--no-compile", "--device", "cpu"])
+  assert small.batch == 1 and not small.compile and small.device == "cpu" and small.layers == 12
+
+
+def _gpu_figures(**model_changes):
+  model = {"num_layers": 12, "num_heads": 12, "width": 768, "vocab_size": 50304, "max_len": 1024,
+           "use_bias": True, "tie_embeddings": True, "gelu_approximate": True, "dtype": "bfloat16",
+           "norm": "layernorm", "mlp": "gelu", "position": "learned"}
+  model.update(model_changes)
+  return {"platform": "gpu", "device": "NVIDIA H100 80GB HBM3 x1", "batch_size": 16, "seq_len": 1024,
+          "peak_flops_per_device": 989e12, "model": model}
+
+
+def test_run_derives_the_gpu_peer_from_the_bench_json():
+  args = peer.parse_args(runner.peer_args(_gpu_figures(), optim={"lr": 6e-4, "b2": 0.95}))
+  assert args.device == "cuda" and args.compile and args.bf16 and args.bias and args.gelu == "tanh"
+  assert (args.layers, args.heads, args.width, args.context, args.batch, args.vocab) == (12, 12, 768, 1024, 16, 50304)
+  assert not args.untied and args.adam_b2 == 0.95 and args.lr == 6e-4 and args.peak_flops == 989e12
+  assert args.fused_adamw is None  # the peer's default: fused on cuda
+  assert not peer.parse_args(runner.peer_args(_gpu_figures(), peer_eager=True)).compile
+  # --peer-args come last, so they override the derived flags.
+  command = runner.torch_command(runner.peer_args(_gpu_figures()), 50, 10, ["--batch", "8", "--no-fused-adamw"])
+  overridden = peer.parse_args(command[2:])
+  assert overridden.batch == 8 and overridden.fused_adamw is False and overridden.steps == 50
+
+
+def test_run_derives_the_cpu_eager_peer():
+  figures = {"device": "cpu: AMD EPYC x2 (1 jax devices)", "batch_size": 12, "seq_len": 64,
+             "peak_flops_per_device": 3.3e11,
+             "model": {"num_layers": 4, "num_heads": 4, "width": 128, "vocab_size": 66, "max_len": 64,
+                       "use_bias": False, "tie_embeddings": False, "gelu_approximate": False, "dtype": "float32",
+                       "norm": "layernorm", "mlp": "gelu", "position": "learned"}}
+  assert runner.platform_of(figures) == "cpu"  # no "platform" key: guessed from the device
+  args = peer.parse_args(runner.peer_args(figures))
+  assert args.device == "cpu" and not args.compile and not args.bf16 and not args.bias and args.gelu == "exact"
+  assert args.untied and (args.layers, args.width, args.context, args.batch, args.vocab) == (4, 128, 64, 12, 66)
+
+
+@pytest.mark.parametrize("change,reason", [
+    ({"norm": "rmsnorm"}, "norm='rmsnorm'"),
+    ({"mlp": "swiglu"}, "mlp='swiglu'"),
+    ({"position": "rope"}, "position='rope'"),
+    ({"num_kv_heads": 4}, "grouped-query"),
+    ({"dtype": "float16"}, "float16"),
+])
+def test_run_refuses_models_without_a_peer(change, reason):
+  with pytest.raises(runner.NotComparable, match=reason) as error:
+    runner.peer_args(_gpu_figures(**change))
+  if "norm" in change:
+    assert "GPT-2" in str(error.value)
+
+
+def test_run_refuses_tpu():
+  figures = {**_gpu_figures(), "platform": "tpu"}
+  with pytest.raises(runner.NotComparable, match="cpu or cuda"):
+    runner.peer_args(figures)
+
+
+def test_run_summary_ratios():
+  lm_rounds = [{"step_time_ms": t, "tokens_per_sec": 16384 / t * 1e3, "mfu": 0.5 * 100 / t, "compile_time_s": 10.0,
+                "device": "NVIDIA H100 80GB HBM3 x1", "platform": "gpu", "peak_flops_per_device": 1e15,
+                "params": 1000, "jax": "0.10.2"} for t in (100.0, 110.0, 90.0)]
+  torch_rounds = [{"step_time_ms": t, "tokens_per_sec": 16384 / t * 1e3, "impl": "torch-compile",
+                   "flops_per_token": 6e9, "first_step_s": 30.0, "peak_memory_bytes": 5, "matmul_params": 1000,
+                   "device": "cuda: NVIDIA H100 80GB HBM3", "torch": "2.13.0"} for t in (125.0, 120.0, 130.0)]
+  args = argparse.Namespace(rounds=3, steps=50, warmup=10)
+  summary = runner.summarize(lm_rounds, torch_rounds, {"lm": "lm", "torch": "torch"}, args)
+  assert summary["lm_step_time_ms"] == 100.0 and summary["torch_step_time_ms"] == 125.0
+  assert summary["lm_tokens_per_sec"] == pytest.approx(163840.0)
+  assert summary["torch_tokens_per_sec"] == pytest.approx(131072.0)
+  assert summary["ratio_tokens_per_sec_lm_over_torch"] == pytest.approx(1.25)
+  assert summary["ratio_lm_over_torch"] == pytest.approx(0.8)
+  assert summary["lm_mfu"] == pytest.approx(0.5)
+  assert summary["torch_mfu"] == pytest.approx(6e9 * 131072.0 / 1e15)
+  assert summary["same_params"] and summary["versions"]["torch"] == "2.13.0"
+
+
+def test_run_falls_back_to_the_config_file_for_an_older_bench_json():
+  config = str(ROOT / "experiments" / "shakespeare_char.py")
+  figures = {"device": "cpu: x", "vocab_size": 66, "tie_embeddings": True, "batch_size": 12, "seq_len": 64}
+  model = runner.model_from_config(config, figures)
+  assert (model["num_layers"], model["width"], model["norm"], model["use_bias"]) == (4, 128, "layernorm", False)
+  assert model["tie_embeddings"] is True  # the lm run's choice, not the file's
+  assert peer.parse_args(runner.peer_args(figures, model)).device == "cpu"
+  # --config.* overrides given to run.py are seen too, so a changed architecture is still refused.
+  changed = runner.model_from_config(config, figures, ["--config.model.norm=rmsnorm", "--config.model.use_bias=true"])
+  assert changed["norm"] == "rmsnorm" and changed["use_bias"] is True
+  with pytest.raises(runner.NotComparable, match="rmsnorm"):
+    runner.peer_args(figures, changed)
+  assert runner.optim_settings(figures, config) == {"lr": 1e-3, "b2": 0.99}
+  assert runner.optim_settings(figures, config, ["--config.optim.b2=0.95"])["b2"] == 0.95
+  assert runner.optim_settings({"optim": {"lr": 6e-4, "b2": 0.95}}, config) == {"lr": 6e-4, "b2": 0.95}
+
+
+def test_run_command_line_splits_its_own_flags_from_lm_s():
+  args, extra = runner.parse_args(["--rounds", "2", "--peer-args=--no-fused-adamw --batch 8", "--peer-eager",
+                                   "--config.batch_size=8"])
+  assert args.rounds == 2 and args.peer_eager and extra == ["--config.batch_size=8"]
+  assert runner.shlex.split(args.peer_args) == ["--no-fused-adamw", "--batch", "8"]
+  assert runner.lm_command("c.py", 50, 10, extra)[-3:] == [
+      "--config.bench.steps=50", "--config.bench.warmup_steps=10", "--config.batch_size=8"]
