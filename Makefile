@@ -20,7 +20,7 @@ ARGS ?=
 # Tests run in 2 pytest workers (the CI machine has 2 cores).
 PYTEST_ARGS ?= -n 2
 
-.PHONY: install train test bench bench-memory eval sample clean
+.PHONY: install train test bench bench-memory bench-gpt2 bench-fast-path eval sample clean
 
 install: $(STAMP)
 
@@ -51,6 +51,14 @@ bench: install bench-memory
 
 bench-memory: install
 	$(PY) benchmarks/memory.py --config experiments/gpt2_small.py --devices 8 --batch_size 8
+
+# On a GPU: GPT-2 124M on the fast path vs its PyTorch peer (torch.compile, bf16, SDPA), same device, same
+# invocation (the device needs a CUDA build of torch); then what each fast-path option does there.
+bench-gpt2: install
+	$(PY) benchmarks/run.py --config experiments/gpt2_124m.py --rounds 3 --steps 50 $(ARGS)
+
+bench-fast-path: install
+	$(PY) benchmarks/fast_path.py --config experiments/gpt2_124m.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info runs .pytest_cache

@@ -26,9 +26,14 @@ VARIANTS = {
     "logits loss": ["--config.model.loss_impl=logits"],
     "fused loss": ["--config.model.loss_impl=fused"],
     "fused + remat minimal": ["--config.model.loss_impl=fused", "--config.model.remat_policy=minimal"],
-    "fused + remat qkv_proj": ["--config.model.loss_impl=fused", "--config.model.remat_policy=qkv_proj"],
     "fused + remat full": ["--config.model.loss_impl=fused", "--config.model.remat_policy=nothing_saveable"],
     "fused + scan": ["--config.model.loss_impl=fused", "--config.model.scan_layers=True"],
+    "fused + scan + remat minimal": ["--config.model.loss_impl=fused", "--config.model.scan_layers=True",
+                                     "--config.model.remat_policy=minimal"],
+    "fused + scan + remat qkv_proj": ["--config.model.loss_impl=fused", "--config.model.scan_layers=True",
+                                      "--config.model.remat_policy=qkv_proj"],
+    "fused + scan + remat full": ["--config.model.loss_impl=fused", "--config.model.scan_layers=True",
+                                  "--config.model.remat_policy=nothing_saveable"],
 }
 
 
