@@ -94,3 +94,14 @@ def test_parameters_that_do_not_split_evenly_name_the_field_to_change():
   assert "embed axis 'vocab' has 66, not divisible by 4 (tensor): set model.vocab_multiple" in message
   assert "query axis 'heads' has 2" in message and "model.num_heads" in message
   sharding.check_even(params, types.SimpleNamespace(shape={"data": 1, "fsdp": 2, "tensor": 2}), rules)
+
+
+def test_fused_loss_and_padded_vocabulary_on_fsdp_tp_give_the_single_device_losses(tmp_path):
+  """The fused loss's chunked scan (and its table-gradient accumulator) under GSPMD, with the padded
+  vocabulary split over the tensor axis: the same losses as the plain logits path on one device."""
+  padded = ("--config.model.vocab_multiple=16",)
+  single = run_losses(tmp_path, "single_logits", 1, *padded, "--config.model.loss_impl=logits")
+  fused = run_losses(tmp_path, "fsdp_tp_fused", 8, *padded, "--config.mesh.preset=fsdp_tp",
+                     "--config.model.loss_impl=fused", "--config.model.loss_chunk_len=16")
+  for step, loss in single.items():
+    assert fused[step] == pytest.approx(loss, rel=1e-5), step
