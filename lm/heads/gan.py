@@ -373,14 +373,15 @@ SAMPLES = "samples.jsonl"  # {"label", "text"} per line: every sample scored in 
 def load_run(workdir: str, like: Any) -> tuple[Any, Any]:
   """(experiment, params) of another run's latest checkpoint, on the mesh of the config `like`."""
   from lm import run_modes  # pylint: disable=g-import-not-at-top
-  from lm.config import ConfigError  # pylint: disable=g-import-not-at-top
+  from lm.config import ConfigError, config_from_saved  # pylint: disable=g-import-not-at-top
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise ConfigError(f"{workdir} has no config.json: point config.gan.baseline / config.gan.judge at the workdir "
                       "of a finished head='lm' run on sentences.")
   with open(path) as f:
     saved = json.load(f)["config"]
-  config = ml_collections.ConfigDict(saved)
+  # On today's schema: keys added since that run keep their defaults, JSON lists become the tuples it holds.
+  config = config_from_saved(saved)
   config.mesh = ml_collections.ConfigDict(like.mesh.to_dict())
   config.distributed = ml_collections.ConfigDict(like.distributed.to_dict())
   config.lock()
