@@ -16,11 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from run import bench_command, run as run_lm  # benchmarks/run.py, beside this script
 
 VARIANTS = {
     "logits loss": ["--config.model.loss_impl=logits"],
@@ -38,13 +35,8 @@ VARIANTS = {
 
 
 def measure(config: str, overrides: list[str], platform: str, time_it: bool) -> dict:
-  env = dict(os.environ, JAX_PLATFORMS=platform)
-  mode = ["--config.bench.decode=False"] if time_it else ["--config.bench.compile_only=True"]
-  command = [sys.executable, "-m", "lm.main", "--config", config, "--mode", "bench", *mode, *overrides]
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-  if result.returncode:
-    raise SystemExit(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  mode = "--config.bench.decode=False" if time_it else "--config.bench.compile_only=True"
+  return run_lm(bench_command(config, mode, *overrides), dict(os.environ, JAX_PLATFORMS=platform))
 
 
 def gigabytes(value: int | None) -> str:

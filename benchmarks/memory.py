@@ -14,22 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from run import bench_command, run as run_lm  # benchmarks/run.py, beside this script
 PRESETS = ("dp", "fsdp", "fsdp_tp")
 
 
 def measure(config: str, preset: str, devices: int, extra: list[str]) -> dict:
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
-  command = [sys.executable, "-m", "lm.main", "--config", config, "--mode", "bench",
-             "--config.bench.compile_only=True", f"--config.mesh.preset={preset}", *extra]
-  result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
-  if result.returncode:
-    raise SystemExit(f"{preset}: lm.main failed:\n{result.stderr[-3000:]}")
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  return run_lm(bench_command(config, "--config.bench.compile_only=True", f"--config.mesh.preset={preset}", *extra), env)
 
 
 def megabytes(value: int | None) -> str:

@@ -60,17 +60,23 @@ def last_json_line(output: str) -> dict[str, Any]:
   raise RuntimeError(f"no JSON line in output:\n{output[-2000:]}")
 
 
-def run(command: list[str]) -> dict[str, Any]:
-  result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=False)
+def run(command: list[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+  """Runs `command` in the repository root (with `env`, default this process's) -> its last JSON line."""
+  result = subprocess.run(command, cwd=ROOT, env=None if env is None else dict(env), capture_output=True, text=True,
+                          check=False)
   if result.returncode:
     raise RuntimeError(f"{shlex.join(command)} failed (exit {result.returncode}):\n"
                        f"{result.stdout[-1500:]}\n{result.stderr[-3000:]}")
   return last_json_line(result.stdout)
 
 
+def bench_command(config: str, *args: str) -> list[str]:
+  """`python -m lm.main --config CONFIG --mode bench ARGS`."""
+  return [sys.executable, "-m", "lm.main", "--config", config, "--mode", "bench", *args]
+
+
 def lm_command(config: str, steps: int, warmup: int, extra: Sequence[str]) -> list[str]:
-  return [sys.executable, "-m", "lm.main", "--config", config, "--mode", "bench",
-          f"--config.bench.steps={steps}", f"--config.bench.warmup_steps={warmup}", *extra]
+  return bench_command(config, f"--config.bench.steps={steps}", f"--config.bench.warmup_steps={warmup}", *extra)
 
 
 def platform_of(figures: Mapping[str, Any]) -> str:

@@ -58,27 +58,30 @@ def cudnn_attention_problem(config: TransformerConfig, platform: str, compute_ca
   return None
 
 
-def _attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool, impl: str) -> jax.Array:
-  """Unmasked (causal or full) attention [batch, length, heads, head_dim] through `impl`.
+def _attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool, config: TransformerConfig
+               ) -> jax.Array:
+  """Unmasked (causal or full) attention [batch, length, heads, head_dim] through `config.attention_impl`.
 
-  "cudnn" and "auto" try cuDNN's flash attention and fall back to XLA's, with
-  a warning naming the reason, where cuDNN refuses the shape at trace time;
-  "auto" does not try where `cudnn_attention_problem` already says no.
+  A config from `build_experiment` is settled to "xla" or "cudnn" already
+  (`transformer.resolve_attention`); one built by hand may still say "auto",
+  which asks `cudnn_attention_problem` first. cuDNN is then tried, and where
+  it refuses the shape at trace time XLA's attention runs, with a warning
+  naming the reason.
   """
-  if impl in ("cudnn", "auto"):
-    config_dtype = jnp.dtype(query.dtype).name
-    platform = jax.default_backend()
-    if impl == "auto" and (platform != "gpu" or config_dtype not in CUDNN_DTYPES):
-      impl = "xla"
-    else:
-      try:
-        return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation="cudnn")
-      except (NotImplementedError, ValueError, RuntimeError) as error:
-        _warn_once(f"cuDNN attention cannot take query {tuple(query.shape)} {config_dtype} on {platform} "
-                   f"({error}); using XLA's attention instead: same result, no flash kernel. Set "
-                   "model.attention_impl=xla to silence this.")
-        impl = "xla"
-  return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation=impl)
+  impl = config.attention_impl
+  platform = jax.default_backend()
+  if impl == "auto":
+    device = jax.local_devices()[0]
+    problem = cudnn_attention_problem(config, platform, getattr(device, "compute_capability", None))
+    impl = "xla" if problem else "cudnn"
+  if impl == "cudnn":
+    try:
+      return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation="cudnn")
+    except (NotImplementedError, ValueError, RuntimeError) as error:
+      _warn_once(f"cuDNN attention cannot take query {tuple(query.shape)} {jnp.dtype(query.dtype).name} on "
+                 f"{platform} ({error}); using XLA's attention instead: same result, no flash kernel. Set "
+                 "model.attention_impl=xla to silence this.")
+  return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation="xla")
 
 
 def param_init(std: float, axes: tuple[str, ...]) -> Initializer:
@@ -269,7 +272,7 @@ class Attention(nn.Module):
       mask = jnp.concatenate([jnp.ones(mask.shape[:-1] + (1,), bool), mask], axis=-1)
 
     if mask is None:
-      out = _attention(query, key, value, self.causal, cfg.attention_impl)
+      out = _attention(query, key, value, self.causal, cfg)
     else:
       # An explicit mask (cache, memory slot, padding) with key length !=
       # query length: XLA's implementation takes any mask; the fused cuDNN

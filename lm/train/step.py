@@ -48,16 +48,12 @@ def lm_loss_sum(model: nn.Module, params: Any, batch: Batch, *, deterministic: b
   value; the gradient is computed chunk by chunk).
   """
   cfg = model.config
-  rngs = {"dropout": rng} if rng is not None else {}
   mask = batch.get("mask")
-  if not cfg.fused_loss(*batch["inputs"].shape, devices=jax.device_count()):
-    logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs)
-    return cross_entropy(logits, batch["targets"], mask)
-  hidden = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs=rngs,
-                       return_hidden=True)
-  table, vocab_major = fused_loss.output_table(params, cfg.tie_embeddings)
+  out, table = _lm_forward(model, params, batch["inputs"], deterministic, rng)
+  if table is None:
+    return cross_entropy(out, batch["targets"], mask)
   weights = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
-  loss_sum = fused_loss.fused_loss_sum(hidden, table, batch["targets"], weights, vocab_major, cfg.loss_chunk_len,
+  loss_sum = fused_loss.fused_loss_sum(out, table[0], batch["targets"], weights, table[1], cfg.loss_chunk_len,
                                        cfg.valid_vocab_size)
   return loss_sum, jnp.sum(weights)
 
@@ -65,13 +61,22 @@ def lm_loss_sum(model: nn.Module, params: Any, batch: Batch, *, deterministic: b
 def lm_token_losses(model: nn.Module, params: Any, inputs: jax.Array, targets: jax.Array) -> jax.Array:
   """A TransformerLM's per-token cross-entropy [batch, length] (evaluation; fused like `lm_loss_sum`)."""
   cfg = model.config
-  if not cfg.fused_loss(*inputs.shape, devices=jax.device_count()):
-    logits = model.apply({"params": params}, inputs, deterministic=True)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  hidden = model.apply({"params": params}, inputs, deterministic=True, return_hidden=True)
-  table, vocab_major = fused_loss.output_table(params, cfg.tie_embeddings)
-  return fused_loss.token_losses(hidden, table, targets, vocab_major=vocab_major, chunk_len=cfg.loss_chunk_len,
+  out, table = _lm_forward(model, params, inputs)
+  if table is None:
+    return optax.softmax_cross_entropy_with_integer_labels(out, targets)
+  return fused_loss.token_losses(out, table[0], targets, vocab_major=table[1], chunk_len=cfg.loss_chunk_len,
                                  valid_vocab=cfg.valid_vocab_size)
+
+
+def _lm_forward(model: nn.Module, params: Any, inputs: jax.Array, deterministic: bool = True,
+                rng: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, bool] | None]:
+  """(logits, None), or (final hidden states, (output table, vocab_major)) where the model's loss_impl
+  fuses the loss for this [batch, length] (`TransformerConfig.fused_loss`)."""
+  cfg = model.config
+  fused = cfg.fused_loss(*inputs.shape, devices=jax.device_count())
+  out = model.apply({"params": params}, inputs, deterministic=deterministic,
+                    rngs={"dropout": rng} if rng is not None else {}, return_hidden=fused)
+  return out, fused_loss.output_table(params, cfg.tie_embeddings) if fused else None
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
