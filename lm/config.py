@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import ml_collections
 from ml_collections.config_dict import placeholder
 
+from lm.core.errors import ConfigError
 from lm.models.transformer import CHOICES as MODEL_CHOICES
 
 MODES = ("train", "online", "eval", "sample", "bench", "crossval", "ab", "export")
@@ -32,10 +33,6 @@ TOKENIZERS = ("char", "byte", "sentencepiece")
 HEADS = ("lm", "vae", "gan", "classifier")
 DATA_FORMATS = ("windows", "sentences")
 SAMPLE_KINDS = ("continue", "prior", "reconstruct", "interpolate")
-
-
-class ConfigError(ValueError):
-  """A config value is missing or invalid; the message says which and how to fix it."""
 
 
 def default_rules() -> tuple[tuple[str, Any], ...]:

@@ -34,14 +34,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from lm.core.errors import DistributedError
+
 # Seconds JAX's own deadline is given beyond ours, so the watchdog's clear
 # message always comes first.
 _JAX_DEADLINE_MARGIN_S = 30
 EXIT_CODE = 2
-
-
-class DistributedError(RuntimeError):
-  """Multi-process start-up failed or the processes disagree; the message says how to fix it."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,6 +19,7 @@ from ml_collections import config_flags
 from lm import config as config_lib
 from lm import distributed
 from lm import xla_flags
+from lm.core.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (experiments/NAME.py).",
                                           lock_config=True)
@@ -28,17 +29,6 @@ flags.mark_flags_as_required(["config"])
 
 # Errors a user can fix; anything else is a bug and keeps its traceback.
 EXIT_USER_ERROR = 2
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-  from lm.data.sources import DataError  # pylint: disable=g-import-not-at-top
-  from lm.data.tokenizers import TokenizerError
-  from lm.interop import HFError
-  from lm.train.checkpoint import CheckpointError
-  from lm.train.loop import NonFiniteError
-  from lm.train.sharding import MeshError
-  return (config_lib.ConfigError, DataError, TokenizerError, CheckpointError, MeshError, NonFiniteError,
-          distributed.DistributedError, HFError)
 
 
 def run_mode(config, workdir: str | None, mode: str) -> int:
@@ -130,7 +120,7 @@ def main(argv: list[str]) -> None:
   logging.get_absl_handler().addFilter(_QuietLibraries())
   try:
     code = run_mode(_CONFIG.value, _WORKDIR.value, _MODE.value)
-  except _user_errors() as error:
+  except UserError as error:
     print(f"error: {error}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
   sys.exit(code)

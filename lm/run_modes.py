@@ -21,7 +21,8 @@ from absl import logging
 
 from lm import config as config_lib
 from lm import interop
-from lm.eval import ab, files
+from lm.core import files
+from lm.eval import ab
 
 from lm import prompts as prompts_lib
 from lm.eval import perplexity

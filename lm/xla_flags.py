@@ -30,6 +30,8 @@ import shutil
 import sys
 from typing import Mapping, MutableMapping
 
+from lm.core.errors import ConfigError
+
 XLA_FLAGS = "XLA_FLAGS"
 LIBTPU_INIT_ARGS = "LIBTPU_INIT_ARGS"
 
@@ -102,8 +104,6 @@ _last_applied: AppliedFlags | None = None  # by apply() on os.environ, for descr
 
 
 def _error(message: str) -> Exception:
-  # lm.config imports the model code (and JAX); imported here only when there is an error to raise.
-  from lm.config import ConfigError  # pylint: disable=g-import-not-at-top
   return ConfigError(message)
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from lm.data.dedup import (INDEX_FORMAT_VERSION, INDEX_KEYS, NORMALIZATIONS, UNIVERSAL_HASH_PRIME,
                            CleanConfig, DedupIndex, exact_hash, shingle_text)
-from lm.data.errors import DataError
+from lm.core.errors import DataError
 
 __all__ = [
     "INDEX_FIELDS", "INDEX_FORMAT_VERSION", "INDEX_KEYS", "NORMALIZATIONS", "REASONS",

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from lm.data.errors import DataError
+from lm.core.errors import DataError
 
 NORMALIZATIONS = ("NFC", "NFKC", "none")
 # Prime just above 2**32: the universal hashes (a * x + b) mod p permute 32-bit shingle hashes.

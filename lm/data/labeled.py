@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lm.data import sources
-from lm.data.errors import DataError
+from lm.core.errors import DataError
 from lm.data.sentences import SentenceVocab
 from lm.data.tokenizers import Tokenizer
 

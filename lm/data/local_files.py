@@ -14,7 +14,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from lm.data.errors import DataError
+from lm.core.errors import DataError
 
 SUPPORTED_EXTENSIONS = (".txt", ".jsonl", ".tsv")
 # A file in a folder whose stem (or the stem's last dotted part, as in ptb.valid.txt)

@@ -32,7 +32,7 @@ from typing import Any
 import tensorflow_datasets as tfds
 
 from lm.data import local_files
-from lm.data.errors import DataError  # re-exported: callers catch sources.DataError
+from lm.core.errors import DataError  # re-exported: callers catch sources.DataError
 
 try:  # POSIX only; without it, concurrent preparation falls back to TFDS's atomic rename.
   import fcntl

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lm.data import local_files, sources
-from lm.data.errors import DataError
+from lm.core.errors import DataError
 
 if TYPE_CHECKING:
   from lm.data.watch import DirectoryStream, quarantine

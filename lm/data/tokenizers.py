@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from lm.core.errors import TokenizerError
+
 FORMAT_VERSION = 1
 CONFIG_FILENAME = "tokenizer.json"
 SENTENCEPIECE_FILENAME = "spm.model"
@@ -42,10 +44,6 @@ _SENTENCEPIECE_MAX_LINE_BYTES = 1 << 16
 _SENTENCEPIECE_UNK_ID = 0
 _SENTENCEPIECE_EOS_ID = 1
 _SENTENCEPIECE_SPECIALS = 3
-
-
-class TokenizerError(ValueError):
-  """Missing, corrupt or mismatched tokenizer: the message names the file and the fix."""
 
 
 def _id_array(ids: Any) -> np.ndarray:

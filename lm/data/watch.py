@@ -28,7 +28,7 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from lm.data import local_files, sources
-from lm.data.errors import DataError
+from lm.core.errors import DataError
 from lm.data.stream import Chunk, ChunkError, Stream, StreamError, _as_set
 
 # Names that writers use while a file is still being written (then renamed), and

@@ -27,7 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from lm.eval import ab, files
+from lm.core import files
+from lm.eval import ab
 
 EXACT_BELOW = 25  # mcnemar: exact binomial test below this many discordant pairs, chi-square from it on
 MAX_ANNOTATED_CLASSES = 30  # beyond this the confusion-matrix cells are too small to write counts in

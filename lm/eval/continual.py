@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from lm.eval import files
+from lm.core import files
 
 FILENAME = "continual.json"
 INITIAL_ROW = "initial"

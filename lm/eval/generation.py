@@ -60,7 +60,7 @@ from sacrebleu.metrics.bleu import BLEU
 from sacrebleu.metrics.helpers import extract_all_word_ngrams
 from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
 
-from lm.eval import files
+from lm.core import files
 
 FILENAME = "generation.json"
 TOKENIZE = "13a"  # sacrebleu's default tokenizer (mteval-v13a)

@@ -35,7 +35,8 @@ import optax
 
 from lm.config import ConfigError
 from lm.data import labeled as labeled_lib, sentences as sentences_lib, sources
-from lm.eval import classify, files
+from lm.core import files
+from lm.eval import classify
 from lm.heads import ROWS, Head
 from lm.models.classifier import TransformerClassifier, classification_loss
 

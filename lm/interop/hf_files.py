@@ -21,6 +21,8 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from lm.core.errors import HFError
+
 CONFIG_FILE = "config.json"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,8 +36,6 @@ _CONVERT_COMMAND = (
     "AutoModelForCausalLM.from_pretrained('{src}').save_pretrained('{src}-safetensors', safe_serialization=True)\"")
 
 
-class HFError(ValueError):
-  """A Hugging Face directory that lm cannot read (or write): the message names the file, the problem, the fix."""
 
 
 def check_directory(directory: str | os.PathLike) -> Path:

@@ -22,6 +22,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lm.core.errors import CheckpointError
 from lm.train.state import TrainState
 
 
@@ -35,10 +36,6 @@ class _ReadOnlyRestoreNotice(logging.Filter):
 logging.getLogger("absl").addFilter(_ReadOnlyRestoreNotice())
 
 ITEMS = ("state", "data", "metadata")
-
-
-class CheckpointError(ValueError):
-  """A checkpoint is missing, unreadable or does not fit this run."""
 
 
 def absolute(path: str) -> str:

@@ -35,7 +35,8 @@ from absl import logging
 
 from lm import config as config_lib
 from lm.data.labeled import Subset
-from lm.eval import classify, files
+from lm.core import files
+from lm.eval import classify
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import loop
 from lm.train.experiment import TOKENIZER_DIR, open_train_split, resolve_tokenizer

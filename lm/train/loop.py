@@ -26,7 +26,7 @@ from absl import logging
 from lm import config as config_lib
 from lm import interop
 from lm.data import pipeline
-from lm.data.sources import DataError
+from lm.core.errors import DataError, NonFiniteError
 from lm.heads import ROWS
 from lm.online.store import is_online_checkpoint
 from lm.train import checkpoint as checkpoint_lib
@@ -35,10 +35,6 @@ from lm.train.experiment import (TOKENIZER_DIR, Experiment, build_experiment, op
                                  token_windows)
 from lm.train.metrics import MetricWriter
 from lm.train.state import TrainState
-
-
-class NonFiniteError(RuntimeError):
-  """The loss or gradient norm became NaN/Inf."""
 
 
 @dataclasses.dataclass

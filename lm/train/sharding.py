@@ -31,6 +31,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lm.core.errors import MeshError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 
@@ -46,10 +48,6 @@ PRESETS: dict[str, tuple[dict[str, int], Rules]] = {
                 (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
                  ("vocab", "tensor")) + _REPLICATED_MODEL_AXES),
 }
-
-
-class MeshError(ValueError):
-  """The configured mesh does not fit the devices."""
 
 
 def resolve_mesh_shape(mesh_config: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:

@@ -11,7 +11,7 @@ import pytest
 
 from lm.data import clean, dedup
 from lm.data.clean import Cleaner, CleanConfig, DedupIndex
-from lm.data.errors import DataError
+from lm.core.errors import DataError
 
 WORDS = ("river stone lantern quiet market harbor silver orchard meadow candle winter window "
          "garden thunder copper feather morning valley bridge ladder").split()

@@ -11,7 +11,7 @@ import pytest
 
 from tests import helpers
 from lm.data import sources, stream
-from lm.data.errors import DataError
+from lm.core.errors import DataError
 
 SST2_TRAIN = helpers.SHARED / "data" / "sst2" / "train.tsv"
 SST2_TRAIN_ROWS = 67_349

@@ -1,4 +1,4 @@
-"""Writing evaluation artifacts (reports, PNG figures) so a reader never sees a half-written file.
+"""Writing reports and PNG figures so a reader never sees a half-written file.
 
 Every file goes to a temporary name in its own folder and is moved into
 place with `os.replace`, which is atomic on one filesystem; a failed write

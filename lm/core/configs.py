@@ -1,0 +1,138 @@
+"""ConfigDict helpers: the parts packages contribute to a config, overrides, and configs saved by earlier runs.
+
+A run's config is one locked `ml_collections.ConfigDict` assembled from parts:
+every package that reads fields declares them once, with their defaults, in a
+`ConfigPart` (dotted key -> default) beside a `validate(config, mode)` of its
+own. `compose` builds the ConfigDict and refuses a field two parts declare, so
+no default is written twice; `lm.config.base_config` is the composition.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Any, Callable, Iterable, Mapping
+
+import ml_collections
+
+from lm.core.errors import ConfigError
+
+Validator = Callable[[ml_collections.ConfigDict, str], None]
+
+
+def require(condition: bool, message: str) -> None:
+  """Raises ConfigError(message) unless `condition` holds."""
+  if not condition:
+    raise ConfigError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigPart:
+  """The fields one package reads (dotted key -> default) and the function that checks their values.
+
+  `validate(config, mode)` sees the whole config (so it can check a field
+  against another part's) and raises ConfigError naming the field and the fix.
+  """
+
+  owner: str  # the module that reads these fields, named in errors and docs
+  fields: Mapping[str, Any]
+  validate: Validator | None = None
+
+
+def compose(parts: Iterable[ConfigPart]) -> ml_collections.ConfigDict:
+  """One ConfigDict with every part's fields; a key declared by two parts is a ValueError naming both."""
+  config = ml_collections.ConfigDict()
+  owners: dict[str, str] = {}
+  for part in parts:
+    for dotted, default in part.fields.items():
+      if dotted in owners:
+        raise ValueError(f"config field {dotted!r} is declared by both {owners[dotted]} and {part.owner}; "
+                         "declare it once, in the package that reads it.")
+      owners[dotted] = part.owner
+      node = config
+      *groups, leaf = dotted.split(".")
+      for group in groups:
+        if group not in node:
+          node[group] = ml_collections.ConfigDict()
+        node = node[group]
+      node[leaf] = default
+  return config
+
+
+def validate_parts(parts: Iterable[ConfigPart], config: ml_collections.ConfigDict, mode: str) -> None:
+  """Runs every part's validator in order; the first problem raises ConfigError."""
+  for part in parts:
+    if part.validate is not None:
+      part.validate(config, mode)
+
+
+def unknown_key_message(dotted: str, node: ml_collections.ConfigDict) -> str:
+  known = ", ".join(sorted(node.keys()))
+  return f"Unknown config key {dotted!r}. Keys at that level: {known}. Check the spelling."
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Sets dotted keys ("optim.lr") on a copy of `config`; unknown keys raise ConfigError."""
+  config = ml_collections.ConfigDict(config.to_dict())  # unlocked copy with the same schema
+  for dotted, value in overrides.items():
+    parent, _, leaf = dotted.rpartition(".")
+    node = config
+    for part in parent.split(".") if parent else []:
+      if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+        raise ConfigError(unknown_key_message(dotted, node))
+      node = node[part]
+    if leaf not in node:
+      raise ConfigError(unknown_key_message(dotted, node))
+    node[leaf] = value
+  config.lock()
+  return config
+
+
+def load_config_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of an experiment file; `PATH:ARG` calls get_config(ARG) (as `--config PATH:ARG` does)."""
+  argument = None
+  if not os.path.exists(path) and ":" in path:
+    path, argument = path.rsplit(":", 1)
+  if not os.path.exists(path):
+    raise ConfigError(f"Config file {path!r} does not exist; pick one from experiments/.")
+  spec = importlib.util.spec_from_file_location("lm_experiment_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)  # type: ignore[union-attr]
+  return module.get_config() if argument is None else module.get_config(argument)
+
+
+def to_json_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Plain JSON-serializable dict of the config (tuples become lists)."""
+  return ml_collections.ConfigDict(config).to_dict()
+
+
+def _as_tuples(value: Any) -> Any:
+  return tuple(_as_tuples(item) for item in value) if isinstance(value, list) else value
+
+
+def merge_saved(schema: ml_collections.ConfigDict, saved: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """`saved` (a run's recorded config, JSON) written onto `schema` (today's defaults), in place; returns it.
+
+  Keys the schema no longer has are dropped; keys it gained keep their
+  defaults; JSON lists become the tuples the schema holds.
+  """
+
+  def merge(node: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+    for key, value in values.items():
+      if key not in node:
+        continue
+      if isinstance(node[key], ml_collections.ConfigDict):
+        if isinstance(value, Mapping):
+          merge(node[key], value)
+        continue
+      if isinstance(node[key], tuple) and isinstance(value, list):
+        value = _as_tuples(value)
+      try:
+        node[key] = value
+      except TypeError:  # a value of another type than today's default (e.g. None for a placeholder)
+        with node.ignore_type():
+          node[key] = value
+
+  merge(schema, saved)
+  return schema
