@@ -26,7 +26,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from lm.core.errors import ConfigError
-from lm.models.transformer import CHOICES as MODEL_CHOICES
+from lm.models.config import CHOICES as MODEL_CHOICES
 
 MODES = ("train", "online", "eval", "sample", "bench", "crossval", "ab", "export")
 TOKENIZERS = ("char", "byte", "sentencepiece")

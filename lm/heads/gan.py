@@ -53,6 +53,7 @@ import optax
 from lm.heads import ROWS, Head, MultiOptimizer
 from lm.models import TransformerLM
 from lm.models import gan as gan_lib
+from lm.models import losses
 from lm.models.vae import SentenceVAE, VAEConfig, generate_from_latent
 from lm.train import step as step_lib
 
@@ -238,7 +239,7 @@ class GANHead(Head):
         if not mle_weight:
           return g_loss, g_loss
         logits = model.apply({"params": generator_params}, batch["inputs"])
-        nll_sum, count = step_lib.cross_entropy(logits, batch["targets"], batch["mask"])
+        nll_sum, count = losses.cross_entropy(logits, batch["targets"], batch["mask"])
         return g_loss + mle_weight * nll_sum / jnp.maximum(count, 1.0), g_loss
 
       (_, g_loss), grads = jax.value_and_grad(generator_loss, has_aux=True)(params["generator"])
@@ -362,7 +363,7 @@ def _apply(module: nn.Module, params: Any, inputs: jax.Array) -> jax.Array:
 def _nll_sum(model: TransformerLM, params: Any, batch: dict[str, jax.Array]) -> jax.Array:
   """Summed NLL of a sentence batch's targets (mask) under an LM."""
   logits = model.apply({"params": params}, batch["inputs"])
-  return step_lib.cross_entropy(logits, batch["targets"], batch["mask"])[0]
+  return losses.cross_entropy(logits, batch["targets"], batch["mask"])[0]
 
 
 # -- the quality-diversity report ------------------------------------------

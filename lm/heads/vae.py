@@ -31,7 +31,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from lm.eval import latent as latent_lib
+from lm.models import latent as latent_lib
 from lm.heads import ROWS, Head
 from lm.config import ConfigError
 from lm.data import sentences as sentences_lib

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lm.models import layers
+from lm.models.layers import Projection, add_learned_positions, make_norm, token_embedding
 from lm.models.transformer import TransformerConfig, apply_blocks
 
 POOLINGS = ("mean", "max", "last")
@@ -47,14 +47,14 @@ class Backbone(nn.Module):
     batch, length = tokens.shape
     tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    x = layers.add_learned_positions(self, cfg, layers.token_embedding(cfg)(tokens), positions)
+    x = add_learned_positions(self, cfg, token_embedding(cfg)(tokens), positions)
     x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     # Causal: padding comes after the sentence, so no real token attends to it. Bidirectional: mask it as a key.
     key_mask = None if self.causal else mask.astype(bool)
     x = apply_blocks(cfg, x, positions, decode=False, deterministic=deterministic, causal=self.causal,
                      key_mask=key_mask)
-    return layers.make_norm(cfg, "final_norm")(x)
+    return make_norm(cfg, "final_norm")(x)
 
 
 def pool(hidden: jax.Array, mask: jax.Array, pooling: str) -> jax.Array:
@@ -93,7 +93,7 @@ class TransformerClassifier(nn.Module):
     if self.attention not in ATTENTIONS:
       raise ValueError(f"config.classifier.attention={self.attention!r} is not one of {ATTENTIONS}.")
     self.lm = Backbone(self.config, causal=self.attention == "causal")
-    self.classify = layers.Projection((self.num_classes,), ("embed", "classes"), use_bias=True,
+    self.classify = Projection((self.num_classes,), ("embed", "classes"), use_bias=True,
                                       std=self.config.init_std, dtype=self.config.compute_dtype,
                                       param_dtype=self.config.weight_dtype)
     self.dropout = nn.Dropout(rate=self.config.dropout)

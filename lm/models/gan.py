@@ -68,7 +68,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm.models import layers
+from lm.models.layers import Projection, add_learned_positions, make_norm, ones_init, param_init, zeros_init
 from lm.models.transformer import TransformerConfig, apply_blocks
 
 TEMPERATURE_SCHEDULES = ("exponential", "linear", "constant")
@@ -92,14 +92,14 @@ def _is_python_number(x: Any) -> bool:
 
 def _mlp_dense(features: int, axes: tuple[str | None, ...], fan_in: int, param_dtype: Any, name: str) -> nn.Module:
   """A float32 `Projection` with LeCun-normal std 1/sqrt(fan_in) (the MLPs are small and not residual)."""
-  return layers.Projection((features,), axes, std=1.0 / math.sqrt(fan_in), dtype=jnp.float32,
+  return Projection((features,), axes, std=1.0 / math.sqrt(fan_in), dtype=jnp.float32,
                            param_dtype=param_dtype, name=name)
 
 
 def _mlp_layer_norm(name: str, param_dtype: Any) -> nn.Module:
   """Per-example LayerNorm over the hidden units (never batch norm, which mixes the examples of a batch)."""
-  return nn.LayerNorm(dtype=jnp.float32, param_dtype=param_dtype, scale_init=layers.ones_init(("mlp",)),
-                      bias_init=layers.zeros_init(("mlp",)), name=name)
+  return nn.LayerNorm(dtype=jnp.float32, param_dtype=param_dtype, scale_init=ones_init(("mlp",)),
+                      bias_init=zeros_init(("mlp",)), name=name)
 
 
 class LatentGenerator(nn.Module):
@@ -407,7 +407,7 @@ class SoftEmbedding(nn.Module):
   @nn.compact
   def __call__(self, soft_tokens: jax.Array) -> jax.Array:
     """soft_tokens: [..., vocab] -> [..., width] in `dtype`."""
-    table = self.param("embedding", layers.param_init(self.init_std, ("vocab", "embed")),
+    table = self.param("embedding", param_init(self.init_std, ("vocab", "embed")),
                        (self.vocab_size, self.width), self.param_dtype)
     # HIGHEST keeps the float32 matmul exact on accelerators (no TF32 / bf16
     # passes), so a hard one-hot is exactly a table lookup.
@@ -454,15 +454,15 @@ class SequenceDiscriminator(nn.Module):
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
     embed = SoftEmbedding(cfg.vocab_size, cfg.width, cfg.init_std, dtype=cfg.compute_dtype,
                           param_dtype=cfg.weight_dtype, name="embed")
-    x = layers.add_learned_positions(self, cfg, embed(soft_tokens), positions)
+    x = add_learned_positions(self, cfg, embed(soft_tokens), positions)
     x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     x = apply_blocks(cfg, x, positions, decode=False, deterministic=deterministic, causal=False, key_mask=mask)
-    x = layers.make_norm(cfg, "final_norm")(x).astype(jnp.float32)
+    x = make_norm(cfg, "final_norm")(x).astype(jnp.float32)
     weights = mask.astype(jnp.float32)[:, :, None]
     pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
     pooled = nn.with_logical_constraint(pooled, ("batch", "embed"))
-    logits = layers.Projection((1,), ("embed", None), std=cfg.init_std, dtype=jnp.float32,
+    logits = Projection((1,), ("embed", None), std=cfg.init_std, dtype=jnp.float32,
                                param_dtype=cfg.weight_dtype, name="head")(pooled)
     return logits[:, 0]
 

@@ -10,7 +10,7 @@ sharding never needs a code change.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -18,8 +18,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
-if TYPE_CHECKING:
-  from lm.models.transformer import TransformerConfig
+from lm.models.config import TransformerConfig
 
 Initializer = Callable[..., jax.Array]
 

@@ -30,7 +30,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.models import layers
+from lm.models.layers import Projection, add_learned_positions, make_norm, token_embedding
 from lm.models.transformer import TransformerConfig, TransformerLM, apply_blocks
 from lm.models.vae_objectives import gaussian_kl, kl_with_free_bits, reparameterize
 
@@ -89,13 +89,13 @@ class Encoder(nn.Module):
     pad_mask = pad_mask.astype(bool)
     tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-    x = layers.add_learned_positions(self, cfg, layers.token_embedding(cfg)(tokens), positions)
+    x = add_learned_positions(self, cfg, token_embedding(cfg)(tokens), positions)
     x = nn.Dropout(rate=cfg.dropout)(x, deterministic=deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     # Padding is hidden as a key in every layer and left out of the pooling,
     # so a sentence's posterior does not depend on how its batch is padded.
     x = apply_blocks(cfg, x, positions, decode=False, deterministic=deterministic, causal=False, key_mask=pad_mask)
-    x = layers.make_norm(cfg, "final_norm")(x).astype(jnp.float32)
+    x = make_norm(cfg, "final_norm")(x).astype(jnp.float32)
     if self.pooling == "mean":
       weights = pad_mask.astype(jnp.float32)[:, :, None]
       pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
@@ -106,7 +106,7 @@ class Encoder(nn.Module):
     # The heads run in float32 whatever the compute dtype: the KL is sensitive
     # to logvar, and they are tiny.
     def head(name):
-      return layers.Projection((self.latent_size,), ("embed", "latent"), std=cfg.init_std, dtype=jnp.float32,
+      return Projection((self.latent_size,), ("embed", "latent"), std=cfg.init_std, dtype=jnp.float32,
                                param_dtype=cfg.weight_dtype, name=name)(pooled)
 
     mu, logvar = head("mu"), head("logvar")
@@ -129,7 +129,7 @@ class SentenceVAE(nn.Module):
     cfg, vae = self.config, self.vae
     self.encoder = Encoder(vae.encoder_config(cfg), vae.latent_size, vae.pooling)
     self.decoder = TransformerLM(cfg)
-    dense = functools.partial(layers.Projection, std=cfg.init_std, dtype=cfg.compute_dtype,
+    dense = functools.partial(Projection, std=cfg.init_std, dtype=cfg.compute_dtype,
                               param_dtype=cfg.weight_dtype)
     if vae.injection in ("embedding", "both"):
       self.latent_to_condition = dense((cfg.width,), ("latent", "embed"))

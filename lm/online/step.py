@@ -24,7 +24,7 @@ import optax
 
 from lm.online import regularizers
 from lm.train.state import TrainState
-from lm.train.step import cross_entropy
+from lm.models.losses import cross_entropy
 
 Batch = dict[str, jax.Array]
 

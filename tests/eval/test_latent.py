@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.eval.latent import (active_units, gaussian_log_density, importance_weighted_nll, mutual_information,
+from lm.models.latent import (active_units, gaussian_log_density, importance_weighted_nll, mutual_information,
                             mutual_information_estimate, standard_normal_log_density)
 
 X = np.array([-2.0, -0.5, 0.0, 0.7, 1.5, 3.0], np.float32)

@@ -9,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from lm.models import TransformerConfig, TransformerLM, fused_loss, layers
+from lm.models import TransformerConfig, TransformerLM, fused_loss, layers, losses
 from lm.models.transformer import REMAT_POLICIES, resolve_attention
 from lm.train import step as step_lib
 
@@ -35,7 +35,7 @@ def batch(seed: int = 1, with_mask: bool = False) -> dict:
 
 def loss_and_grads(model, params, data):
   def loss(p):
-    loss_sum, count = step_lib.lm_loss_sum(model, p, data)
+    loss_sum, count = losses.lm_loss_sum(model, p, data)
     return loss_sum / count
 
   return jax.jit(jax.value_and_grad(loss))(params)

@@ -1,0 +1,74 @@
+"""The language model's token cross-entropy: through the full logits, or fused with the output projection.
+
+`lm_loss_sum` (training) and `lm_token_losses` (evaluation) pick the path the
+model's `loss_impl` says for the batch's shape (`TransformerConfig.fused_loss`):
+the full [batch, length, vocab] float32 logits and optax's cross-entropy, or
+`lm.models.fused_loss`, which never builds them (same value; the gradient is
+computed chunk by chunk).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lm.models.fused_loss import fused_loss_sum, output_table, token_losses
+
+Batch = dict[str, jax.Array]
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """Summed token cross-entropy and token count.
+
+  logits: [batch, length, vocab] float32; targets: [batch, length] int32;
+  mask: [batch, length] (1 where a target counts: sentence examples), None for all.
+  """
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  if mask is None:
+    return losses.sum(), jnp.asarray(losses.size, jnp.float32)
+  mask = mask.astype(jnp.float32)
+  return jnp.sum(losses * mask), jnp.sum(mask)
+
+
+def lm_loss_sum(model: nn.Module, params: Any, batch: Batch, *, deterministic: bool = True,
+                rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """A TransformerLM's summed token cross-entropy and token count on a batch (see `cross_entropy`).
+
+  Through the full logits, or through `fused_loss_sum` without
+  them when the model's `loss_impl` says so for this batch's shape (same
+  value; the gradient is computed chunk by chunk).
+  """
+  cfg = model.config
+  mask = batch.get("mask")
+  out, table = _lm_forward(model, params, batch["inputs"], deterministic, rng)
+  if table is None:
+    return cross_entropy(out, batch["targets"], mask)
+  weights = jnp.ones(batch["targets"].shape, jnp.float32) if mask is None else mask.astype(jnp.float32)
+  loss_sum = fused_loss_sum(out, table[0], batch["targets"], weights, table[1], cfg.loss_chunk_len,
+                                       cfg.valid_vocab_size)
+  return loss_sum, jnp.sum(weights)
+
+
+def lm_token_losses(model: nn.Module, params: Any, inputs: jax.Array, targets: jax.Array) -> jax.Array:
+  """A TransformerLM's per-token cross-entropy [batch, length] (evaluation; fused like `lm_loss_sum`)."""
+  cfg = model.config
+  out, table = _lm_forward(model, params, inputs)
+  if table is None:
+    return optax.softmax_cross_entropy_with_integer_labels(out, targets)
+  return token_losses(out, table[0], targets, vocab_major=table[1], chunk_len=cfg.loss_chunk_len,
+                                 valid_vocab=cfg.valid_vocab_size)
+
+
+def _lm_forward(model: nn.Module, params: Any, inputs: jax.Array, deterministic: bool = True,
+                rng: jax.Array | None = None) -> tuple[jax.Array, tuple[jax.Array, bool] | None]:
+  """(logits, None), or (final hidden states, (output table, vocab_major)) where the model's loss_impl
+  fuses the loss for this [batch, length] (`TransformerConfig.fused_loss`)."""
+  cfg = model.config
+  fused = cfg.fused_loss(*inputs.shape, devices=jax.device_count())
+  out = model.apply({"params": params}, inputs, deterministic=deterministic,
+                    rngs={"dropout": rng} if rng is not None else {}, return_hidden=fused)
+  return out, output_table(params, cfg.tie_embeddings) if fused else None
