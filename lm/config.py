@@ -251,7 +251,7 @@ def base_config() -> ml_collections.ConfigDict:
   #                         tokens, each with >= seq_len - stride tokens of context; 0: non-overlapping windows
   config.eval.folds = 5  # --mode crossval: K stratified folds of the training split
 
-  # --mode ab (lm.eval.ab): two runs evaluated on the same examples, difference with a paired bootstrap.
+  # --mode ab (lm.stats.ab): two runs evaluated on the same examples, difference with a paired bootstrap.
   config.ab = ml_collections.ConfigDict()
   config.ab.a = ""  # workdir or checkpoints folder of model A (the baseline)
   config.ab.b = ""  # of model B (the candidate); B - A is reported

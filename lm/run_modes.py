@@ -22,10 +22,10 @@ from absl import logging
 from lm import config as config_lib
 from lm import interop
 from lm.core import files
-from lm.eval import ab
+from lm.stats import ab
 
 from lm import prompts as prompts_lib
-from lm.eval import perplexity
+from lm import perplexity
 from lm.online.store import is_online_checkpoint
 from lm.train import checkpoint as checkpoint_lib
 from lm.train.experiment import Experiment, build_experiment, open_eval_split, token_windows, tokenizer_identity
@@ -66,10 +66,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   """Evaluates the latest checkpoint on a split and appends the metrics to metrics.jsonl.
 
   The split: `split`, else config.eval.split of config.eval.source (empty:
-  config.data.eval_split of config.data.source; `lm.eval.perplexity.eval_split`
+  config.data.eval_split of config.data.source; `lm.perplexity.eval_split`
   gives the order). Reports loss, perplexity, bits per token, character and
   byte (head="lm") and the tokens scored; config.eval.stride > 0 scores a
-  sliding window (`lm.eval.perplexity`). Metrics are named "eval_<split>/..."
+  sliding window (`lm.perplexity`). Metrics are named "eval_<split>/..."
   (with eval.source: "eval_<source name>_<split>/...").
   """
   source, split, prefix = perplexity.eval_split(config, split)
@@ -135,7 +135,7 @@ def _ab_run_config(config: ml_collections.ConfigDict, metadata: dict[str, Any]
 
 
 def ab_test(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Evaluates runs config.ab.a and config.ab.b on the same examples and compares them (lm.eval.ab).
+  """Evaluates runs config.ab.a and config.ab.b on the same examples and compares them (lm.stats.ab).
 
   Language models: per-example loss (each sequence's or sentence's mean token
   loss), B - A with a paired-bootstrap interval and p-value, and the relative

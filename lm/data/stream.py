@@ -20,29 +20,24 @@ A chunk that cannot be read raises ``ChunkError``; the loop quarantines it
 consumed, so one bad file never stops the stream. A stream that is itself gone
 raises ``StreamError``.
 
-This module holds the base types and does not import ``lm.data.watch`` at import
-time (that module subclasses ``Stream``): ``parse_stream`` imports it when
-called, and ``DirectoryStream`` and ``quarantine`` are looked up on first access.
+The base types live in ``lm.data.stream_base``, which both this module and
+``lm.data.watch`` import; every name above is importable from here.
 """
 
 from __future__ import annotations
 
-import abc
 import array
 import bisect
 import dataclasses
 import itertools
-import os
 import re
 from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-from lm.data import local_files, sources
 from lm.core.errors import DataError
-
-if TYPE_CHECKING:
-  from lm.data.watch import DirectoryStream, quarantine
+from lm.data import local_files, sources
+from lm.data.stream_base import Chunk, ChunkError, Stream, StreamError, as_set
+from lm.data.watch import DirectoryStream, quarantine
 
 __all__ = [
     "DIRECTORY_PREFIX", "Chunk", "ChunkError", "DirectoryStream", "FixedStream", "IterableStream", "Stream",
@@ -55,70 +50,6 @@ DIRECTORY_PREFIX = "dir:"
 # the exact cut point; so chunk sizes differ by at most about twice this fraction.
 _CUT_WINDOW = 0.05
 _CUT_SEPARATORS = (sources.PARAGRAPH_SEPARATOR, "\n", " ")
-# Names defined in lm.data.watch and re-exported here, imported on first access.
-_WATCH_EXPORTS = ("DirectoryStream", "quarantine")
-
-
-@dataclasses.dataclass(frozen=True)
-class Chunk:
-  """One unit of new data: the loop trains on it, then records ``id`` as consumed."""
-
-  id: str  # stable across restarts: the same id always names the same documents
-  domain: str  # the stream's domain name
-  documents: list[str]
-  path: str | None = None  # the file or folder it came from (directory streams), for quarantine
-
-
-class ChunkError(DataError):
-  """A chunk that cannot be read. The loop quarantines it and marks it consumed."""
-
-  def __init__(self, message: str, *, chunk_id: str, path: str | os.PathLike | None = None):
-    super().__init__(message)
-    self.chunk_id = chunk_id
-    self.path = None if path is None else str(path)
-
-  def __reduce__(self):  # keyword-only arguments: the default pickling would drop them
-    return _rebuild_chunk_error, (str(self), self.chunk_id, self.path)
-
-
-def _rebuild_chunk_error(message: str, chunk_id: str, path: str | None) -> ChunkError:
-  return ChunkError(message, chunk_id=chunk_id, path=path)
-
-
-class StreamError(DataError):
-  """The stream itself is broken (e.g. the watched folder disappeared): no chunk can come."""
-
-
-class Stream(abc.ABC):
-  """An ordered source of chunks with stable ids; see the module docstring."""
-
-  domain: str
-
-  @abc.abstractmethod
-  def next_chunk(self, consumed: Collection[str]) -> Chunk | None:
-    """The first chunk, in the stream's order, whose id is not in ``consumed`` and that is ready now.
-
-    Returns None when no such chunk is ready yet.
-    Raises:
-      ChunkError: that chunk cannot be read (quarantine it and add its id to ``consumed``).
-      StreamError: the stream is gone.
-    """
-
-  @abc.abstractmethod
-  def exhausted(self, consumed: Collection[str]) -> bool:
-    """True when no chunk will ever come again."""
-
-  @abc.abstractmethod
-  def describe(self) -> str:
-    """One line for logs: what the stream reads."""
-
-  def __repr__(self) -> str:
-    return f"{type(self).__name__}({self.describe()})"
-
-
-def _as_set(consumed: Collection[str]) -> Collection[str]:
-  # Membership is tested once per candidate chunk; a list of thousands of ids would make that slow.
-  return consumed if isinstance(consumed, (set, frozenset, dict)) else set(consumed)
 
 
 # ----------------------------------------------------------------------------- fixed corpus
@@ -168,11 +99,11 @@ class FixedStream(Stream):
             f"characters (domain {self.domain!r})")
 
   def exhausted(self, consumed: Collection[str]) -> bool:
-    consumed = _as_set(consumed)
+    consumed = as_set(consumed)
     return all(chunk_id in consumed for chunk_id in self.ids)
 
   def next_chunk(self, consumed: Collection[str]) -> Chunk | None:
-    consumed = _as_set(consumed)
+    consumed = as_set(consumed)
     for index, chunk_id in enumerate(self.ids):
       if chunk_id not in consumed:
         return Chunk(id=chunk_id, domain=self.domain, documents=self._chunk_documents(index))
@@ -302,10 +233,10 @@ class IterableStream(Stream):
     return f"{self.domain}-{index + 1:05d}"
 
   def exhausted(self, consumed: Collection[str]) -> bool:
-    return self._first_unconsumed(_as_set(consumed)) is None
+    return self._first_unconsumed(as_set(consumed)) is None
 
   def next_chunk(self, consumed: Collection[str]) -> Chunk | None:
-    index = self._first_unconsumed(_as_set(consumed))
+    index = self._first_unconsumed(as_set(consumed))
     if index is None:
       return None
     documents = self._pending[index]
@@ -357,20 +288,7 @@ def parse_stream(spec: str, *, num_chunks: int, domain: str | None = None, split
     path = spec[len(DIRECTORY_PREFIX):]
     if not path:
       raise DataError(f"Stream {spec!r} names no folder. Fix: write dir:PATH, e.g. dir:/data/incoming.")
-    from lm.data import watch  # pylint: disable=import-outside-toplevel  # it imports this module
-    return watch.DirectoryStream(path, domain=domain or None, text_field=text_field,
+    return DirectoryStream(path, domain=domain or None, text_field=text_field,
                                  settle_seconds=settle_seconds)
   return FixedStream(spec, num_chunks=num_chunks, split=split, domain=domain or None, text_field=text_field,
                      cache_dir=cache_dir)
-
-
-def __getattr__(name: str) -> Any:
-  """``DirectoryStream`` and ``quarantine``, from ``lm.data.watch`` (imported here lazily: no cycle)."""
-  if name in _WATCH_EXPORTS:
-    from lm.data import watch  # pylint: disable=import-outside-toplevel
-    return getattr(watch, name)
-  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-  return sorted([*globals(), *_WATCH_EXPORTS])

@@ -9,7 +9,7 @@ that cannot be read out of the watched folder into the workdir, with the reason
 beside it.
 
 The base types (``Stream``, ``Chunk``, ``ChunkError``, ``StreamError``) live in
-``lm.data.stream``, which also re-exports ``DirectoryStream`` and ``quarantine``.
+``lm.data.stream_base``; ``lm.data.stream`` re-exports ``DirectoryStream`` and ``quarantine``.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import tensorflow_datasets as tfds
 
-from lm.data import local_files, sources
 from lm.core.errors import DataError
-from lm.data.stream import Chunk, ChunkError, Stream, StreamError, _as_set
+from lm.data import local_files, sources
+from lm.data.stream_base import Chunk, ChunkError, Stream, StreamError, as_set
 
 # Names that writers use while a file is still being written (then renamed), and
 # hidden/private names (.DS_Store, _SUCCESS, editor swap files).
@@ -92,7 +92,7 @@ class DirectoryStream(Stream):
     return False
 
   def next_chunk(self, consumed: Collection[str]) -> Chunk | None:
-    consumed = _as_set(consumed)
+    consumed = as_set(consumed)
     now = self._clock()
     candidates = []  # (mtime_ns, name, path)
     observed: dict[str, _Observation] = {}

@@ -11,7 +11,7 @@ Train step: cross-entropy with optional label smoothing, class weights
 ("balanced" = inverse class frequency of the training split) and token
 dropout (sentence tokens replaced by <mask>, an augmentation for small data). Eval step:
 per-row predictions and losses, gathered, turned into accuracy, per-class and
-macro precision / recall / F1 (`lm.eval.classify`). `eval/loss` is the plain
+macro precision / recall / F1 (`lm.stats.classify`). `eval/loss` is the plain
 mean cross-entropy (no smoothing, no weights), an honest NLL of the labels.
 Start from an LM: `config.init_from=<a head="lm" run on data.format=sentences
 with the same tokenizer>` fills the backbone; the classification layer
@@ -36,7 +36,7 @@ import optax
 from lm.config import ConfigError
 from lm.data import labeled as labeled_lib, sentences as sentences_lib, sources
 from lm.core import files
-from lm.eval import classify
+from lm.stats import classify
 from lm.heads import ROWS, Head
 from lm.models.classifier import TransformerClassifier, classification_loss
 
@@ -208,7 +208,7 @@ class ClassifierHead(Head):
     return out
 
   def report(self, rows: Mapping[str, np.ndarray]) -> dict[str, Any]:
-    """Full classification metrics (lm.eval.classify) of gathered eval rows, with the mean loss."""
+    """Full classification metrics (lm.stats.classify) of gathered eval rows, with the mean loss."""
     examples = self.per_example(rows)
     report = classify.classification_metrics(examples["label"], examples["prediction"], len(self.classes),
                                              class_names=self.classes)

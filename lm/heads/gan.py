@@ -30,7 +30,7 @@ Fréchet distance between Gaussians fitted to the generated codes and to the
 eval sentences' posterior means (lower: the generator covers the codes).
 After training (and with --mode eval), `quality_diversity_report` writes the
 quality-diversity comparison with the MLE model's temperature sweep
-(lm.eval.generation) into the workdir: generation.json,
+(lm.stats.generation) into the workdir: generation.json,
 quality_diversity.png and samples.jsonl.
 """
 
@@ -397,12 +397,12 @@ def quality_diversity_report(experiment: Any, params: Any) -> dict[str, Any]:
   """Samples of the GAN and of the MLE model's temperature sweep, scored and drawn into the workdir.
 
   Quality: BLEU-2..5 of `gan.eval_samples` sentences against the eval
-  split's sentences; diversity: self-BLEU-2..5 (lm.eval.generation, sacrebleu);
+  split's sentences; diversity: self-BLEU-2..5 (lm.stats.generation, sacrebleu);
   with `gan.judge`, the samples' mean NLL per sentence under that separately
   trained LM. The MLE model is `gan.baseline`, else the relgan's init_from LM.
   Writes generation.json, quality_diversity.png and samples.jsonl (process 0).
   """
-  from lm.eval import generation  # pylint: disable=g-import-not-at-top
+  from lm.stats import generation  # pylint: disable=g-import-not-at-top
   from lm.train.experiment import open_eval_split  # pylint: disable=g-import-not-at-top
   config, head = experiment.config, experiment.head
   gan, count = config.gan, int(config.gan.eval_samples)

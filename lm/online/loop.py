@@ -39,8 +39,8 @@ from absl import logging
 from lm import config as config_lib
 from lm.data import clean as clean_lib
 from lm.data import pipeline, sources, stream as stream_lib
-from lm.eval import ab
-from lm.eval.continual import ContinualMatrix
+from lm.stats import ab
+from lm.stats.continual import ContinualMatrix
 from lm.online import replay as replay_lib
 from lm.online import regularizers
 from lm.online.run_state import OnlineRun, is_heldout, stable_seed, tokens_of, windows_of

@@ -19,7 +19,7 @@ import numpy as np
 
 from lm.data import clean as clean_lib
 from lm.data import pipeline, sources
-from lm.eval.continual import ContinualMatrix
+from lm.stats.continual import ContinualMatrix
 from lm.online import replay as replay_lib
 from lm.train.experiment import Experiment
 

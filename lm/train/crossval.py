@@ -4,7 +4,7 @@
       --mode crossval --config.eval.folds=5
 
 The training split's documents are dealt into `eval.folds` folds
-(`lm.eval.classify.stratified_folds`, seeded by config.seed: a classifier's
+(`lm.stats.classify.stratified_folds`, seeded by config.seed: a classifier's
 classes are spread evenly over the folds; other heads get plain random folds).
 Fold i trains a fresh model on the other folds in `WORKDIR/fold_i/` (a normal
 run directory: it resumes, so an interrupted cross-validation continues where
@@ -36,7 +36,7 @@ from absl import logging
 from lm import config as config_lib
 from lm.data.labeled import Subset
 from lm.core import files
-from lm.eval import classify
+from lm.stats import classify
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import loop
 from lm.train.experiment import TOKENIZER_DIR, open_train_split, resolve_tokenizer

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lm.eval import ab
+from lm.stats import ab
 
 NUM_SEQUENCES = 200
 MAX_REGRESSION = 0.02

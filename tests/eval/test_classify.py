@@ -11,7 +11,7 @@ from scipy import stats
 from sklearn import metrics as skm
 from sklearn.model_selection import StratifiedKFold
 
-from lm.eval.classify import (classification_metrics, confusion_matrix, fold_split, mcnemar,
+from lm.stats.classify import (classification_metrics, confusion_matrix, fold_split, mcnemar,
                               paired_bootstrap_difference, plot_confusion_matrix, stratified_folds)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from lm.eval.continual import ContinualMatrix
+from lm.stats.continual import ContinualMatrix
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REQUIRED_KEYS = {"domains", "chunks", "R", "avg_loss", "forgetting", "bwt", "fwt",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sacrebleu.metrics import BLEU
 
-from lm.eval.generation import (QualityDiversity, bleu, dominated, evaluate_samples, plot_quality_diversity,
+from lm.stats.generation import (QualityDiversity, bleu, dominated, evaluate_samples, plot_quality_diversity,
                                 self_bleu, tied_with, write_report)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -1,4 +1,4 @@
-"""Perplexity evaluation (lm.eval.perplexity, --mode eval): any split, bits per byte, the sliding window."""
+"""Perplexity evaluation (lm.perplexity, --mode eval): any split, bits per byte, the sliding window."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from lm import run_modes
 from lm.config import ConfigError, load_config, validate
 from lm.data import pipeline, sources
-from lm.eval import perplexity
+from lm import perplexity
 from lm.train.loop import train
 from tests.helpers import ROOT, cli_args, device_env, run_cli, tiny_overrides
 

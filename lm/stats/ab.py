@@ -1,11 +1,12 @@
 """Paired comparisons of two models on the same examples: the A/B test and the online promotion gate.
 
-One resampler serves both (`resampled_means`): example indices drawn with
-replacement, the same indices for both models, which is what pairs them.
+One resampler serves both (`lm.stats.bootstrap.resampled_means`): example
+indices drawn with replacement, the same indices for both models, which is
+what pairs them.
 
   * `compare_language_models` / `compare_classifiers` (`--mode ab`): the
     difference B - A of per-example losses, or of accuracy and macro-F1, with a
-    paired-bootstrap interval and p-value (lm.eval.classify has the single-
+    paired-bootstrap interval and p-value (lm.stats.bootstrap has the single-
     statistic test), McNemar's test for accuracy.
   * `paired_bootstrap` / `gate` (the online loop): the relative loss change
     per domain and the promotion decision, described next.
@@ -39,63 +40,9 @@ from typing import Any
 
 import numpy as np
 
-RESAMPLE_CHUNK_ELEMENTS = 1 << 22  # resampled indices held at once (32 MiB of int64)
-MIN_CONFIDENCE = 0.5  # below it the "upper" bound would lie under the median
-MAX_CONFIDENCE = 1.0  # exclusive: a 100% bound is the worst resample, not a statistic
-
-
-def resampled_means(values: np.ndarray, samples: int, seed: int) -> np.ndarray:
-  """Bootstrap means of per-example values, the same resampled examples for every row.
-
-  values: [models, num_examples] (or [num_examples]); returns [models, samples]
-  (or [samples]). Indices come from numpy's default_rng(seed), drawn
-  [chunk, num_examples] at a time, so memory stays bounded for large splits
-  and a seed gives the same resamples whatever the number of models.
-  """
-  values = np.asarray(values, np.float64)
-  flat = values.ndim == 1
-  values = values[None] if flat else values
-  num_examples = values.shape[1]
-  rng = np.random.default_rng(seed)
-  rows = max(1, RESAMPLE_CHUNK_ELEMENTS // num_examples)
-  means = np.empty((values.shape[0], int(samples)), np.float64)
-  for start in range(0, int(samples), rows):
-    stop = min(int(samples), start + rows)
-    indices = rng.integers(0, num_examples, size=(stop - start, num_examples))  # [chunk, num_examples]
-    means[:, start:stop] = values[:, indices].mean(axis=2)
-  return means[0] if flat else means
-
-
-def resampled_counts(num_examples: int, samples: int, seed: int) -> np.ndarray:
-  """How often each example is drawn in each resample, [samples, num_examples], from the same draws as
-  `resampled_means` (for statistics that are not means, such as macro-F1)."""
-  rng = np.random.default_rng(seed)
-  rows = max(1, RESAMPLE_CHUNK_ELEMENTS // num_examples)
-  counts = np.zeros((int(samples), num_examples), np.int32)
-  for start in range(0, int(samples), rows):
-    stop = min(int(samples), start + rows)
-    indices = rng.integers(0, num_examples, size=(stop - start, num_examples))
-    for row, drawn in enumerate(indices):
-      counts[start + row] = np.bincount(drawn, minlength=num_examples)
-  return counts
-
-
-def shifted_p_value(resampled: np.ndarray, observed: float) -> float:
-  """Two-sided bootstrap p-value of "no difference": the resampled statistic shifted to mean 0 stands for
-  the null (Berg-Kirkpatrick et al. 2012), doubled; resolution 2 / samples."""
-  shifted = resampled - observed
-  if observed > 0:
-    return float(min(1.0, 2.0 * np.count_nonzero(shifted >= observed) / len(resampled)))
-  if observed < 0:
-    return float(min(1.0, 2.0 * np.count_nonzero(shifted <= observed) / len(resampled)))
-  return 1.0
-
-
-def percentile_interval(resampled: np.ndarray, confidence: float) -> tuple[float, float]:
-  alpha = 1.0 - confidence
-  lower, upper = np.quantile(resampled, [alpha / 2.0, 1.0 - alpha / 2.0])
-  return float(lower), float(upper)
-
+from lm.stats import classify
+from lm.stats.bootstrap import (MAX_CONFIDENCE, MIN_CONFIDENCE, paired_bootstrap_difference, percentile_interval,
+                                resampled_counts, resampled_means, shifted_p_value)
 
 def compare_language_models(loss_a: np.ndarray, loss_b: np.ndarray, *, confidence: float = 0.95,
                             samples: int = 1000, seed: int = 0) -> dict[str, Any]:
@@ -105,8 +52,7 @@ def compare_language_models(loss_a: np.ndarray, loss_b: np.ndarray, *, confidenc
   "relative_change", "relative_lower", "relative_upper", ...}: a negative
   difference means B is better. The relative figures are the gate's statistic.
   """
-  from lm.eval import classify  # pylint: disable=g-import-not-at-top
-  result = classify.paired_bootstrap_difference(loss_a, loss_b, samples=samples, confidence=confidence, seed=seed)
+  result = paired_bootstrap_difference(loss_a, loss_b, samples=samples, confidence=confidence, seed=seed)
   relative = paired_bootstrap(loss_a, loss_b, confidence=0.5 + confidence / 2.0, num_samples=samples, seed=seed)
   return {"metric": "loss", "a": result["mean_a"], "b": result["mean_b"], "difference": result["difference"],
           "lower": result["lower"], "upper": result["upper"], "p_value": result["p_value"],
@@ -136,10 +82,9 @@ def compare_classifiers(labels: np.ndarray, predictions_a: np.ndarray, predictio
   {"accuracy": {...}, "macro_f1": {...}, "mcnemar": {...}}, each difference B - A
   (positive: B is better).
   """
-  from lm.eval import classify  # pylint: disable=g-import-not-at-top
   labels, predictions_a, predictions_b = (np.asarray(x, np.int64) for x in (labels, predictions_a, predictions_b))
   correct_a, correct_b = predictions_a == labels, predictions_b == labels
-  accuracy = classify.paired_bootstrap_difference(correct_a, correct_b, samples=samples, confidence=confidence,
+  accuracy = paired_bootstrap_difference(correct_a, correct_b, samples=samples, confidence=confidence,
                                                   seed=seed)
   counts = resampled_counts(len(labels), samples, seed).astype(np.float64)
   full = np.ones((1, len(labels)))

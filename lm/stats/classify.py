@@ -28,7 +28,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lm.core import files
-from lm.eval import ab
+from lm.stats.bootstrap import check_pair, paired_bootstrap_difference  # noqa: F401  (part of this API)
 
 EXACT_BELOW = 25  # mcnemar: exact binomial test below this many discordant pairs, chi-square from it on
 MAX_ANNOTATED_CLASSES = 30  # beyond this the confusion-matrix cells are too small to write counts in
@@ -292,18 +292,6 @@ def fold_split(folds: Sequence[np.ndarray], i: int) -> tuple[np.ndarray, np.ndar
 # Paired comparisons of two classifiers.
 
 
-def _check_pair(a: Any, b: Any, what: str) -> tuple[np.ndarray, np.ndarray]:
-  a = np.asarray(a)
-  b = np.asarray(b)
-  if a.ndim != 1 or a.shape != b.shape:
-    raise ValueError(
-        f"{what} of A and B have shapes {a.shape} and {b.shape}; pass one value per example [num_examples] "
-        "for both models, on the same examples in the same order.")
-  if a.shape[0] == 0:
-    raise ValueError(f"No examples: the {what} are empty; evaluate both models on a non-empty split.")
-  return a, b
-
-
 def _as_correct(values: np.ndarray, name: str) -> np.ndarray:
   if values.dtype == np.bool_:
     return values
@@ -335,7 +323,7 @@ def mcnemar(a_correct: Any, b_correct: Any) -> dict[str, Any]:
   """
   from scipy import stats  # pylint: disable=g-import-not-at-top
 
-  a, b = _check_pair(a_correct, b_correct, "correctness arrays")
+  a, b = check_pair(a_correct, b_correct, "correctness arrays")
   a, b = _as_correct(a, "a_correct"), _as_correct(b, "b_correct")
   b01 = int(np.count_nonzero(~a & b))
   b10 = int(np.count_nonzero(a & ~b))
@@ -349,62 +337,3 @@ def mcnemar(a_correct: Any, b_correct: Any) -> dict[str, Any]:
   statistic = (abs(b01 - b10) - 1.0) ** 2 / discordant
   return {"b01": b01, "b10": b10, "statistic": float(statistic),
           "p_value": float(stats.chi2.sf(statistic, df=1)), "method": "chi2"}
-
-
-def paired_bootstrap_difference(a_values: Any, b_values: Any, *, samples: int = 1000, confidence: float = 0.95,
-                                seed: int = 0) -> dict[str, Any]:
-  """Mean difference B - A of per-example values on the same examples, with a bootstrap interval and p-value.
-
-  The values can be anything measured per example: correctness 0/1 (the
-  difference is then the accuracy difference) or per-sequence losses. With
-  d_i = b_i - a_i and D = mean(d), each of `samples` resamples draws n example
-  indices with replacement (the same indices for A and B, which is what pairs
-  them) and computes the resampled difference m_s = mean(d[indices]).
-
-    * Interval: the two-sided percentile interval, the (1 - confidence) / 2 and
-      (1 + confidence) / 2 quantiles of m_s (numpy's default linear interpolation).
-    * p-value for "no difference": the bootstrap distribution shifted to mean 0,
-      T_s = m_s - D, stands for the null; the p-value is twice the fraction of
-      T_s at least as far out as D on D's side, capped at 1:
-        D > 0: p = min(1, 2 * #{T_s >= D} / samples)  (= twice the fraction with m_s >= 2 D),
-        D < 0: p = min(1, 2 * #{T_s <= D} / samples),
-        D = 0: p = 1
-      (the shifted test of Berg-Kirkpatrick et al. 2012, "An Empirical
-      Investigation of Statistical Significance in NLP", made two-sided by
-      doubling). Its resolution is 2 / samples, and p = 0 means p < 2 / samples.
-
-  Args:
-    a_values, b_values: [num_examples] per-example values of A and B, same examples in the same order.
-    samples: bootstrap resamples.
-    confidence: two-sided level of the interval, in (0, 1).
-    seed: seeds numpy's default_rng; the result is reproducible for a seed and num_examples.
-
-  Returns:
-    {"mean_a", "mean_b", "difference" (B - A), "lower", "upper", "p_value",
-     "confidence", "samples", "num_examples"}, plain Python numbers.
-  """
-  a, b = _check_pair(a_values, b_values, "per-example values")
-  if not (np.issubdtype(a.dtype, np.number) or a.dtype == np.bool_) or not (
-      np.issubdtype(b.dtype, np.number) or b.dtype == np.bool_):
-    raise ValueError(f"Per-example values have dtypes {a.dtype} and {b.dtype}; pass numbers (or booleans).")
-  a, b = a.astype(np.float64), b.astype(np.float64)
-  num_examples = a.shape[0]
-  if num_examples < 2:
-    raise ValueError("One example cannot be resampled into a distribution; evaluate on at least 2 examples.")
-  if not (np.isfinite(a).all() and np.isfinite(b).all()):
-    raise ValueError("Non-finite per-example values; a diverged model cannot be compared, drop or fix it first.")
-  if not isinstance(samples, (int, np.integer)) or isinstance(samples, bool) or samples < 1:
-    raise ValueError(f"samples={samples!r} must be an integer >= 1; the usual value is 1000.")
-  if not 0.0 < confidence < 1.0:
-    raise ValueError(f"confidence={confidence} must lie in (0, 1); pass a fraction such as 0.95, not a percentage.")
-  differences = b - a
-  observed = float(differences.mean())
-  means = ab.resampled_means(differences, int(samples), seed)  # the same resampler as the online gate
-  p_value = ab.shifted_p_value(means, observed)
-  lower, upper = ab.percentile_interval(means, confidence)
-  return {
-      "mean_a": float(a.mean()), "mean_b": float(b.mean()), "difference": observed,
-      "lower": float(lower), "upper": float(upper),
-      "p_value": float(p_value),
-      "confidence": float(confidence), "samples": int(samples), "num_examples": int(num_examples),
-  }

@@ -1,1 +1,0 @@
-"""Evaluation: perplexity and bits per character of checkpoints."""
