@@ -75,7 +75,7 @@ def union_retrain(out: Path, reference_run: Path, total_steps: int) -> dict[str,
   from lm.config import load_config  # pylint: disable=g-import-not-at-top
   from lm.data import sources  # pylint: disable=g-import-not-at-top
   from lm.online.step import make_sequence_losses  # pylint: disable=g-import-not-at-top
-  from lm.run_modes import load_trained  # pylint: disable=g-import-not-at-top
+  from lm.experiment import load_trained# pylint: disable=g-import-not-at-top
   from lm.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
 

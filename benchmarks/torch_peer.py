@@ -218,8 +218,12 @@ def count_params(model: nn.Module) -> int:
 
 
 def matmul_params(model: GPT) -> int:
-  """N of the 6N rule (lm.train.perf's convention): all parameters but the learned position table."""
-  return count_params(model) - model.wpe.weight.numel()
+  """N of the 6N rule (lm.train.perf's convention): all parameters but the lookup tables (the learned
+  position table, and the input token table when the output projection is untied from it)."""
+  lookups = model.wpe.weight.numel()
+  if model.lm_head.weight is not model.wte.weight:
+    lookups += model.wte.weight.numel()
+  return count_params(model) - lookups
 
 
 def flops_per_token(num_params: int, n_layer: int, context: int, n_embd: int) -> float:

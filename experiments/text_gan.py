@@ -10,7 +10,7 @@ model trained there by maximum likelihood:
           an MLP generator against an MLP critic on posterior means, WGAN-GP (Gulrajani et al. 2017);
           sentences are its codes decoded greedily by the (frozen) VAE decoder.
 
-After training, the run writes into its workdir (lm.heads.gan.quality_diversity_report):
+After training, the run writes into its workdir (lm.tasks.gan.quality_diversity_report):
   generation.json         BLEU-2..5 vs the 872 dev sentences (quality) and self-BLEU-2..5 (diversity) of
                           500 samples of the GAN and of the MLE LM at temperatures 0.5 .. 1.2, and
                           their NLL under the judge LM (runs/sentence_judge, another seed)

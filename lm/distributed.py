@@ -34,6 +34,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ml_collections.config_dict import placeholder
+
+from lm.core.configs import ConfigPart, require
 from lm.core.errors import DistributedError
 
 # Seconds JAX's own deadline is given beyond ours, so the watchdog's clear
@@ -223,3 +226,26 @@ def check_same_on_all_processes(values: Mapping[str, Any]) -> None:
       raise DistributedError(
           f"The {name} differs between processes: process(es) {differing} disagree with process 0. Start "
           "every process with the same command (config file, --config overrides, data and code version).")
+
+
+# -- the distributed part of the run config ------------------------------------------------------------
+# Explicit settings, or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID in the environment
+# (lm.launch_local sets them).
+CONFIG_FIELDS = {
+    "distributed.coordinator_address": "",  # HOST:PORT of process 0; empty: environment or auto
+    "distributed.num_processes": placeholder(int),
+    "distributed.process_id": placeholder(int),
+    "distributed.auto": True,  # detect Cloud TPU VMs, SLURM steps and Open MPI jobs
+    "distributed.initialization_timeout": 300,  # seconds for all processes to reach the coordinator
+    "distributed.heartbeat_timeout": 100,  # seconds after which a silent process counts as dead
+}
+
+
+def validate_config(config: Any, mode: str) -> None:
+  del mode
+  settings = config.distributed
+  require(settings.initialization_timeout > 0 and settings.heartbeat_timeout > 0,
+          "config.distributed.initialization_timeout and heartbeat_timeout must be > 0 seconds.")
+
+
+CONFIG = ConfigPart("lm.distributed", CONFIG_FIELDS, validate_config)

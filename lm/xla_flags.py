@@ -30,6 +30,7 @@ import shutil
 import sys
 from typing import Mapping, MutableMapping
 
+from lm.core.configs import ConfigPart, require
 from lm.core.errors import ConfigError
 
 XLA_FLAGS = "XLA_FLAGS"
@@ -263,3 +264,21 @@ def describe(environ: Mapping[str, str] | None = None) -> dict[str, str]:
   environ = os.environ if environ is None else environ
   return {"xla_preset": _last_applied.preset if _last_applied else "",
           XLA_FLAGS: environ.get(XLA_FLAGS, ""), LIBTPU_INIT_ARGS: environ.get(LIBTPU_INIT_ARGS, "")}
+
+
+# -- the xla part of the run config ----------------------------------------------------------------------
+# Set in XLA_FLAGS / LIBTPU_INIT_ARGS by `lm.main` before JAX starts; a flag already in those environment
+# variables wins over both fields.
+CONFIG_FIELDS = {
+    "xla.preset": "auto",  # auto | gpu | tpu | none; auto: gpu on an NVIDIA GPU, tpu on a TPU VM, else none
+    "xla.flags": "",  # extra "--name=value --name2=value2" flags; one of the preset's name replaces it
+}
+
+
+def validate_config(config, mode: str) -> None:
+  del mode
+  require(config.xla.preset in CHOICES, f"config.xla.preset={config.xla.preset!r} is not one of {CHOICES}.")
+  parse(config.xla.flags)  # ConfigError naming a malformed flag
+
+
+CONFIG = ConfigPart("lm.xla_flags", CONFIG_FIELDS, validate_config)

@@ -1,4 +1,4 @@
-"""Decoding (lm.sample, lm.prompts, Head.sample): stop tokens, beam search with the KV cache, many prompts,
+"""Decoding (lm.inference.sample, lm.inference.prompts, LMTask.sample): stop tokens, beam search with the KV cache, many prompts,
 prompts files and stop strings, the no-cache baseline and its benchmark (also in --mode bench)."""
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm import prompts as prompts_lib
-from lm import sample
+from lm.inference import prompts as prompts_lib
+from lm.inference import sample
 from lm.config import ConfigError, apply_overrides, validate
 from lm.data.tokenizers import CharTokenizer
-from lm.heads import Head
+from lm.tasks.lm import LMTask
 from lm.models import TransformerConfig, TransformerLM
-from lm.train.experiment import model_config_for
+from lm.experiment import model_config_for
 from tests.helpers import ROOT, cli_args, run_cli, tiny_overrides
 
 VOCAB, MAX_LEN, PROMPT_LEN, NEW = 13, 16, 3, 6
@@ -229,7 +229,7 @@ def test_bad_inputs_are_rejected_with_the_fix(gpt2):
     sample.beam_search(model, params, prompt[0], beam_size=2, max_new_tokens=2)
 
 
-# -- many prompts, prompts files, stop strings (lm.prompts, Head.sample, --mode sample) -----------------
+# -- many prompts, prompts files, stop strings (lm.inference.prompts, LMTask.sample, --mode sample) -------
 def random_params(model, max_len: int = MAX_LEN, seed: int = 0) -> dict:
   """Parameters of `model` drawn as `make` draws them (spread 0.3: no near-ties for greedy choices)."""
   shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, max_len), jnp.int32))["params"]
@@ -334,10 +334,10 @@ def test_stop_strings():
 
 
 def lm_head(tiny_config, **extra):
-  """A head="lm" Head on a small char vocabulary with random parameters (nothing trained)."""
+  """A head="lm" task on a small char vocabulary with random parameters (nothing trained)."""
   config = tiny_config(**{"seq_len": MAX_LEN, "batch_size": 4, **extra})
   tokenizer = CharTokenizer.from_texts(["abcdefgh :\n"])
-  head = Head(config, model_config_for(config, tokenizer), tokenizer)
+  head = LMTask(config, model_config_for(config, tokenizer), tokenizer)
   return head, random_params(head.model)
 
 
@@ -409,7 +409,7 @@ def test_sample_options_are_validated(tiny_config):
 
 # -- decode throughput in --mode bench ------------------------------------------------
 def test_bench_reports_decode_throughput_with_and_without_the_cache(tiny_config):
-  from lm.train import bench  # pylint: disable=g-import-not-at-top
+  from lm.app import bench  # pylint: disable=g-import-not-at-top
   config = tiny_config(**{"bench.steps": 2, "bench.warmup_steps": 1, "bench.decode_batches": (2, 3),
                           "bench.decode_tokens": 100})
   figures = bench.benchmark(config)
@@ -420,7 +420,7 @@ def test_bench_reports_decode_throughput_with_and_without_the_cache(tiny_config)
   assert figures["decode/b3/cached_tokens_per_sec"] > 0 and "decode/b3/uncached_tokens_per_sec" not in figures
   # 100 new tokens do not fit a context of 32: the last 32 positions are decoded, after a 1-token prompt.
   assert (figures["decode/batch_sizes"], figures["decode/new_tokens"], figures["decode/prompt_len"]) == ([2, 3], 32, 1)
-  off = types.SimpleNamespace(config=apply_overrides(config, {"bench.decode": False}), head=Head)
+  off = types.SimpleNamespace(config=apply_overrides(config, {"bench.decode": False}), task=LMTask)
   assert bench.decode_figures(off, None) == {}
 
 
@@ -429,7 +429,7 @@ def test_bench_reports_decode_throughput_with_and_without_the_cache(tiny_config)
 def trained_workdir(tmp_path_factory):
   """A tiny trained run (10 steps of the baseline, shrunk)."""
   from lm.config import load_config  # pylint: disable=g-import-not-at-top
-  from lm.train.loop import train  # pylint: disable=g-import-not-at-top
+  from lm.app.train import train  # pylint: disable=g-import-not-at-top
   workdir = tmp_path_factory.mktemp("sample") / "run"
   train(load_config(str(ROOT / "experiments" / "shakespeare_char.py"), tiny_overrides(steps=10)), str(workdir))
   return workdir

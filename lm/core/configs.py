@@ -56,8 +56,16 @@ def compose(parts: Iterable[ConfigPart]) -> ml_collections.ConfigDict:
         if group not in node:
           node[group] = ml_collections.ConfigDict()
         node = node[group]
-      node[leaf] = default
+      node[leaf] = _fresh(default)
   return config
+
+
+def _fresh(default: Any) -> Any:
+  """A default as a new ConfigDict value. A placeholder (FieldReference) is copied: configs holding the same
+  reference would share it, and setting the field in one config would set it in every other."""
+  if isinstance(default, ml_collections.FieldReference):
+    return ml_collections.FieldReference(default.get(), field_type=default.get_type())
+  return default
 
 
 def validate_parts(parts: Iterable[ConfigPart], config: ml_collections.ConfigDict, mode: str) -> None:

@@ -187,7 +187,7 @@ def read_labeled_documents(path: str | os.PathLike, *, text_field: str = "text",
   """Streams (text, label, "file:line") of a .tsv or .jsonl file, checking it as it goes.
 
   Labels are returned as written (stripped); which labels are valid classes is
-  decided against the training split (lm.heads.classifier).
+  decided against the training split (lm.tasks.classifier).
   Raises:
     DataError: a .txt file (it has no labels), a missing label column/field, an empty label.
   """

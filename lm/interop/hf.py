@@ -7,8 +7,8 @@
 `params` is the tree `TransformerLM(cfg).init(...)["params"]` has, unboxed
 (per-layer `layer_{i}`, or stacked `layers` with `cfg.scan_layers`), as numpy
 arrays in `cfg.param_dtype`. A training run starts from a directory with
-`--config.init_from=hf:DIR` (lm.train.experiment, lm.train.loop) and writes one
-with `--mode export` (lm.run_modes.export_checkpoint). The name mapping and
+`--config.init_from=hf:DIR` (lm.experiment.model, lm.experiment.runs) and writes one
+with `--mode export` (lm.app.export.export_checkpoint). The name mapping and
 what is refused are in lm.interop.hf_layout; the files in lm.interop.hf_files.
 No network is used anywhere: DIR is a local folder.
 """

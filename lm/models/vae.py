@@ -14,7 +14,7 @@ with causal masking off and padding hidden from every query.
 
 `vae_loss` is the negative ELBO with the KL weight beta and free bits of
 `lm.models.vae_objectives`; `generate_from_latent` decodes from a given z with
-the decoder's KV cache, one jitted `lax.scan` as in `lm.sample`.
+the decoder's KV cache, one jitted `lax.scan` as in `lm.inference.sample`.
 
 The latent axis of the new parameters is the logical axis `latent`; meshes
 without a rule for it keep it unsharded (it is small).
@@ -137,7 +137,8 @@ class SentenceVAE(nn.Module):
       self.latent_to_memory = dense((cfg.num_layers, cfg.width), ("latent", "layers", "embed"))
 
   def __call__(self, tokens: jax.Array, encoder_tokens: jax.Array, pad_mask: jax.Array, *,
-               deterministic: bool = True, sample: bool | None = None) -> dict[str, jax.Array]:
+               deterministic: bool = True, sample: bool | None = None,
+               noise: jax.Array | None = None) -> dict[str, jax.Array]:
     """Encodes, draws z and decodes.
 
     Args:
@@ -146,15 +147,23 @@ class SentenceVAE(nn.Module):
       encoder_tokens: [batch, enc_length] the sentence the encoder reads.
       pad_mask: [batch, enc_length] bool, True at encoder_tokens' real tokens.
       deterministic: no dropout.
-      sample: z ~ q(z|x) (needs the `latent` rng) or z = mu; None (default)
-        samples exactly when not deterministic.
+      sample: z ~ q(z|x) (needs the `latent` rng, or `noise`) or z = mu; None
+        (default) samples exactly when not deterministic.
+      noise: [batch, latent] standard normal draws for the sample, z = mu +
+        sigma * noise (e.g. drawn per row, so z does not depend on how the
+        batch is split); None: drawn from the `latent` rng.
     Returns:
       dict(logits [batch, length, vocab] float32, mu, logvar, z [batch, latent] float32).
     """
     mu, logvar = self.encode(encoder_tokens, pad_mask, deterministic=deterministic)
     if sample is None:
       sample = not deterministic
-    z = reparameterize(self.make_rng("latent"), mu, logvar) if sample else mu
+    if not sample:
+      z = mu
+    elif noise is not None:
+      z = mu + jnp.exp(0.5 * logvar) * noise.astype(mu.dtype)
+    else:
+      z = reparameterize(self.make_rng("latent"), mu, logvar)
     logits = self.decode(tokens, z, deterministic=deterministic)
     return dict(logits=logits, mu=mu, logvar=logvar, z=z)
 
@@ -197,6 +206,20 @@ class SentenceVAE(nn.Module):
     return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables["cache"])
 
 
+def vae_loss_sums(outputs: dict[str, jax.Array], targets: jax.Array, target_mask: jax.Array
+                  ) -> tuple[jax.Array, jax.Array]:
+  """(the reconstruction NLL summed over the batch's target tokens, KL per example and dimension [batch, latent]).
+
+  The parts of `vae_loss` that add up over examples, float32: a loss over
+  several micro-batches normalizes their sums by the whole batch's counts.
+  """
+  logits = outputs["logits"].astype(jnp.float32)
+  mask = target_mask.astype(jnp.float32)
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  token_nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+  return jnp.sum(token_nll * mask), gaussian_kl(outputs["mu"], outputs["logvar"])
+
+
 def vae_loss(outputs: dict[str, jax.Array], targets: jax.Array, target_mask: jax.Array, *, beta: float | jax.Array,
              free_bits: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The training loss recon + beta * KL (free bits) and its metrics, float32.
@@ -215,15 +238,10 @@ def vae_loss(outputs: dict[str, jax.Array], targets: jax.Array, target_mask: jax
     sentence, lower is better); nll_per_token = summed NLL / target tokens,
     and elbo_per_token the bound per token (exp of it bounds the perplexity).
   """
-  logits = outputs["logits"].astype(jnp.float32)
-  batch = logits.shape[0]
-  mask = target_mask.astype(jnp.float32)
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  token_nll = -jnp.take_along_axis(log_probs, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-  nll_sum = jnp.sum(token_nll * mask)
-  num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
+  batch = outputs["logits"].shape[0]
+  nll_sum, kl_per_dim = vae_loss_sums(outputs, targets, target_mask)
+  num_tokens = jnp.maximum(jnp.sum(target_mask.astype(jnp.float32)), 1.0)
   recon = nll_sum / batch
-  kl_per_dim = gaussian_kl(outputs["mu"], outputs["logvar"])
   kl = jnp.sum(kl_per_dim) / batch
   loss = recon + jnp.asarray(beta, jnp.float32) * kl_with_free_bits(kl_per_dim, free_bits)
   metrics = dict(loss=loss, recon=recon, kl=kl, elbo=recon + kl, nll_per_token=nll_sum / num_tokens,
@@ -244,7 +262,7 @@ def generate_from_latent(model: SentenceVAE, params: Any, z: jax.Array, prompt: 
   """Decodes from z [batch, latent] after `prompt` [batch, prompt_len] (e.g. BOS) -> [batch, max_new_tokens].
 
   The prompt is prefilled in one cached call, then each token is one step of
-  a `lax.scan` (as `lm.sample.generate`). temperature 0 is greedy, and the
+  a `lax.scan` (as `lm.inference.sample.generate`). temperature 0 is greedy, and the
   result then depends on z and the prompt only.
   """
   batch, prompt_len = prompt.shape

@@ -149,7 +149,9 @@ def kl_weight(step: int | jax.Array,
 def word_dropout(rng: jax.Array, tokens: jax.Array, rate: float, *, unk_id: int, keep_first: bool = True) -> jax.Array:
   """Replaces each decoder input token by unk_id with probability `rate` (Bowman et al. 2016).
 
-  tokens: [batch, length] integer ids (the decoder's input, not its targets).
+  rng: one key, or [batch] typed keys (`jax.random.key`), one per row (the
+  draws of a row then do not depend on the other rows). tokens: [batch, length] integer ids (the
+  decoder's input, not its targets).
   With keep_first, position 0 (e.g. BOS) is never replaced. rate = 0 returns
   tokens unchanged; rate = 1 replaces every (droppable) token. Returns
   [batch, length] with tokens' dtype. rate is a static Python float.
@@ -162,7 +164,10 @@ def word_dropout(rng: jax.Array, tokens: jax.Array, rate: float, *, unk_id: int,
     raise ValueError(f"tokens has shape {tokens.shape}; pass the decoder inputs as [batch, length].")
   if rate == 0.0:
     return tokens
-  drop = jax.random.bernoulli(rng, rate, tokens.shape)
+  if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) and rng.ndim == 1:  # a typed key per row
+    drop = jax.vmap(lambda key: jax.random.bernoulli(key, rate, tokens.shape[1:]))(rng)
+  else:
+    drop = jax.random.bernoulli(rng, rate, tokens.shape)
   if keep_first:
     drop = drop.at[:, 0].set(False)
   return jnp.where(drop, jnp.asarray(unk_id, tokens.dtype), tokens)

@@ -109,7 +109,9 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, t
   no gradient. The T^2 keeps the gradient's scale independent of T (Hinton
   et al. 2015). mask: [batch, length] or [batch] (1 / True = include; e.g.
   `is_replay` to distill only on replayed rows); the mean is over included
-  tokens, and 0 if there are none.
+  tokens, and 0 if there are none. Each token's KL is clamped at 0 (rounding
+  can take it just below), so the loss is >= 0 exactly, and 0 when teacher
+  and student agree.
   """
   if temperature <= 0:
     raise ValueError(f"temperature is {temperature}; pass a temperature > 0 (1 = the plain distributions).")
@@ -122,6 +124,9 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, t
   teacher_p = jnp.exp(teacher_logp)
   # Classes the teacher gives probability 0 (e.g. -inf logits) add 0, not 0 * inf.
   kl = jnp.sum(jnp.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0), axis=-1)  # [batch, length]
+  # KL >= 0 exactly in real arithmetic; two nearly equal distributions (the teacher and a student that has
+  # barely moved, computed by separately compiled forward passes) can round a token's sum below 0.
+  kl = jnp.maximum(kl, 0.0)
   if mask is None:
     weights = jnp.ones_like(kl)
   else:

@@ -18,10 +18,11 @@ import ml_collections
 import numpy as np
 
 from lm.data import clean as clean_lib
-from lm.data import pipeline, sources
+from lm.core.errors import DataError
+from lm.data import pipeline
+from lm.data.tokenizers import Tokenizer
 from lm.stats.continual import ContinualMatrix
 from lm.online import replay as replay_lib
-from lm.train.experiment import Experiment
 
 _HELDOUT_BUCKETS = 1_000_000
 
@@ -90,15 +91,16 @@ class Documents(list):
     self.name = name
 
 
-def tokens_of(experiment: Experiment, documents: list[str], name: str = "held-out documents") -> np.ndarray:
-  return pipeline.tokenize_split(Documents(documents, name), experiment.tokenizer)
+def tokens_of(tokenizer: Tokenizer, documents: list[str], name: str = "held-out documents") -> np.ndarray:
+  return pipeline.tokenize_split(Documents(documents, name), tokenizer)
 
 
-def windows_of(experiment: Experiment, documents: list[str], name: str, stride: int) -> pipeline.Windows | None:
+def windows_of(tokenizer: Tokenizer, seq_len: int, documents: list[str], name: str,
+               stride: int) -> pipeline.Windows | None:
   """Training windows over a chunk's documents; None if there is too little text for one."""
   if not documents:
     return None
   try:
-    return pipeline.Windows(tokens_of(experiment, documents, name), experiment.config.seq_len, stride, name=name)
-  except sources.DataError:
+    return pipeline.Windows(tokens_of(tokenizer, documents, name), seq_len, stride, name=name)
+  except DataError:
     return None

@@ -1,7 +1,7 @@
-"""The online train step (learning rate per call, regularizers) and per-sequence evaluation.
+"""The online loss (regularizers) on the engine's step, the per-chunk learning rate, per-sequence evaluation.
 
 The online loop sets the learning rate itself (a schedule per chunk), so the
-step takes it as an argument and the optimizer is AdamW's update direction
+step takes it as an input and the optimizer is AdamW's update direction
 without a learning rate (`lm.train.optim.make_update_direction`). The
 regularizers pull toward `anchor`, the weights before the chunk:
 
@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 
+from lm.models.losses import cross_entropy, lm_loss_sum
 from lm.online import regularizers
-from lm.train.state import TrainState
-from lm.models.losses import cross_entropy
+from lm.train import step as step_lib
 
 Batch = dict[str, jax.Array]
 
@@ -45,47 +45,56 @@ class Regularization:
     return cls(float(online.l2_init), float(online.ewc), float(online.distill), float(online.distill_temperature))
 
 
-def make_online_step(model: nn.Module, direction: optax.GradientTransformation,
-                     reg: Regularization) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
-  """Builds `step(state, batch, lr, anchor, fisher) -> (state, metrics)`.
+def make_online_loss(model: nn.Module, reg: Regularization) -> step_lib.LossFn:
+  """The online loss as the engine's loss function (`lm.train.step`), reported as train/total_loss.
 
-  batch: {'inputs', 'targets': [batch, length] int32, 'is_replay': [batch] bool}.
-  `anchor` and `fisher` are params-shaped pytrees, or () when no regularizer needs them.
+  The step is called with inputs {"lr", "anchor", "fisher"} (anchor and fisher
+  params-shaped pytrees, or () when no regularizer needs them) and a batch
+  {'inputs', 'targets': [batch, length] int32, 'is_replay': [batch] bool}.
+  The cross-entropy is the language model's (fused with the output projection
+  when the model says so), except with distillation, which needs the full
+  logits; every term adds up exactly over micro-batches.
   """
   deterministic = model.config.dropout == 0.0
 
-  def loss_fn(params, batch, rng, anchor, fisher):
-    logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs={"dropout": rng})
-    loss_sum, count = cross_entropy(logits, batch["targets"])
-    ce = loss_sum / count
+  def loss_fn(params, batch, ctx):
+    anchor, fisher = ctx.inputs["anchor"], ctx.inputs["fisher"]
+    logits = None
+    if reg.distill:
+      logits = model.apply({"params": params}, batch["inputs"], deterministic=deterministic, rngs={"dropout": ctx.rng})
+      loss_sum, _ = cross_entropy(logits, batch["targets"])
+    else:
+      loss_sum, _ = lm_loss_sum(model, params, batch, deterministic=deterministic, rng=ctx.rng)
+    ce = ctx.mean(loss_sum, "tokens")
     terms = {}
     if reg.l2_init:
-      terms["l2_init"] = regularizers.l2_init_penalty(params, anchor)
+      terms["l2_init"] = regularizers.l2_init_penalty(params, anchor) * ctx.share
     if reg.ewc:
-      terms["ewc"] = regularizers.ewc_penalty(params, anchor, fisher)
+      terms["ewc"] = regularizers.ewc_penalty(params, anchor, fisher) * ctx.share
     if reg.distill:
       teacher = model.apply({"params": anchor}, batch["inputs"], deterministic=True)
-      terms["distill"] = regularizers.distillation_loss(
-          logits, teacher, temperature=reg.distill_temperature,
-          mask=jnp.broadcast_to(batch["is_replay"][:, None], batch["targets"].shape))
+      mask = jnp.broadcast_to(batch["is_replay"][:, None], batch["targets"].shape).astype(jnp.float32)
+      mean = regularizers.distillation_loss(logits, teacher, temperature=reg.distill_temperature, mask=mask)
+      terms["distill"] = mean * jnp.sum(mask) / jnp.maximum(ctx.totals["replay_tokens"], 1.0)
     weights = {"l2_init": reg.l2_init, "ewc": reg.ewc, "distill": reg.distill}
     total = ce + sum(weights[name] * value for name, value in terms.items())
-    return total, (ce, terms)
+    replay_rows = jnp.sum(batch["is_replay"].astype(jnp.float32))
+    return total, {"loss": ce, "replay_rows": replay_rows, **terms}
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  return loss_fn
 
-  def step(state: TrainState, batch: Batch, lr: jax.Array, anchor: Any, fisher: Any):
-    rng = jax.random.fold_in(state.key, state.step)
-    (total, (ce, terms)), grads = grad_fn(state.params, batch, rng, anchor, fisher)
-    direction_update, opt_state = direction.update(grads, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: -lr * u, direction_update)
-    params = optax.apply_updates(state.params, updates)
-    metrics = {"train/loss": ce, "train/total_loss": total, "train/grad_norm": optax.global_norm(grads),
-               "train/lr": lr, "train/replay_rows": jnp.sum(batch["is_replay"].astype(jnp.float32))}
-    metrics.update({f"train/{name}": value for name, value in terms.items()})
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
-  return step
+def loss_totals(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """The online batch's target tokens and replayed target tokens."""
+  replay = jnp.sum(batch["is_replay"].astype(jnp.float32)) * batch["targets"].shape[1]
+  return {"tokens": jnp.asarray(batch["targets"].size, jnp.float32), "replay_tokens": replay}
+
+
+def make_online_step(model: nn.Module, direction: optax.GradientTransformation, reg: Regularization,
+                     grad_accum_steps: int = 1) -> Callable:
+  """`step(state, batch, {"lr", "anchor", "fisher"}) -> (state, metrics)`: the engine's step with the online loss."""
+  return step_lib.make_train_step(step_lib.Update(make_online_loss(model, reg), loss_name="total_loss"), direction,
+                                  lr_from_inputs=True, grad_accum_steps=grad_accum_steps, loss_totals=loss_totals)
 
 
 def make_sequence_losses(model: nn.Module) -> Callable[[Any, Batch], jax.Array]:

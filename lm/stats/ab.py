@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from lm.core.configs import ConfigPart, require
 from lm.stats import classify
 from lm.stats.bootstrap import (MAX_CONFIDENCE, MIN_CONFIDENCE, paired_bootstrap_difference, percentile_interval,
                                 resampled_counts, resampled_means, shifted_p_value)
@@ -213,3 +214,24 @@ def gate(per_domain: dict[str, tuple[np.ndarray, np.ndarray]], *, old_domains: l
       f"upper bound {c.upper:+.1%} at {confidence * 100:g}% > allowed {max_regression:+.1%})"
       for domain, c in comparisons.items() if domain in old and c.upper > max_regression]
   return GateDecision(promote=not reasons, reasons=reasons, comparisons=comparisons)
+
+
+# -- the `ab` part of the run config (--mode ab: two runs on the same examples) ------------------------------
+CONFIG_FIELDS = {
+    "ab.a": "",  # workdir or checkpoints folder of model A (the baseline)
+    "ab.b": "",  # of model B (the candidate); B - A is reported
+    "ab.confidence": 0.95,  # two-sided interval level
+    "ab.bootstrap_samples": 1000,
+    "ab.seed": 0,
+}
+
+
+def validate_config(config: Any, mode: str) -> None:
+  ab = config.ab
+  require(mode != "ab" or (bool(ab.a) and bool(ab.b)), "--mode ab compares two runs: set --config.ab.a=WORKDIR_A "
+          "and --config.ab.b=WORKDIR_B (workdirs or checkpoints folders of trained runs).")
+  require(0 < ab.confidence < 1 and ab.bootstrap_samples >= 1,
+          f"config.ab.confidence={ab.confidence} must be in (0, 1) (e.g. 0.95) and ab.bootstrap_samples >= 1.")
+
+
+CONFIG = ConfigPart("lm.stats.ab", CONFIG_FIELDS, validate_config)

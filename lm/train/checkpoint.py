@@ -77,7 +77,7 @@ def resolve_checkpoint_root(directory: str) -> str:
       "checkpoints/ subfolder). Point the option at a workdir of a finished run.")
 
 
-SELECTION = "selection"  # the figure best checkpoints are ranked by (lower is better; Head.selection)
+SELECTION = "selection"  # the figure best checkpoints are ranked by (lower is better; Task.selection)
 
 
 def _selection(metrics: dict[str, float]) -> float:

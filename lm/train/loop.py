@@ -1,49 +1,34 @@
-"""The training loop: build, restore or initialize, train, evaluate, checkpoint.
+"""`fit`: the one training loop, with hooks for what happens between steps.
 
-`train(config, workdir)` is what `--mode train` runs and what a notebook
-calls. It guards itself: a NaN/Inf loss or gradient norm stops the run before
-a bad state is checkpointed, and SIGTERM/SIGINT save a checkpoint and exit
-cleanly.
+    loop.state, metrics = train_step(state, batch_at(step)[, inputs_at(step)])
+    (the previous step's metrics are checked for NaN/Inf while this one runs)
+    for hook in hooks: hook.after_step(loop)      log, evaluate, write, checkpoint, progress
+    a stop signal (SIGTERM/SIGINT) ends the loop after the hooks: hook.on_stop(loop)
+
+The loop knows no task and no mode: `--mode train` (`lm.app.train`) runs it
+over the whole run with `LogHook`, `EvalHook`, `MetricsHook`,
+`CheckpointHook` and `ProgressHook`; the online loop (`lm.app.online`) runs
+it once per chunk with its own checkpoint hook. It guards itself: a NaN/Inf
+`train/loss` or `train/grad_norm` raises `NonFiniteError` before a hook can
+checkpoint the bad state (hooks call `loop.check_finite()` before saving).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
-import os
 import signal
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
-import ml_collections
-import numpy as np
-from absl import logging
 
-from lm import config as config_lib
-from lm import interop
-from lm.data import pipeline
-from lm.core.errors import DataError, NonFiniteError
-from lm.heads import ROWS
-from lm.online.store import is_online_checkpoint
-from lm.train import checkpoint as checkpoint_lib
-from lm.train import perf
-from lm.train.experiment import (TOKENIZER_DIR, Experiment, build_experiment, open_eval_split, open_train_split, saved_head,
-                                 token_windows)
-from lm.train.metrics import MetricWriter
+from lm.core.errors import NonFiniteError
 from lm.train.state import TrainState
 
-
-@dataclasses.dataclass
-class TrainResult:
-  step: int
-  train_loss: float | None
-  eval_loss: float | None
-  interrupted: str | None  # name of the signal that stopped the run, if any
-  workdir: str
+Metrics = Mapping[str, Any]
 
 
 class StopSignal:
@@ -71,42 +56,8 @@ class StopSignal:
         signal.signal(sig, old)
 
 
-def _evaluate(experiment: Experiment, params: Any, windows: Any,
-              num_batches: int | None = None) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-  """Runs the eval step over eval examples: (summed outputs, gathered per-row outputs)."""
-  dataset = pipeline.eval_dataset(windows, global_batch_size=experiment.config.batch_size,
-                                  num_batches=num_batches or None, rows=experiment.process_rows)
-  if len(dataset) == 0:
-    raise DataError(f"The eval split has {len(windows)} examples, fewer than one batch of "
-                    f"{experiment.config.batch_size}; lower batch_size or use a larger eval split.")
-  sums: dict[str, float] = {}
-  rows: dict[str, list[np.ndarray]] = {}
-  with experiment.steps.context():
-    for local in dataset:
-      batch = pipeline.to_global_batch(local, experiment.steps.batch_shardings, experiment.config.batch_size)
-      out = experiment.steps.eval_step(params, batch)
-      for key, value in out.items():
-        if key.startswith(ROWS):
-          rows.setdefault(key, []).append(np.asarray(value))
-        else:
-          sums[key] = sums.get(key, 0.0) + float(value)
-  return sums, {key: np.concatenate(values) for key, values in rows.items()}
-
-
-def evaluate_params(experiment: Experiment, params: Any, windows: Any,
-                    num_batches: int | None = None) -> dict[str, float]:
-  """The head's eval metrics over eval examples (for the LM: mean token loss, perplexity, bits per token/char)."""
-  sums, rows = _evaluate(experiment, params, windows, num_batches)
-  return experiment.head.summarize(sums, rows, windows.chars_per_token(experiment.tokenizer))
-
-
-def evaluate_rows(experiment: Experiment, params: Any, windows: Any,
-                  num_batches: int | None = None) -> dict[str, np.ndarray]:
-  """The eval step's per-row outputs ("rows/..." keys, gathered in example order), all batches by default."""
-  return _evaluate(experiment, params, windows, num_batches)[1]
-
-
-def _check_finite(step: int, metrics: dict[str, Any]) -> None:
+def check_finite(step: int, metrics: Metrics) -> None:
+  """Raises NonFiniteError if the step's train/loss or train/grad_norm is NaN/Inf."""
   for name in ("train/loss", "train/grad_norm"):
     value = float(metrics[name])
     if not math.isfinite(value):
@@ -115,155 +66,193 @@ def _check_finite(step: int, metrics: dict[str, Any]) -> None:
           "checkpoint is intact. Lower optim.lr, check the data, or raise optim.warmup_steps, then resume.")
 
 
-def _write_run_files(experiment: Experiment, tokenizer_is_new: bool) -> None:
-  """Tokenizer and resolved config into the workdir (process 0; called only after all checks)."""
-  if jax.process_index() != 0:
-    return
-  os.makedirs(experiment.workdir, exist_ok=True)
-  if tokenizer_is_new:
-    experiment.tokenizer.save(os.path.join(experiment.workdir, TOKENIZER_DIR))
-  with open(os.path.join(experiment.workdir, "config.json"), "w") as f:
-    json.dump(experiment.metadata(), f, indent=2, default=str)
+@dataclasses.dataclass
+class Loop:
+  """What hooks see after a step: the counter, the state, the step's metrics and the row being logged."""
+
+  step: int  # steps done, in the caller's counting (the run's step, or the step within an online chunk)
+  last: int  # the loop ends when step reaches it
+  state: TrainState
+  stop: StopSignal
+  global_step: int = 0  # the train state's step (the x-axis of metrics.jsonl)
+  metrics: Metrics | None = None  # this step's, device arrays
+  row: dict[str, float] = dataclasses.field(default_factory=dict)  # this step's figures (MetricsHook writes them)
+  selection: float | None = None  # this step's selection figure (lower is better), set by an EvalHook
+  saved: bool = False  # whether a hook checkpointed this step
+  last_train_loss: float | None = None
+  last_eval_loss: float | None = None
+  _pending: tuple[int, Metrics] | None = None  # metrics not yet checked for NaN/Inf
+  _timer_start: float = dataclasses.field(default_factory=time.perf_counter)
+  _timer_steps: int = 0
+
+  def every(self, interval: int) -> bool:
+    """True every `interval` steps and at the loop's last step (interval 0: only at the last)."""
+    return (interval > 0 and self.step % interval == 0) or self.step == self.last
+
+  def check_finite(self) -> None:
+    """Checks the metrics not checked yet (blocks on them); NonFiniteError if they are NaN/Inf."""
+    if self._pending is not None:
+      pending, self._pending = self._pending, None
+      check_finite(*pending)
+
+  def seconds_per_step(self) -> float:
+    """Mean wall time per step since the timer was last restarted."""
+    return (time.perf_counter() - self._timer_start) / max(self._timer_steps, 1)
+
+  def restart_timer(self) -> None:
+    """Starts timing afresh (after logging, and after an evaluation, so its time is not a step's)."""
+    self._timer_start, self._timer_steps = time.perf_counter(), 0
 
 
-def initial_state(experiment: Experiment) -> tuple[TrainState, dict[str, Any] | None, str]:
-  """Resume, warm-start, init-from or fresh init, in that order of precedence."""
-  config = experiment.config
-  if config.resume and checkpoint_lib.has_checkpoint(experiment.workdir):
-    if is_online_checkpoint(experiment.workdir):
-      raise checkpoint_lib.CheckpointError(
-          f"{experiment.workdir} holds checkpoints of an online run (--mode online). Continue it with --mode "
-          f"online, or start a new --workdir from its weights with --config.init_from={experiment.workdir}.")
-    state, data_state, _, step = checkpoint_lib.restore(experiment.workdir, experiment.abstract_state)
-    return state, data_state, f"resumed from step {step}"
-  if config.warm_start:
-    state, _, _, step = checkpoint_lib.restore(config.warm_start, experiment.abstract_state, with_data=False)
-    return state, None, f"warm-started from {config.warm_start} step {step}"
-  head = experiment.head
-  if head.requires_init_from and not config.init_from:
-    raise config_lib.ConfigError(head.requires_init_from)
-  state = experiment.init_state()
-  hf_dir = interop.hf_directory(config.init_from)
-  if hf_dir is not None:  # a Hugging Face language model (lm.interop), e.g. GPT-2 or Llama
-    target, merge = head.init_from_target(experiment.abstract_state.params, "lm")
-    state = state.replace(params=merge(state.params, interop.load_sharded_params(hf_dir, experiment.model_config,
-                                                                                  target)))
-    return state, None, f"initialized weights from {config.init_from}"
-  if config.init_from:
-    source_head = saved_head(checkpoint_lib.read_metadata(config.init_from))
-    target, merge = head.init_from_target(experiment.abstract_state.params, source_head)
-    restored, step = checkpoint_lib.restore_params(config.init_from, target)
-    state = state.replace(params=merge(state.params, restored))
-    return state, None, f"initialized weights from {config.init_from} step {step} (a head={source_head!r} run)"
-  return state, None, "initialized from scratch"
+class Hook:
+  """Something done between steps. Every method is optional."""
+
+  def after_step(self, loop: Loop) -> None:
+    """After every step, in the order the hooks were given."""
+
+  def on_stop(self, loop: Loop) -> None:
+    """After the hooks of the step during which a stop signal arrived; the loop then ends."""
+
+  def close(self, loop: Loop) -> None:
+    """When the loop ends, however it ends (errors included)."""
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, *, train_source: Any = None, eval_source: Any = None,
-          final_report: bool = True) -> TrainResult:
-  """Trains `config` in `workdir` (resuming if it holds checkpoints).
+def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, Metrics]], batch_at: Callable[[int], Any], *,
+        first: int, last: int, hooks: Sequence[Hook] = (), inputs_at: Callable[[int], Any] | None = None,
+        stop: StopSignal | None = None) -> Loop:
+  """Runs steps first+1 .. last of `train_step` (module doc); returns the loop as it ended.
 
-  train_source / eval_source: documents to use instead of data.source's train
-  and eval splits (cross-validation folds: lm.train.crossval); final_report:
-  False skips the head's after-training report.
+  batch_at(step) / inputs_at(step): the batch and the extra inputs of the
+  step that follows `step` steps. stop: a StopSignal whose handlers the
+  caller installed (one that spans several loops); by default the loop
+  installs its own. A loop stopped by a signal has `loop.stop.received` set.
   """
-  experiment, tokenizer_is_new = build_experiment(config, workdir, "train")
-  train_windows = token_windows(experiment, train_source or open_train_split(config), config.data.train_stride,
-                                clean=config.data.clean_train, train=True)
-  eval_windows = token_windows(experiment, eval_source or open_eval_split(config), config.seq_len)
-  state, data_state, how = initial_state(experiment)
-  _write_run_files(experiment, tokenizer_is_new)
-  logging.info("Train state %s; %d training windows, %d eval windows.", how, len(train_windows), len(eval_windows))
-
-  dataset = pipeline.train_dataset(train_windows, seed=config.seed, global_batch_size=config.batch_size,
-                                   rows=experiment.process_rows)
-  batches = pipeline.BatchIterator(dataset, experiment.steps.batch_shardings, global_batch_size=config.batch_size,
-                                   prefetch=config.data.prefetch, threads=config.data.threads)
-  if data_state:
-    batches.set_state(data_state["iterator"])
-  checkpointer = checkpoint_lib.Checkpointer(experiment.checkpoint_dir, keep=config.keep_checkpoints,
-                                             keep_best=config.keep_best, asynchronous=config.async_checkpointing)
-  writer = MetricWriter(workdir)
-  metadata = experiment.metadata()
-  num_params = perf.matmul_params(state.params, experiment.model_config)
-  flops_per_step = perf.flops_per_token(num_params, experiment.model_config, config.seq_len) * (
-      config.batch_size * config.seq_len)
-  peak = perf.peak_flops_per_device(experiment.model_config.dtype, config.bench.peak_flops_per_device) * (
-      jax.device_count())
-
-  start_step = int(state.step)
-  step = start_step
-  if start_step >= config.steps:
-    logging.warning("%s already holds step %d of %d: nothing to train. Raise config.steps to train on, "
-                    "or use a new --workdir.", workdir, start_step, config.steps)
-  last_eval: float | None = None
-  last_train: float | None = None
-  pending: tuple[int, dict[str, Any]] | None = None  # metrics of the previous step, checked one step late
-  window_start, window_steps = time.perf_counter(), 0
-  progress = _progress_bar(start_step, config.steps)
-
-  def save(at_step: int, selection: float | None = None) -> None:
-    if pending is not None:
-      _check_finite(*pending)
-    checkpointer.save(at_step, state, {"iterator": batches.get_state(), "step": at_step,
-                                       "process_count": jax.process_count()}, metadata, selection)
-
-  stop = StopSignal()
+  own_stop = stop is None
+  stop = stop or StopSignal()
+  loop = Loop(step=first, last=last, state=state, stop=stop, global_step=int(state.step))
   try:
-    with stop.installed(), experiment.steps.context():
-      while step < config.steps:
-        batch = next(batches)
-        state, metrics = experiment.steps.train_step(state, batch)
-        if pending is not None:
-          # Checking the previous step's metrics here keeps one step in flight
-          # on the device instead of synchronizing on every step.
-          _check_finite(*pending)
-        step += 1
-        pending = (step, metrics)
-        window_steps += 1
-        row: dict[str, float] = {}  # one metrics.jsonl line per step, train and eval together
-        if step % config.log_every == 0 or step == config.steps:
-          _check_finite(*pending)
-          step_time = (time.perf_counter() - window_start) / window_steps
-          row.update({k: float(v) for k, v in metrics.items()})
-          row["perf/step_time_ms"] = 1e3 * step_time
-          row["perf/tokens_per_sec"] = config.batch_size * config.seq_len / step_time
-          if experiment.head.counts_lm_flops:
-            row["perf/mfu"] = flops_per_step / step_time / peak
-          last_train = row["train/loss"]
-          progress.set_postfix(loss=f"{last_train:.4f}", tok_s=f"{row['perf/tokens_per_sec']:,.0f}")
-          window_start, window_steps = time.perf_counter(), 0
-        selection = None
-        if step % config.eval_every == 0 or step == config.steps:
-          row.update(evaluate_params(experiment, state.params, eval_windows, config.eval_batches))
-          last_eval = row["eval/loss"]
-          selection = experiment.head.selection(row)
-          logging.info("step %d: eval/loss %.4f", step, last_eval)
-          window_start, window_steps = time.perf_counter(), 0  # keep eval time out of the step-time figure
-        if row:
-          writer.write(step, row)
-        if step % config.checkpoint_every == 0 or step == config.steps:
-          save(step, selection)
-        progress.update(1)
+    with stop.installed() if own_stop else contextlib.nullcontext():
+      while loop.step < last:
+        batch = batch_at(loop.step)
+        args = (loop.state, batch) if inputs_at is None else (loop.state, batch, inputs_at(loop.step))
+        loop.state, metrics = train_step(*args)
+        # Checking the previous step's metrics only now keeps one step in flight on the device
+        # instead of synchronizing on every step.
+        loop.check_finite()
+        loop.step += 1
+        loop.global_step += 1
+        loop.metrics, loop._pending = metrics, (loop.global_step, metrics)
+        loop._timer_steps += 1
+        loop.row, loop.selection, loop.saved = {}, None, False
+        for hook in hooks:
+          hook.after_step(loop)
         if stop.received:
-          logging.warning("%s received: saving step %d and stopping.", stop.received, step)
-          if step % config.checkpoint_every and step != config.steps:
-            save(step)
-          break
-    if final_report and step >= config.steps and start_step < config.steps and not stop.received:
-      checkpointer.wait()  # a report may read the best checkpoint, which may be the one just saved
-      report = experiment.head.final_report(experiment, state.params)
-      if report:
-        writer.write(step, report)
-        logging.info("Final report: %s", report)
+          for hook in hooks:
+            hook.on_stop(loop)
+          return loop
+      loop.check_finite()
   finally:
-    progress.close()
-    checkpointer.wait()
-    checkpointer.close()
-    writer.close()
-  return TrainResult(step, last_train, last_eval, stop.received, workdir)
+    for hook in hooks:
+      hook.close(loop)
+  return loop
 
 
-def _progress_bar(start: int, total: int):
-  from tqdm import tqdm  # plain text bar: works in terminals, logs and notebooks alike  # pylint: disable=g-import-not-at-top
-  return tqdm(total=total, initial=start, desc="train", unit="step", disable=jax.process_index() != 0,
-              dynamic_ncols=True, mininterval=1.0)
+# -- the usual hooks -------------------------------------------------------------------------------------
+class LogHook(Hook):
+  """Every `every` steps: the step's train metrics and its speed into the row (checked for NaN/Inf first).
+
+  perf/step_time_ms and perf/tokens_per_sec over the steps since the last
+  log; perf/mfu when `flops_per_step` and `peak_flops` are given (the LM's FLOP
+  count); `extra` figures go into every logged row.
+  """
+
+  def __init__(self, every: int, tokens_per_step: int, *, flops_per_step: float | None = None,
+               peak_flops: float | None = None, extra: Mapping[str, float] | None = None,
+               on_log: Callable[[Loop], None] | None = None):
+    self.every, self.tokens_per_step = every, tokens_per_step
+    self.flops_per_step, self.peak_flops, self.extra, self.on_log = flops_per_step, peak_flops, extra or {}, on_log
+
+  def after_step(self, loop: Loop) -> None:
+    if not loop.every(self.every):
+      return
+    loop.check_finite()
+    step_time = loop.seconds_per_step()
+    loop.row.update({name: float(value) for name, value in loop.metrics.items()})
+    loop.row["perf/step_time_ms"] = 1e3 * step_time
+    loop.row["perf/tokens_per_sec"] = self.tokens_per_step / step_time
+    if self.flops_per_step and self.peak_flops:
+      loop.row["perf/mfu"] = self.flops_per_step / step_time / self.peak_flops
+    loop.row.update(self.extra)
+    loop.last_train_loss = loop.row["train/loss"]
+    if self.on_log is not None:
+      self.on_log(loop)
+    loop.restart_timer()
+
+
+class EvalHook(Hook):
+  """Every `every` steps: `evaluate(params)`'s metrics into the row, and the selection figure they give."""
+
+  def __init__(self, every: int, evaluate: Callable[[Any], dict[str, float]],
+               selection: Callable[[Mapping[str, float]], float]):
+    self.every, self.evaluate, self.selection = every, evaluate, selection
+
+  def after_step(self, loop: Loop) -> None:
+    if not loop.every(self.every):
+      return
+    metrics = self.evaluate(loop.state.params)
+    loop.row.update(metrics)
+    loop.selection = self.selection(metrics)
+    loop.last_eval_loss = metrics.get("eval/loss")
+    loop.restart_timer()  # keep eval time out of the step-time figure
+
+
+class MetricsHook(Hook):
+  """Writes the step's row (if any) to metrics.jsonl / TensorBoard (`lm.train.metrics.MetricWriter`)."""
+
+  def __init__(self, writer: Any):
+    self.writer = writer
+
+  def after_step(self, loop: Loop) -> None:
+    if loop.row:
+      self.writer.write(loop.global_step, loop.row)
+
+
+class CheckpointHook(Hook):
+  """`save(loop)` every `every` steps (0: never between) and at the last step (unless `at_last` is False);
+  on a stop signal too, unless `save_on_stop` is False.
+
+  `save` should call `loop.check_finite()` first, so a NaN/Inf state is never saved.
+  """
+
+  def __init__(self, every: int, save: Callable[[Loop], None], *, at_last: bool = True, save_on_stop: bool = True):
+    self.every, self.save, self.at_last, self.save_on_stop = every, save, at_last, save_on_stop
+
+  def after_step(self, loop: Loop) -> None:
+    due = self.every > 0 and loop.step % self.every == 0
+    if loop.step == loop.last:
+      due = self.at_last
+    if due:
+      self.save(loop)
+      loop.saved = True
+
+  def on_stop(self, loop: Loop) -> None:
+    if self.save_on_stop and not loop.saved:
+      self.save(loop)
+      loop.saved = True
+
+
+class ProgressHook(Hook):
+  """A text progress bar (tqdm: terminals, logs and notebooks alike) on process 0, with the last loss."""
+
+  def __init__(self, first: int, last: int, description: str = "train"):
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self.bar = tqdm(total=last, initial=first, desc=description, unit="step", disable=jax.process_index() != 0,
+                    dynamic_ncols=True, mininterval=1.0)
+
+  def after_step(self, loop: Loop) -> None:
+    if "perf/tokens_per_sec" in loop.row:
+      self.bar.set_postfix(loss=f"{loop.row['train/loss']:.4f}", tok_s=f"{loop.row['perf/tokens_per_sec']:,.0f}")
+    self.bar.update(1)
+
+  def close(self, loop: Loop) -> None:
+    self.bar.close()

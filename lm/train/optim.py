@@ -84,3 +84,35 @@ def make_update_direction(optim: Mapping[str, Any]) -> optax.GradientTransformat
         float(optim["weight_decay"]),
         mask=functools.partial(decay_mask, decay_embeddings=bool(optim.get("decay_embeddings", True)))))
   return optax.chain(*parts)
+
+
+class MultiOptimizer:
+  """One optax optimizer per top-level part of the params (a GAN's players).
+
+  It is an optax transformation (`init`, `update` of all parts) whose state is
+  {part: that part's optimizer state}, so Orbax saves and restores all of
+  them, sharded like their parameters; the engine's step updates one part at
+  a time (`lm.train.step.Update.part`) with `part_update`.
+  """
+
+  def __init__(self, parts: Mapping[str, optax.GradientTransformation]):
+    self.parts = dict(parts)
+
+  def init(self, params: Mapping[str, Any]) -> dict[str, Any]:
+    missing = set(self.parts) - set(params)
+    if missing:
+      raise ValueError(f"The params have no part(s) {sorted(missing)} for their optimizers.")
+    return {name: tx.init(params[name]) for name, tx in self.parts.items()}
+
+  def part_update(self, part: str, grads: Any, opt_state: dict[str, Any], params: dict[str, Any]
+                  ) -> tuple[Any, dict[str, Any]]:
+    """The updates of `params[part]` for `grads` (of that part), and the new optimizer state of all parts."""
+    updates, new_part_state = self.parts[part].update(grads, opt_state[part], params[part])
+    return updates, dict(opt_state, **{part: new_part_state})
+
+  def update(self, grads: Any, state: dict[str, Any], params: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """All parts at once (optax's GradientTransformation.update)."""
+    updates, new_state = {}, {}
+    for name, tx in self.parts.items():
+      updates[name], new_state[name] = tx.update(grads[name], state[name], None if params is None else params[name])
+    return updates, new_state

@@ -5,9 +5,10 @@ Convention (PaLM appendix B, nanoGPT's estimate_mfu): a training step costs
 that takes part in a matmul, plus the attention scores and weighted sum. With
 causal masking only half of the T x T score matrix is useful, so the attention
 term is 6 * L * T^2 * d per sequence (L layers, T tokens, d = width), i.e.
-6 * L * T * d per token. N excludes the learned position table (a lookup, not
-a matmul) but includes the token embedding once (the tied or untied output
-projection is a matmul).
+6 * L * T * d per token. N excludes the lookup tables (the learned position
+table, and the input embedding table when it is not tied to the output
+projection), and includes the output projection, a matmul: the token table
+once, whether tied or not. Untying adds parameters, not FLOPs.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ PEAK_FLOPS = {
 
 
 def matmul_params(params: Any, config: TransformerConfig) -> int:
-  """N of the 6N rule: all parameters except the learned position table."""
+  """N of the 6N rule: all parameters except the lookup tables (positions; the input table when untied)."""
   total = sum(int(x.size) for x in jax.tree.leaves(params))
   if config.position == "learned":
     total -= config.max_len * config.width
+  if not config.tie_embeddings:
+    total -= config.vocab_size * config.width  # the input table is a lookup; the untied "unembed" is the matmul
   return total
 
 

@@ -36,17 +36,24 @@ from lm.core.errors import MeshError
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = tuple[tuple[str, Any], ...]
 
-_REPLICATED_MODEL_AXES = (("kv", None), ("length", None), ("layers", None), ("latent", None))
+# Small axes every preset keeps whole: key/value head dims, positions, the layer stack, a VAE's latent
+# vector, a classifier's output layer.
+_REPLICATED_MODEL_AXES = (("kv", None), ("length", None), ("layers", None), ("latent", None), ("classes", None))
+
+
+def _rules(embed: str | None, tensor: str | None) -> Rules:
+  """Data parallel over data+fsdp; `embed` of every parameter on `embed`; heads, MLP units and vocab on `tensor`."""
+  return (("batch", ("data", "fsdp")), ("embed", embed), ("heads", tensor), ("mlp", tensor), ("vocab", tensor)
+          ) + _REPLICATED_MODEL_AXES
+
+
+# config.mesh.rules' default: every mesh axis may shard what it can (fsdp_tp's rules), so the sizes alone
+# choose the strategy.
+DEFAULT_RULES = _rules("fsdp", "tensor")
 PRESETS: dict[str, tuple[dict[str, int], Rules]] = {
-    "dp": ({"data": -1, "fsdp": 1, "tensor": 1},
-           (("batch", ("data", "fsdp")), ("embed", None), ("heads", None), ("mlp", None), ("vocab", None))
-           + _REPLICATED_MODEL_AXES),
-    "fsdp": ({"data": 1, "fsdp": -1, "tensor": 1},
-             (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", None), ("mlp", None), ("vocab", None))
-             + _REPLICATED_MODEL_AXES),
-    "fsdp_tp": ({"data": 1, "fsdp": -1, "tensor": 2},
-                (("batch", ("data", "fsdp")), ("embed", "fsdp"), ("heads", "tensor"), ("mlp", "tensor"),
-                 ("vocab", "tensor")) + _REPLICATED_MODEL_AXES),
+    "dp": ({"data": -1, "fsdp": 1, "tensor": 1}, _rules(None, None)),
+    "fsdp": ({"data": 1, "fsdp": -1, "tensor": 1}, _rules("fsdp", None)),
+    "fsdp_tp": ({"data": 1, "fsdp": -1, "tensor": 2}, DEFAULT_RULES),
 }
 
 

@@ -44,7 +44,7 @@ def lm_init_params(model: nn.Module, example_tokens: jax.Array) -> InitParams:
 def boxed_state(init_params: InitParams, tx: optax.GradientTransformation, seed: int) -> TrainState:
   """State whose params/opt_state leaves still carry their logical axis names.
 
-  `init_params(key)` builds the parameters (a head's: `lm.heads.Head.init_params`).
+  `init_params(key)` builds the parameters (a task's: `lm.tasks.base.Task.init_params`).
   """
   root = jax.random.key(seed)
   params_key, train_key = jax.random.split(root)

@@ -416,7 +416,7 @@ def test_from_mapping_accepts_dicts_and_configdicts_and_names_unknown_keys():
 
 
 def test_an_ordinary_run_can_clean_its_training_split(tiny_config, tmp_path):
-  from lm.train import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
+  from lm import experiment as experiment_lib  # pylint: disable=g-import-not-at-top
 
   class Split(list):
     name = "reviews.txt"

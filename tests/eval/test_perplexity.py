@@ -1,4 +1,4 @@
-"""Perplexity evaluation (lm.perplexity, --mode eval): any split, bits per byte, the sliding window."""
+"""Perplexity evaluation (lm.app.eval, lm.data.scoring, --mode eval): any split, bits per byte, the sliding window."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import math
 import numpy as np
 import pytest
 
-from lm import run_modes
 from lm.config import ConfigError, load_config, validate
 from lm.data import pipeline, sources
-from lm import perplexity
-from lm.train.loop import train
+from lm.app import eval as eval_mode
+from lm.data import scoring
+from lm.app.train import train
 from tests.helpers import ROOT, cli_args, device_env, run_cli, tiny_overrides
 
 BASELINE = str(ROOT / "experiments" / "shakespeare_char.py")
@@ -42,7 +42,7 @@ def toy_run(tmp_path_factory):
 
 def evaluate(toy_run, **extra) -> dict:
   data, workdir = toy_run
-  return run_modes.evaluate_checkpoint(load_config(BASELINE, overrides(data, **extra)), str(workdir))
+  return eval_mode.evaluate_checkpoint(load_config(BASELINE, overrides(data, **extra)), str(workdir))
 
 
 # -- the windows ---------------------------------------------------------------
@@ -50,7 +50,7 @@ def evaluate(toy_run, **extra) -> dict:
     (100, 8, 8, 1), (100, 8, 3, 4), (101, 8, 1, 8), (9, 8, 5, 2), (57, 16, 7, 3), (64, 16, 16, 4)])
 def test_sliding_windows_score_every_target_once_with_the_promised_context(length, seq_len, stride, multiple):
   tokens = np.arange(length, dtype=np.int32) + 1000  # token i of the stream is i + 1000
-  windows = perplexity.SlidingWindows(tokens, seq_len, stride, multiple=multiple)
+  windows = scoring.SlidingWindows(tokens, seq_len, stride, multiple=multiple)
   assert len(windows) % multiple == 0 and len(windows) - windows.num_windows < multiple
   scored = np.zeros(length, int)
   for index in range(len(windows)):
@@ -70,7 +70,7 @@ def test_sliding_windows_score_every_target_once_with_the_promised_context(lengt
 
 def test_sliding_windows_with_stride_seq_len_are_the_non_overlapping_windows():
   tokens = np.arange(8 * 5 + 1, dtype=np.int32)
-  sliding = perplexity.SlidingWindows(tokens, 8, 8)
+  sliding = scoring.SlidingWindows(tokens, 8, 8)
   plain = pipeline.Windows(tokens, 8, 8)
   assert sliding.num_windows == len(plain) == 5
   for index in range(5):
@@ -81,11 +81,11 @@ def test_sliding_windows_with_stride_seq_len_are_the_non_overlapping_windows():
 
 def test_bad_strides_and_short_splits_are_refused(tiny_config):
   with pytest.raises(ValueError, match="stride=0"):
-    perplexity.SlidingWindows(np.arange(20), 8, 0)
+    scoring.SlidingWindows(np.arange(20), 8, 0)
   with pytest.raises(ValueError, match="stride=9"):
-    perplexity.SlidingWindows(np.arange(20), 8, 9)
+    scoring.SlidingWindows(np.arange(20), 8, 9)
   with pytest.raises(sources.DataError, match="fewer than seq_len"):
-    perplexity.SlidingWindows(np.arange(5), 8, 4)
+    scoring.SlidingWindows(np.arange(5), 8, 4)
   with pytest.raises(ConfigError, match=r"eval.stride=33 must be in \[0, seq_len=32\]"):
     validate(tiny_config(**{"eval.stride": 33}), "eval")
   with pytest.raises(ConfigError, match="head='lm' and data.format='windows'"):
@@ -96,17 +96,17 @@ def test_bad_strides_and_short_splits_are_refused(tiny_config):
 
 # -- which split, and its metric names ------------------------------------------------
 def test_the_split_and_the_metric_names(tiny_config, tmp_path):
-  assert perplexity.eval_split(tiny_config()) == ("tfds:tiny_shakespeare", "validation", "eval_validation/")
-  assert perplexity.eval_split(tiny_config(), "test")[1:] == ("test", "eval_test/")
-  assert perplexity.eval_split(tiny_config(**{"eval.split": "train[:10%]"}))[1:] == ("train[:10%]",
+  assert eval_mode.eval_split(tiny_config()) == ("tfds:tiny_shakespeare", "validation", "eval_validation/")
+  assert eval_mode.eval_split(tiny_config(), "test")[1:] == ("test", "eval_test/")
+  assert eval_mode.eval_split(tiny_config(**{"eval.split": "train[:10%]"}))[1:] == ("train[:10%]",
                                                                                      "eval_train_10/")
   config = tiny_config(**{"eval.source": "tfds:tiny_shakespeare:test"})
-  assert perplexity.eval_split(config) == ("tfds:tiny_shakespeare:test", "test", "eval_tiny_shakespeare_test/")
+  assert eval_mode.eval_split(config) == ("tfds:tiny_shakespeare:test", "test", "eval_tiny_shakespeare_test/")
   single = tmp_path / "my corpus.txt"
   single.write_text("hello\n")
-  assert perplexity.eval_split(tiny_config(**{"eval.source": str(single)}))[1:] == ("train", "eval_my_corpus_train/")
+  assert eval_mode.eval_split(tiny_config(**{"eval.source": str(single)}))[1:] == ("train", "eval_my_corpus_train/")
   config = tiny_config(**{"eval.source": str(single), "eval.split": "train[:50%]"})
-  assert perplexity.eval_split(config)[1:] == ("train[:50%]", "eval_my_corpus_train_50/")
+  assert eval_mode.eval_split(config)[1:] == ("train[:50%]", "eval_my_corpus_train_50/")
 
 
 # -- evaluating a trained model -----------------------------------------------------------

@@ -49,7 +49,7 @@ def _hf_eval_loss(model) -> float:
   """The HF model's mean token loss on the windows `--mode eval` reads: the first EVAL_BATCHES batches of
   non-overlapping SEQ_LEN windows of the byte-tokenized validation split."""
   from lm.config import load_config  # pylint: disable=g-import-not-at-top
-  from lm.train.experiment import open_eval_split  # pylint: disable=g-import-not-at-top
+  from lm.experiment import open_eval_split  # pylint: disable=g-import-not-at-top
   config = load_config(CONFIG)
   tokens = pipeline.tokenize_split(open_eval_split(config), tokenizers.ByteTokenizer())
   windows = pipeline.Windows(tokens, SEQ_LEN, SEQ_LEN)

@@ -11,7 +11,7 @@ import pytest
 
 from lm.models import TransformerConfig, TransformerLM, fused_loss, layers, losses
 from lm.models.transformer import REMAT_POLICIES, resolve_attention
-from lm.train import step as step_lib
+from lm.tasks import lm as lm_task
 
 VOCAB, LENGTH, BATCH = 61, 16, 4
 
@@ -87,8 +87,8 @@ def test_fused_model_loss_equals_logits_loss_in_float32(options, with_mask):
   np.testing.assert_allclose(fused_value, loss, rtol=1e-6)
   assert_trees_close(fused_grads, grads, rtol=1e-5, atol=1e-7)
   # The eval step's per-row sums agree too.
-  plain_eval = step_lib.make_eval_step(model)(params, data)
-  fused_eval = step_lib.make_eval_step(fused_model)(params, data)
+  plain_eval = lm_task.make_eval_step(model)(params, data)
+  fused_eval = lm_task.make_eval_step(fused_model)(params, data)
   assert_trees_close(fused_eval, plain_eval, rtol=1e-5, atol=1e-6)
 
 

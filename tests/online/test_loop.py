@@ -16,7 +16,7 @@ import pytest
 
 from lm.config import load_config
 from lm.data import stream as stream_lib
-from lm.online import loop as online_loop
+from lm.app import online as online_loop
 from lm.online.step import chunk_learning_rate
 from lm.online.store import OnlineCheckpointer
 from lm.train import checkpoint as checkpoint_lib
@@ -96,7 +96,7 @@ def test_the_served_model_is_the_promoted_one(pretrained, tmp_path):
       "online.stream": "iterable", "online.max_chunks": 1, "online.gate.max_regression": 0.0,
       "optim.lr": 0.05}))
   online_loop.run_online(config, str(workdir), stream=stream)
-  from lm.run_modes import load_trained  # pylint: disable=g-import-not-at-top
+  from lm.experiment import load_trained# pylint: disable=g-import-not-at-top
   experiment, served, _ = load_trained(config, str(workdir), "eval")
   initial, _ = checkpoint_lib.restore_params(str(pretrained), experiment.abstract_state.params)
   latest, _ = checkpoint_lib.restore_params(str(workdir), experiment.abstract_state.params)

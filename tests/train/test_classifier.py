@@ -16,12 +16,12 @@ import pytest
 from lm.config import ConfigError, load_config
 from lm.data import sources
 from lm.data.labeled import derive_classes
-from lm.heads.classifier import parse_class_weights
+from lm.tasks.classifier import parse_class_weights
 from lm.models.classifier import classification_loss, pool
-from lm.run_modes import ab_test
+from lm.app.ab import ab_test
 from lm.train import checkpoint as checkpoint_lib
-from lm.train import loop
-from lm.train.experiment import build_experiment
+from lm.app import train as train_mode
+from lm.experiment import build_experiment, initial_state
 from lm.train.metrics import read_metrics
 from tests.helpers import device_env, run_cli, snapshot, tiny_overrides
 
@@ -80,7 +80,7 @@ def trained(corpus, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("classifier") / "run"
   config = config_for(corpus, steps=60, eval_every=20, checkpoint_every=20, log_every=10, eval_batches=0,
                       keep_best=1)
-  result = loop.train(config, str(workdir))
+  result = train_mode.train(config, str(workdir))
   return workdir, config, result
 
 
@@ -169,10 +169,10 @@ def test_the_classifier_labels_text_from_the_command_line(trained, corpus):
 def test_init_from_an_lm_fills_the_backbone(corpus, tmp_path):
   lm_dir = tmp_path / "lm"
   lm_config = config_for(corpus, head="lm", steps=2, eval_every=2, checkpoint_every=2)
-  loop.train(lm_config, str(lm_dir))
+  train_mode.train(lm_config, str(lm_dir))
   config = config_for(corpus, steps=1, init_from=str(lm_dir))
   experiment, _ = build_experiment(config, str(tmp_path / "classifier"))
-  state, _, how = loop.initial_state(experiment)
+  state, _, how = initial_state(experiment)
   assert "head='lm'" in how
   lm_params, _ = checkpoint_lib.restore_params(str(lm_dir), experiment.abstract_state.params["lm"])
   for restored, loaded in zip(jax.tree.leaves(lm_params), jax.tree.leaves(state.params["lm"])):
@@ -226,7 +226,7 @@ def test_ab_compares_two_classifiers_on_the_same_examples(trained, corpus, tmp_p
   weak = tmp_path / "weak"
   # The same SentencePiece model file, so the pair shares its tokenizer.
   # Another architecture too: each run must be evaluated as it was built, not as this config says.
-  loop.train(config_for(corpus, steps=2, eval_every=2, checkpoint_every=2, eval_batches=0,
+  train_mode.train(config_for(corpus, steps=2, eval_every=2, checkpoint_every=2, eval_batches=0,
                         **{"data.tokenizer_model": str(workdir / "tokenizer" / "spm.model"),
                            "classifier.pooling": "last", "classifier.attention": "bidirectional"}), str(weak))
   out = tmp_path / "ab"
@@ -251,8 +251,8 @@ def test_ab_compares_two_language_models(tmp_path):
     return load_config("experiments/shakespeare_char.py", tiny_overrides(eval_batches=2, **extra))
 
   a, b = tmp_path / "a", tmp_path / "b"
-  loop.train(lm_config(steps=2, eval_every=2, checkpoint_every=2), str(a))
-  loop.train(lm_config(steps=2, eval_every=2, checkpoint_every=2, init_from=str(a)), str(b))
+  train_mode.train(lm_config(steps=2, eval_every=2, checkpoint_every=2), str(a))
+  train_mode.train(lm_config(steps=2, eval_every=2, checkpoint_every=2, init_from=str(a)), str(b))
   out = tmp_path / "ab"
   report = ab_test(lm_config(**{"ab.a": str(a), "ab.b": str(b), "ab.bootstrap_samples": 100}), str(out))
   assert json.loads((out / "ab.json").read_text()) == json.loads(json.dumps(report))
@@ -300,7 +300,7 @@ def test_resuming_with_other_classes_is_refused_and_the_run_kept(trained, corpus
 def test_ab_refuses_runs_with_different_tokenizers(trained, corpus, tmp_path):
   workdir, _, _ = trained
   other = tmp_path / "byte"
-  loop.train(config_for(corpus, steps=2, eval_every=2, checkpoint_every=2, **{"data.tokenizer": "byte"}), str(other))
+  train_mode.train(config_for(corpus, steps=2, eval_every=2, checkpoint_every=2, **{"data.tokenizer": "byte"}), str(other))
   out = tmp_path / "ab"
   with pytest.raises(ConfigError, match="different tokenizers"):
     ab_test(config_for(corpus, **{"ab.a": str(workdir), "ab.b": str(other)}), str(out))

@@ -14,8 +14,9 @@ import pytest
 
 from lm.config import ConfigError, load_config, validate
 from lm.train import checkpoint as checkpoint_lib
-from lm.train import loop
-from lm.train.experiment import build_experiment
+from lm.app import train as train_mode
+from lm.experiment import build_experiment
+from lm.app.sample import sample_checkpoint
 from tests.helpers import ROOT, SHARED, device_env, run_cli, snapshot, tiny_overrides
 
 SENTENCES = {
@@ -146,7 +147,7 @@ def test_a_checkpoint_of_another_head_is_refused_and_kept(runs, written, loaded)
 
 def test_a_gan_needs_its_mle_model(runs, tmp_path):
   with pytest.raises(ConfigError, match="set config.init_from to the workdir of a head='lm' run"):
-    loop.train(config_for("relgan"), str(tmp_path / "gan"))
+    train_mode.train(config_for("relgan"), str(tmp_path / "gan"))
   with pytest.raises(checkpoint_lib.CheckpointError, match="can start only from lm, gan"):
     build_experiment(config_for("relgan", init_from=str(runs["vae"][0])), str(tmp_path / "gan"), "train")
   with pytest.raises(checkpoint_lib.CheckpointError, match="another VAE .*vae.latent_size: checkpoint 32, config 8"):
@@ -157,14 +158,13 @@ def test_a_gan_needs_its_mle_model(runs, tmp_path):
 
 @pytest.mark.parametrize("kind, count", [("prior", 3), ("reconstruct", 3), ("interpolate", 4)])
 def test_the_vae_samples_from_its_latent_space(runs, kind, count):
-  from lm import run_modes  # pylint: disable=g-import-not-at-top
   config = config_for("vae", **{"sample.kind": kind, "sample.num_samples": 3, "sample.interpolation_steps": 4,
                                 "sample.temperature": 0.0, "sample.prompt": "a gorgeous movie .",
                                 "sample.prompt_b": "a dull mess ."})
-  texts = run_modes.sample_checkpoint(config, str(runs["vae"][0]))
+  texts = sample_checkpoint(config, str(runs["vae"][0]))
   assert len(texts) == count and all(isinstance(text, str) for text in texts)
   if kind == "interpolate":  # greedy decoding of the same end points is deterministic
-    assert texts == run_modes.sample_checkpoint(config, str(runs["vae"][0]))
+    assert texts == sample_checkpoint(config, str(runs["vae"][0]))
 
 
 def test_sample_kinds_need_a_vae_on_the_command_line(runs):
@@ -174,7 +174,6 @@ def test_sample_kinds_need_a_vae_on_the_command_line(runs):
 
 
 def test_the_gans_write_from_noise(runs):
-  from lm import run_modes  # pylint: disable=g-import-not-at-top
   for name in ("relgan", "latent"):
-    texts = run_modes.sample_checkpoint(config_for(name, **{"sample.num_samples": 2}), str(runs[name][0]))
+    texts = sample_checkpoint(config_for(name, **{"sample.num_samples": 2}), str(runs[name][0]))
     assert len(texts) == 2 and all(isinstance(text, str) for text in texts)

@@ -31,6 +31,15 @@ def test_flops_per_token_by_hand():
   assert perf.flops_per_token(n, config, seq_len=128) == 737_280
 
 
+def test_untying_the_output_projection_adds_parameters_not_flops():
+  """The untied model has a second 100 x 64 table, but the input table is a lookup: N (and FLOPs) do not change."""
+  tied = TransformerConfig(vocab_size=100, num_layers=2, num_heads=4, width=64, max_len=128)
+  untied = TransformerConfig(vocab_size=100, num_layers=2, num_heads=4, width=64, max_len=128, tie_embeddings=False)
+  tied_params, untied_params = _params(tied), _params(untied)
+  assert sum(x.size for x in jax.tree.leaves(untied_params)) == sum(x.size for x in jax.tree.leaves(tied_params)) + 6_400
+  assert perf.matmul_params(untied_params, untied) == perf.matmul_params(tied_params, tied) == 106_496
+
+
 def test_mfu_of_gpt2_small_on_an_h100_by_hand():
   """GPT-2 124M (vocab 50,304) at context 1024: N = 124,475,904 - 1024 x 768 = 123,689,472;
   6 N = 742,136,832; 6 L T d = 6 x 12 x 1024 x 768 = 56,623,104; sum 798,759,936 FLOPs per token.

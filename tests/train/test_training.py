@@ -10,7 +10,9 @@ import pytest
 
 from lm.config import apply_overrides
 from lm.train import checkpoint as checkpoint_lib
-from lm.train import loop, optim
+from lm.app import train as train_mode
+from lm.core.errors import NonFiniteError
+from lm.train import optim
 from lm.train.metrics import read_metrics
 from tests.helpers import ROOT
 
@@ -23,7 +25,7 @@ def losses_by_step(workdir) -> dict[int, float]:
 @pytest.mark.parametrize("variant", ["gpt2", "llama"])
 def test_loss_falls_on_a_short_run(tiny_config, tmp_path, variant):
   config = tiny_config(**{"model.variant": variant, "steps": 30, "log_every": 1, "optim.lr": 3e-3})
-  result = loop.train(config, str(tmp_path))
+  result = train_mode.train(config, str(tmp_path))
   losses = losses_by_step(tmp_path)
   assert np.mean([losses[s] for s in range(26, 31)]) < np.mean([losses[s] for s in range(1, 6)]) - 0.5
   assert result.step == 30 and result.eval_loss is not None and np.isfinite(result.eval_loss)
@@ -39,11 +41,11 @@ def test_loss_falls_on_a_short_run(tiny_config, tmp_path, variant):
 def test_resume_reproduces_the_uninterrupted_losses(tiny_config, tmp_path):
   fixed_schedule = {"optim.decay_steps": 20, "log_every": 1, "model.dropout": 0.1}  # dropout: rng must resume too
   full = tmp_path / "full"
-  loop.train(tiny_config(**fixed_schedule), str(full))
+  train_mode.train(tiny_config(**fixed_schedule), str(full))
   part = tmp_path / "part"
-  loop.train(tiny_config(steps=10, **fixed_schedule), str(part))
+  train_mode.train(tiny_config(steps=10, **fixed_schedule), str(part))
   assert checkpoint_lib.latest_step(str(part)) == 10
-  loop.train(tiny_config(**fixed_schedule), str(part))  # same workdir: resumes at step 10
+  train_mode.train(tiny_config(**fixed_schedule), str(part))  # same workdir: resumes at step 10
   uninterrupted, resumed = losses_by_step(full), losses_by_step(part)
   for step in range(11, 21):
     assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-6), step
@@ -51,14 +53,14 @@ def test_resume_reproduces_the_uninterrupted_losses(tiny_config, tmp_path):
 
 def test_warm_start_and_init_from(tiny_config, tmp_path):
   source = tmp_path / "source"
-  loop.train(tiny_config(steps=10), str(source))
-  warm = loop.train(tiny_config(steps=15, warm_start=str(source)), str(tmp_path / "warm"))
+  train_mode.train(tiny_config(steps=10), str(source))
+  warm = train_mode.train(tiny_config(steps=15, warm_start=str(source)), str(tmp_path / "warm"))
   assert warm.step == 15  # continued from step 10
   assert min(losses_by_step(tmp_path / "warm")) == 15  # first logged step after 10 (log_every 5)
-  init = loop.train(tiny_config(steps=5, init_from=str(source)), str(tmp_path / "init"))
+  init = train_mode.train(tiny_config(steps=5, init_from=str(source)), str(tmp_path / "init"))
   assert init.step == 5  # weights only: step 0, fresh optimizer
   first_init = losses_by_step(tmp_path / "init")[5]
-  scratch = loop.train(tiny_config(steps=5), str(tmp_path / "scratch"))
+  scratch = train_mode.train(tiny_config(steps=5), str(tmp_path / "scratch"))
   assert first_init < losses_by_step(tmp_path / "scratch")[5]  # pretrained weights start better
   assert scratch.step == 5
 
@@ -66,10 +68,10 @@ def test_warm_start_and_init_from(tiny_config, tmp_path):
 def test_non_finite_loss_stops_before_checkpointing(tiny_config, tmp_path):
   config = tiny_config(**{"optim.lr": 1e30, "optim.grad_clip": 0.0, "optim.warmup_steps": 0,
                           "checkpoint_every": 1, "steps": 20})
-  with pytest.raises(loop.NonFiniteError, match="last good checkpoint"):
-    loop.train(config, str(tmp_path))
+  with pytest.raises(NonFiniteError, match="last good checkpoint"):
+    train_mode.train(config, str(tmp_path))
   # Every checkpoint that exists holds finite parameters.
-  from lm.train.experiment import build_experiment  # pylint: disable=g-import-not-at-top
+  from lm.experiment import build_experiment  # pylint: disable=g-import-not-at-top
   experiment, _ = build_experiment(config, str(tmp_path))
   latest = checkpoint_lib.latest_step(str(tmp_path))
   if latest is not None:
@@ -78,8 +80,8 @@ def test_non_finite_loss_stops_before_checkpointing(tiny_config, tmp_path):
 
 
 def test_grad_accumulation_matches_the_full_batch(tiny_config, tmp_path):
-  plain = loop.train(tiny_config(steps=5, log_every=1), str(tmp_path / "plain"))
-  accumulated = loop.train(tiny_config(steps=5, log_every=1, grad_accum_steps=2), str(tmp_path / "accum"))
+  plain = train_mode.train(tiny_config(steps=5, log_every=1), str(tmp_path / "plain"))
+  accumulated = train_mode.train(tiny_config(steps=5, log_every=1, grad_accum_steps=2), str(tmp_path / "accum"))
   a, b = losses_by_step(tmp_path / "plain"), losses_by_step(tmp_path / "accum")
   for step in range(1, 6):
     assert a[step] == pytest.approx(b[step], rel=1e-4)
@@ -112,12 +114,12 @@ def test_local_corpus_with_sentencepiece_trains_and_resumes_with_the_saved_token
   overrides = {"data.source": str(corpus), "data.tokenizer": "sentencepiece", "data.tokenizer_vocab_size": 400,
                "data.cache_dir": str(tmp_path / "cache"), "steps": 4, "eval_every": 4, "checkpoint_every": 4}
   workdir = tmp_path / "run"
-  first = loop.train(tiny_config(**overrides), str(workdir))
+  first = train_mode.train(tiny_config(**overrides), str(workdir))
   saved = (workdir / "tokenizer" / "spm.model").read_bytes()
   assert first.step == 4 and np.isfinite(first.eval_loss)
   # Resuming must reuse the saved tokenizer, not train a new one.
   (workdir / "tokenizer" / "spm.model").touch()
-  resumed = loop.train(tiny_config(**{**overrides, "steps": 6}), str(workdir))
+  resumed = train_mode.train(tiny_config(**{**overrides, "steps": 6}), str(workdir))
   assert resumed.step == 6 and (workdir / "tokenizer" / "spm.model").read_bytes() == saved
   metadata = json.loads((workdir / "config.json").read_text())
   assert metadata["tokenizer"]["kind"] == "sentencepiece" and metadata["model"]["vocab_size"] == 400
@@ -126,6 +128,6 @@ def test_local_corpus_with_sentencepiece_trains_and_resumes_with_the_saved_token
 def test_relative_workdir(tiny_config, tmp_path, monkeypatch):
   # `make train` passes runs/NAME; Orbax only accepts absolute paths.
   monkeypatch.chdir(tmp_path)
-  result = loop.train(tiny_config(steps=10), "runs/relative")
+  result = train_mode.train(tiny_config(steps=10), "runs/relative")
   assert result.step == 10 and checkpoint_lib.latest_step("runs/relative") == 10
-  assert loop.train(tiny_config(steps=12), "runs/relative").step == 12  # and resumes from it
+  assert train_mode.train(tiny_config(steps=12), "runs/relative").step == 12  # and resumes from it

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from lm import sample as sample_lib
-from lm.config import ConfigError
-from lm.models import TransformerLM
+from lm.core.errors import ConfigError
+from lm.inference import sample as sample_lib
+from lm.models.transformer import TransformerLM
 
 PROMPT_FILE_TYPES = (".txt", ".jsonl")
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
@@ -160,7 +160,7 @@ def decode_batched(model: TransformerLM, params: Any, prompts: Sequence[np.ndarr
     rows_per_batch: at most this many rows decode together (beam search:
       rows_per_batch // beam_size prompts, each with beam_size beams).
     max_new_tokens: new tokens per continuation. With `beyond_context`,
-      sampling goes past the context (`lm.sample.generate_long`); otherwise
+      sampling goes past the context (`lm.inference.sample.generate_long`); otherwise
       (and always for beam search) it is capped at what fits after the prompt.
     temperature, top_k, top_p, seed: sampling (temperature 0 is greedy); batch
       `b` of the run draws from fold_in(key(seed), b).

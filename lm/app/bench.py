@@ -4,15 +4,18 @@ Batches are taken from the real training data and placed on the devices
 before timing, so the figure is the step itself. Each step is timed to
 completion (`block_until_ready`), like an eager framework's step.
 
-With `bench.decode` (head="lm"), the benchmarked model's greedy decoding is
-timed too: new tokens per second with the KV cache (`lm.sample.generate`) at
+With `bench.decode` (a language model), the benchmarked model's greedy decoding is
+timed too: new tokens per second with the KV cache (`lm.inference.sample.generate`) at
 each of `bench.decode_batches` batch sizes, `bench.decode_tokens` new tokens
-per row, and (`bench.decode_uncached`, first batch size) recomputing the
-whole prefix for every token (`generate_without_cache`) (`decode_figures`).
+per row, and (`bench.decode_uncached`, first batch size) without the cache,
+recomputing the whole fixed-length buffer (prompt + new tokens) for every
+token (`generate_without_cache`; about twice the work of a prefix-only
+recompute after a short prompt) (`decode_figures`).
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Any
@@ -22,11 +25,11 @@ import jaxlib
 import ml_collections
 import numpy as np
 
-from lm import sample as sample_lib
 from lm import xla_flags
 from lm.data import pipeline
+from lm.experiment import build_experiment, open_train_split, token_windows
+from lm.inference import sample as sample_lib
 from lm.train import perf
-from lm.train.experiment import build_experiment, open_train_split, token_windows
 
 
 def _bytes(value: Any) -> int | None:
@@ -107,7 +110,7 @@ def compile_memory(config: ml_collections.ConfigDict, workdir: str = "") -> dict
   experiment, _ = build_experiment(config, workdir or "/nonexistent-bench-workdir", "bench")
   batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.seq_len)[:rank], np.int32,
                                      sharding=experiment.steps.batch_shardings[key])
-           for key, rank in experiment.head.batch_ranks.items()}
+           for key, rank in experiment.task.batch_ranks.items()}
   with experiment.steps.context():
     start = time.perf_counter()
     compiled = experiment.steps.train_step.lower(experiment.abstract_state, batch).compile()
@@ -139,7 +142,7 @@ def decode_figures(experiment: Any, params: Any) -> dict[str, Any]:
   "decode/bB/speedup" and "decode/bB/tokens_match".
   """
   config = experiment.config
-  if not config.bench.decode or experiment.head.name != "lm" or jax.process_count() > 1:
+  if not config.bench.decode or not experiment.task.language_model or jax.process_count() > 1:
     return {}
   max_len = experiment.model_config.max_len
   new_tokens = min(config.bench.decode_tokens, max_len)
@@ -196,8 +199,8 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       "step_time_p10_ms": 1e3 * float(np.percentile(times, 10)),
       "step_time_p90_ms": 1e3 * float(np.percentile(times, 90)),
       "tokens_per_sec": tokens / step_time,
-      # The FLOP count is the LM's (lm.train.perf); other heads report no MFU.
-      "mfu": flops / step_time / (peak * jax.device_count()) if experiment.head.counts_lm_flops else None,
+      # The FLOP count is the LM's (lm.train.perf); other tasks report no MFU.
+      "mfu": flops / step_time / (peak * jax.device_count()) if experiment.task.counts_lm_flops else None,
       "compile_time_s": compile_time,
       "device": perf.device_description(),
       "peak_flops_per_device": peak,
@@ -215,3 +218,9 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       **_run_figures(experiment),
       **decode_figures(experiment, state.params),
   }
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, report: Any = print) -> int:
+  """The CLI's --mode bench: prints the figures as one JSON line."""
+  report(json.dumps(benchmark(config, workdir or "")))
+  return 0

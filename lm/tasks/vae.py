@@ -1,10 +1,11 @@
-"""`config.head = "vae"`: train and evaluate a sentence VAE (`lm.models.vae`) in the shared loop.
+"""`config.head = "vae"`: train and evaluate a sentence VAE (`lm.models.vae`) with the shared engine.
 
-Train step (one jitted, sharded function, like the LM's):
+Loss (the engine's `Update`; every draw is per row, from the step and the row's place in the global batch,
+so a run resumes exactly and gradient accumulation changes nothing):
   beta  = kl_weight(step)            KL annealing: constant | linear | cyclical, after `vae.ae_steps` of beta = 0
   x_in  = word_dropout(BOS + x)      `vae.word_dropout` of the decoder's inputs become MASK (Bowman et al. 2016)
-  z     ~ q(z | x)                   the "latent" rng stream, from the state's key and step (resumes exactly)
-  loss  = recon(x | z) + beta * sum_d max(KL_d, free_bits)   per sentence (`vae_loss`)
+  z     = mu + sigma * eps           eps ~ N(0, I) per row
+  loss  = recon(x | z) + beta * sum_d max(KL_d, free_bits)   per sentence (free bits: of each micro-batch's mean)
 
 Eval step, per batch (each sentence's posterior samples come from its index
 in the split, so the figures do not depend on batching or the mesh):
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -30,32 +31,104 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from ml_collections.config_dict import placeholder
 
-from lm.models import latent as latent_lib
-from lm.heads import ROWS, Head
-from lm.config import ConfigError
+from lm.core.configs import ConfigPart, require
+from lm.core.errors import CheckpointError, ConfigError
 from lm.data import sentences as sentences_lib
-from lm.models.vae import SentenceVAE, VAEConfig, generate_from_latent, vae_loss
-from lm.models.vae_objectives import gaussian_kl, kl_weight, word_dropout
+from lm.models import latent as latent_lib
+from lm.models.vae import SentenceVAE, VAEConfig, generate_from_latent, vae_loss_sums
+from lm.models.vae_objectives import gaussian_kl, kl_weight, kl_with_free_bits, word_dropout
+from lm.tasks.base import Task
+from lm.train import step as step_lib
+from lm.train.evaluate import ROWS
 
 EVAL_SEED = 0  # eval randomness is fixed: a checkpoint's figures are reproducible
+LATENT_STREAM, WORD_STREAM = 0, 1  # per-row rng streams of the loss (StepContext.row_keys)
+INJECTIONS = ("memory", "embedding", "both")
+POOLINGS = ("mean", "first")
+KL_SCHEDULES = ("constant", "linear", "monotonic", "cyclical")
+# VAE fields that change parameter shapes (a head="vae" run, or the autoencoder of a latent GAN).
+SHAPE_FIELDS = ("latent_size", "injection", "pooling", "encoder_layers")
+
+FIELDS = {
+    "vae.latent_size": 32,
+    "vae.injection": "both",  # memory | embedding | both (Li et al. 2020)
+    "vae.pooling": "mean",  # mean | first
+    "vae.encoder_layers": placeholder(int),  # None: model.num_layers
+    "vae.kl_schedule": "cyclical",  # constant | linear | cyclical (Fu et al. 2019)
+    "vae.kl_warmup_steps": 1000,  # linear: steps for beta to rise from 0 to 1
+    "vae.kl_cycles": 4,  # cyclical: number of cycles over the run
+    "vae.kl_ratio": 0.5,  # cyclical: fraction of each cycle spent rising
+    "vae.ae_steps": 0,  # autoencoder warm start: beta = 0 for these first steps
+    "vae.free_bits": 0.0,  # per-dimension KL floor in nats (0: off)
+    "vae.word_dropout": 0.0,  # rate of decoder input tokens replaced by <mask> (Bowman et al. 2016)
+    "vae.iw_samples": 100,  # k of the importance-weighted NLL bound, every eval
+    "vae.iw_chunk": 10,  # posterior samples decoded together (memory vs speed of the IW bound)
+}
+
+
+def validate(config: ml_collections.ConfigDict, mode: str) -> None:
+  """The `vae` group (also read by a latent GAN's autoencoder)."""
+  del mode
+  vae = config.vae
+  require(isinstance(vae.latent_size, int) and vae.latent_size > 0,
+          f"config.vae.latent_size={vae.latent_size!r} must be a positive integer (32 in Optimus).")
+  require(vae.injection in INJECTIONS, f"config.vae.injection={vae.injection!r} is not one of {INJECTIONS}.")
+  require(vae.pooling in POOLINGS, f"config.vae.pooling={vae.pooling!r} is not one of {POOLINGS}.")
+  require(vae.encoder_layers is None or vae.encoder_layers > 0, "config.vae.encoder_layers must be > 0 (or unset).")
+  require(vae.kl_schedule in KL_SCHEDULES,
+          f"config.vae.kl_schedule={vae.kl_schedule!r} is not one of ('constant', 'linear', 'cyclical').")
+  require(vae.kl_warmup_steps >= 0 and vae.kl_cycles >= 1 and 0 < vae.kl_ratio <= 1 and vae.ae_steps >= 0,
+          "config.vae.kl_warmup_steps and ae_steps must be >= 0, kl_cycles >= 1, kl_ratio in (0, 1].")
+  require(vae.free_bits >= 0, f"config.vae.free_bits={vae.free_bits} must be >= 0 (nats per dimension).")
+  require(0 <= vae.word_dropout < 1, f"config.vae.word_dropout={vae.word_dropout} must be in [0, 1).")
+  require(vae.iw_samples >= 1 and vae.iw_chunk >= 1, "config.vae.iw_samples and iw_chunk must be >= 1.")
+
+
+def sentence_vae(model_config: Any, vae: ml_collections.ConfigDict) -> SentenceVAE:
+  """The SentenceVAE of config.vae on the backbone (a VAE run's model, a latent GAN's autoencoder)."""
+  return SentenceVAE(model_config, VAEConfig(latent_size=vae.latent_size, injection=vae.injection,
+                                             pooling=vae.pooling, encoder_layers=vae.encoder_layers))
+
+
+def check_vae_fields(directory: str, metadata: Mapping[str, Any], vae: ml_collections.ConfigDict) -> None:
+  """CheckpointError if the checkpoint's recorded config.vae shape fields differ from `vae`'s."""
+  saved = metadata.get("config", {}).get("vae", {})
+  differences = [f"vae.{key}: checkpoint {saved.get(key)!r}, config {vae[key]!r}"
+                 for key in SHAPE_FIELDS if key in saved and saved.get(key) != vae[key]]
+  if differences:
+    raise CheckpointError(
+        f"The checkpoint in {directory} was written for another VAE ({'; '.join(differences)}). Set those "
+        "config.vae fields to the checkpoint's values, or use a new --workdir. Nothing was written.")
 
 
 def _largest_divisor_at_most(n: int, limit: int) -> int:
   return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-class VAEHead(Head):
+class VAETask(Task):
   """A sentence VAE on the backbone (module doc)."""
 
   name = "vae"
-  init_from_heads = ("vae",)
-  counts_lm_flops = False  # an encoder too
+  CONFIG = ConfigPart("lm.tasks.vae", FIELDS, validate)
+  init_from_tasks = ("vae",)
+  sample_kinds = ("prior", "reconstruct", "interpolate")
+
+  @classmethod
+  def validate_config(cls, config: ml_collections.ConfigDict, mode: str) -> None:
+    del mode
+    vae = config.vae
+    if vae.kl_schedule == "cyclical":
+      require(vae.ae_steps < config.steps, f"config.vae.ae_steps={vae.ae_steps} leaves no steps of the cyclical "
+              f"KL schedule in config.steps={config.steps}; lower ae_steps.")
 
   def build_model(self) -> nn.Module:
-    vae = self.config.vae
-    return SentenceVAE(self.model_config, VAEConfig(latent_size=vae.latent_size, injection=vae.injection,
-                                                    pooling=vae.pooling, encoder_layers=vae.encoder_layers))
+    return sentence_vae(self.model_config, self.config.vae)
+
+  def check_checkpoint(self, directory: str, metadata: Mapping[str, Any], written_by: str) -> None:
+    del written_by
+    check_vae_fields(directory, metadata, self.config.vae)
 
   def init_params(self, key: jax.Array) -> Any:
     batch = self.example_batch(self.config.batch_size)
@@ -68,32 +141,34 @@ class VAEHead(Head):
                      warmup_steps=int(vae.kl_warmup_steps), cycles=int(vae.kl_cycles), ratio=float(vae.kl_ratio),
                      ae_steps=int(vae.ae_steps))
 
-  def make_train_step(self, tx: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
+  def updates(self) -> Sequence[step_lib.Update]:
     model, vae, vocab = self.model, self.config.vae, self.vocab
     deterministic = self.model_config.dropout == 0.0
-    rate, free_bits = float(vae.word_dropout), float(vae.free_bits)
+    rate, free_bits, latent = float(vae.word_dropout), float(vae.free_bits), int(vae.latent_size)
 
-    def train_step(state, batch):
-      rng = jax.random.fold_in(state.key, state.step)
-      latent_rng, dropout_rng, word_rng = jax.random.split(rng, 3)
-      beta = self.beta(state.step)
-      inputs = word_dropout(word_rng, batch["inputs"], rate, unk_id=vocab.mask) if rate else batch["inputs"]
+    def loss_fn(params, batch, ctx):
+      beta = self.beta(ctx.step)
+      inputs = batch["inputs"]
+      if rate:
+        inputs = word_dropout(ctx.row_keys(WORD_STREAM), inputs, rate, unk_id=vocab.mask)
+      noise = jax.vmap(lambda key: jax.random.normal(key, (latent,), jnp.float32))(ctx.row_keys(LATENT_STREAM))
+      outputs = model.apply({"params": params}, inputs, batch["targets"], batch["mask"] > 0,
+                            deterministic=deterministic, sample=True, noise=noise, rngs={"dropout": ctx.rng})
+      nll_sum, kl_per_dim = vae_loss_sums(outputs, batch["targets"], batch["mask"])
+      kl_sum = jnp.sum(kl_per_dim)
+      # Free bits floor each dimension's mean KL over this micro-batch; without them the term adds up exactly.
+      kl_term = kl_with_free_bits(kl_per_dim, free_bits) * ctx.share if free_bits else ctx.mean(kl_sum)
+      loss = ctx.mean(nll_sum) + jnp.asarray(beta, jnp.float32) * kl_term
+      return loss, {"recon": ctx.mean(nll_sum), "kl": ctx.mean(kl_sum),
+                    "elbo_per_token": ctx.mean(nll_sum + kl_sum, "tokens")}
 
-      def loss_fn(params):
-        outputs = model.apply({"params": params}, inputs, batch["targets"], batch["mask"] > 0,
-                              deterministic=deterministic, sample=True,
-                              rngs={"latent": latent_rng, "dropout": dropout_rng})
-        return vae_loss(outputs, batch["targets"], batch["mask"], beta=beta, free_bits=free_bits)
+    return (step_lib.Update(loss_fn),)
 
-      (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      metrics = {"train/loss": loss, "train/recon": parts["recon"], "train/kl": parts["kl"],
-                 "train/elbo_per_token": parts["elbo_per_token"], "train/beta": jnp.asarray(beta, jnp.float32),
-                 "train/grad_norm": optax.global_norm(grads), "train/lr": schedule(state.step)}
-      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  def loss_totals(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {"tokens": jnp.sum(batch["mask"].astype(jnp.float32))}
 
-    return train_step
+  def step_metrics(self, step: jax.Array) -> dict[str, jax.Array]:
+    return {"beta": jnp.asarray(self.beta(step), jnp.float32)}
 
   def make_eval_step(self) -> Callable:
     model, vae = self.model, self.config.vae
@@ -181,8 +256,10 @@ class VAEHead(Head):
     return self.decode_latents(params, (1.0 - weights) * mu[0] + weights * mu[1], temperature=temperature,
                                seed=seed)
 
-  def sample(self, params: Any, options: ml_collections.ConfigDict, prompt: str | None = None) -> list[str]:
-    """sample.kind: prior | reconstruct | interpolate (module doc of lm.run_modes); continue is refused."""
+  def sample(self, params: Any, options: ml_collections.ConfigDict, prompt: str | None = None, *,
+             prompts: Sequence[Any] | None = None) -> list[str]:
+    """sample.kind: prior (z ~ N(0, I)) | reconstruct (sample.prompt) | interpolate (prompt -> prompt_b)."""
+    del prompts
     kind, prompt = options.kind, options.prompt if prompt is None else prompt
     temperature, count = float(options.temperature), int(options.num_samples)
     max_tokens = int(options.max_tokens)

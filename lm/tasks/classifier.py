@@ -1,4 +1,4 @@
-"""`config.head = "classifier"`: fine-tune a sequence classifier (`lm.models.classifier`) in the shared loop.
+"""`config.head = "classifier"`: fine-tune a sequence classifier (`lm.models.classifier`) with the shared engine.
 
 Data: labeled sentences (`lm.data.labeled`) from the .tsv column / .jsonl
 field / TFDS feature `data.label_field`; train on `data.train_split`, select
@@ -7,9 +7,10 @@ highest accuracy there), and after training evaluate those best weights once
 on `classifier.test_split`: `classification.json` and a confusion-matrix PNG
 per split in the workdir.
 
-Train step: cross-entropy with optional label smoothing, class weights
-("balanced" = inverse class frequency of the training split) and token
-dropout (sentence tokens replaced by <mask>, an augmentation for small data). Eval step:
+Loss: cross-entropy with optional label smoothing, class weights
+("balanced" = inverse class frequency of the training split; the mean is
+weighted by them over the whole global batch) and token dropout (sentence
+tokens replaced by <mask>, drawn per row; an augmentation for small data). Eval step:
 per-row predictions and losses, gathered, turned into accuracy, per-class and
 macro precision / recall / F1 (`lm.stats.classify`). `eval/loss` is the plain
 mean cross-entropy (no smoothing, no weights), an honest NLL of the labels.
@@ -24,23 +25,56 @@ import functools
 import json
 import math
 import os
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
-from lm.config import ConfigError
-from lm.data import labeled as labeled_lib, sentences as sentences_lib, sources
 from lm.core import files
+from lm.core.configs import ConfigPart, require
+from lm.core.errors import CheckpointError, ConfigError, DataError
+from lm.data import labeled as labeled_lib
+from lm.data import sentences as sentences_lib
+from lm.data import sources
+from lm.models.classifier import ATTENTIONS, POOLINGS, TransformerClassifier, classification_loss
+from lm.stats import ab as ab_stats
 from lm.stats import classify
-from lm.heads import ROWS, Head
-from lm.models.classifier import TransformerClassifier, classification_loss
+from lm.tasks.base import ReportContext, Task
+from lm.train import step as step_lib
+from lm.train.evaluate import ROWS
 
 REPORT_FILE = "classification.json"
+TOKEN_STREAM = 0  # the per-row rng stream of token dropout (StepContext.row_keys)
+
+FIELDS = {
+    # The class labels as written in the data, in class order; empty: the training split's distinct labels,
+    # sorted (numerically when all are integers).
+    "classifier.labels": (),
+    "classifier.pooling": "mean",  # mean | max (over the sentence's tokens) | last (the EOS position)
+    "classifier.attention": "causal",  # causal (as the LM) | bidirectional (every token reads the sentence)
+    "classifier.label_smoothing": 0.0,
+    "classifier.token_dropout": 0.0,  # rate of sentence tokens replaced by <mask> in training (augmentation)
+    "classifier.class_weights": "",  # "": none | "balanced" (inverse class frequency) | "w0,w1,..."
+    "classifier.test_split": "test",  # evaluated once after training with the best-on-dev weights; "": none
+}
+
+
+def validate(config: ml_collections.ConfigDict, mode: str) -> None:
+  del mode
+  classifier = config.classifier
+  require(classifier.pooling in POOLINGS,
+          f"config.classifier.pooling={classifier.pooling!r} is not one of {POOLINGS}.")
+  require(0 <= classifier.label_smoothing < 1,
+          f"config.classifier.label_smoothing={classifier.label_smoothing} must be in [0, 1).")
+  require(classifier.attention in ATTENTIONS,
+          f"config.classifier.attention={classifier.attention!r} is not one of {ATTENTIONS}.")
+  require(0 <= classifier.token_dropout < 1,
+          f"config.classifier.token_dropout={classifier.token_dropout} must be in [0, 1).")
+  require(isinstance(classifier.class_weights, str), "config.classifier.class_weights must be a string: '', "
+          "'balanced' or comma-separated weights such as '1.0,2.5'.")
 
 
 def parse_class_weights(spec: str, counts: np.ndarray, classes: list[str]) -> np.ndarray | None:
@@ -67,17 +101,22 @@ def parse_class_weights(spec: str, counts: np.ndarray, classes: list[str]) -> np
   return weights
 
 
-class ClassifierHead(Head):
+class ClassifierTask(Task):
   """A sequence classifier on the backbone (module doc)."""
 
   name = "classifier"
-  init_from_heads = ("lm", "classifier")
-  counts_lm_flops = False
+  CONFIG = ConfigPart("lm.tasks.classifier", FIELDS, validate)
+  init_from_tasks = ("lm", "classifier")
+  reads_labels = True
+  ab_comparable = True
 
-  def __init__(self, config: ml_collections.ConfigDict, model_config: Any, tokenizer: Any):
+  def __init__(self, config: ml_collections.ConfigDict, model_config: Any, tokenizer: Any, *,
+               train_split: Callable[[], sources.LabeledSource] | None = None):
+    """train_split(): opens the labeled training split (the classes and class weights come from it)."""
+    self._open_train_split = train_split
     self._train_source: sources.LabeledSource | None = None
     self.classes = self._resolve_classes(config)
-    super().__init__(config, model_config, tokenizer)
+    super().__init__(config, model_config, tokenizer, train_split=train_split)
     self._class_weights: np.ndarray | None = None
     self._weights_resolved = False
 
@@ -85,8 +124,10 @@ class ClassifierHead(Head):
   def train_source(self) -> sources.LabeledSource:
     """The labeled training split (opened once)."""
     if self._train_source is None:
-      from lm.train.experiment import open_train_split  # pylint: disable=g-import-not-at-top
-      self._train_source = open_train_split(self.config)
+      if self._open_train_split is None:
+        raise ConfigError("This classifier was built without its training split and config.classifier.labels is "
+                          "empty: set the labels, or build it with lm.experiment.build_experiment.")
+      self._train_source = self._open_train_split()
     return self._train_source
 
   def _resolve_classes(self, config: ml_collections.ConfigDict) -> list[str]:
@@ -99,8 +140,8 @@ class ClassifierHead(Head):
       return classes
     classes = labeled_lib.derive_classes(self.train_source().labels())
     if len(classes) < 2:
-      raise sources.DataError(f"The training split {self.train_source().name} has only the label(s) {classes}; "
-                              "a classifier needs at least 2 classes. Check config.data.label_field.")
+      raise DataError(f"The training split {self.train_source().name} has only the label(s) {classes}; "
+                      "a classifier needs at least 2 classes. Check config.data.label_field.")
     return classes
 
   def metadata(self) -> dict[str, Any]:
@@ -120,6 +161,15 @@ class ClassifierHead(Head):
       self._weights_resolved = True
     return self._class_weights
 
+  def check_checkpoint(self, directory: str, metadata: Mapping[str, Any], written_by: str) -> None:
+    del written_by
+    saved_classes = metadata.get("classes")
+    if saved_classes is not None and list(saved_classes) != list(self.classes):
+      raise CheckpointError(
+          f"The checkpoint in {directory} classifies into {saved_classes}, but this config's classes are "
+          f"{self.classes}. Set config.classifier.labels={tuple(saved_classes)!r} (same classes, same order), or use "
+          "a new --workdir. Nothing was written.")
+
   # -- model and state -----------------------------------------------------
   def build_model(self) -> nn.Module:
     return TransformerClassifier(self.model_config, num_classes=len(self.classes),
@@ -134,44 +184,49 @@ class ClassifierHead(Head):
     batch = self.example_batch(self.config.batch_size)
     return self.model.init(key, batch["inputs"], batch["mask"])["params"]
 
-  def init_from_target(self, abstract_params: Any, source_head: str) -> tuple[Any, Callable[[Any, Any], Any]]:
-    if source_head == "classifier":
+  def init_from_target(self, abstract_params: Any, source_task: str) -> tuple[Any, Callable[[Any, Any], Any]]:
+    if source_task == self.name:
       return abstract_params, lambda params, restored: restored
     # An LM's parameters are this model's backbone, as they are.
     return abstract_params["lm"], lambda params, restored: dict(params, lm=restored)
 
-  # -- steps ---------------------------------------------------------------
-  def make_train_step(self, tx: optax.GradientTransformation, schedule: optax.Schedule) -> Callable:
-    model = self.model
+  # -- the loss ----------------------------------------------------------------------------------------
+  def updates(self) -> Sequence[step_lib.Update]:
+    model, vocab = self.model, self.vocab
+    # Resolved while the run is built (here, not when the step is traced): bad weights stop it before it runs.
+    class_weights = self.class_weights
     deterministic = self.model_config.dropout == 0.0
     smoothing = float(self.config.classifier.label_smoothing)
     token_dropout = float(self.config.classifier.token_dropout)
-    weights = None if self.class_weights is None else jnp.asarray(self.class_weights)
-    vocab = self.vocab
 
-    def train_step(state, batch):
-      rng, token_rng = jax.random.split(jax.random.fold_in(state.key, state.step))
-      valid = jnp.ones(batch["label"].shape, jnp.float32)
+    def loss_fn(params, batch, ctx):
       inputs = batch["inputs"]
       if token_dropout:  # sentence tokens only: BOS, EOS and padding stay
-        drop = jax.random.bernoulli(token_rng, token_dropout, inputs.shape) & (inputs < vocab.base)
-        inputs = jnp.where(drop, vocab.mask, inputs)
+        drop = jax.vmap(lambda key: jax.random.bernoulli(key, token_dropout, inputs.shape[1:]))(
+            ctx.row_keys(TOKEN_STREAM))
+        inputs = jnp.where(drop & (inputs < vocab.base), vocab.mask, inputs)
+      # The dropout key of the step before tasks were given one (kept: the SST-2 figures reproduce).
+      dropout_rng = jax.random.split(ctx.rng)[0]
+      logits = model.apply({"params": params}, inputs, batch["mask"], deterministic=deterministic,
+                           rngs={"dropout": dropout_rng})
+      _, row_loss = classification_loss(logits, batch["label"], jnp.ones(batch["label"].shape, jnp.float32),
+                                        label_smoothing=smoothing)
+      weights = self._row_weights(batch["label"], class_weights)
+      loss = jnp.sum(row_loss * weights) / jnp.maximum(ctx.totals["weight"], 1e-9)
+      correct = jnp.sum((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+      return loss, {"accuracy": ctx.mean(correct)}
 
-      def loss_fn(params):
-        logits = model.apply({"params": params}, inputs, batch["mask"], deterministic=deterministic,
-                             rngs={"dropout": rng})
-        loss, _ = classification_loss(logits, batch["label"], valid, label_smoothing=smoothing,
-                                      class_weights=weights)
-        return loss, jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    return (step_lib.Update(loss_fn),)
 
-      (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-      updates, opt_state = tx.update(grads, state.opt_state, state.params)
-      params = optax.apply_updates(state.params, updates)
-      metrics = {"train/loss": loss, "train/accuracy": accuracy, "train/grad_norm": optax.global_norm(grads),
-                 "train/lr": schedule(state.step)}
-      return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+  @staticmethod
+  def _row_weights(labels: jax.Array, class_weights: np.ndarray | None) -> jax.Array:
+    """Each training row's weight in the mean loss: its class weight (1 without class weights)."""
+    if class_weights is None:
+      return jnp.ones(labels.shape, jnp.float32)
+    return jnp.asarray(class_weights)[labels]
 
-    return train_step
+  def loss_totals(self, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    return {"weight": jnp.sum(self._row_weights(batch["label"], self.class_weights))}
 
   def make_eval_step(self) -> Callable:
     model = self.model
@@ -190,7 +245,7 @@ class ClassifierHead(Head):
   def examples(self, source: sources.TextSource, *, train: bool, stride: int | None = None) -> Any:
     del stride
     if not hasattr(source, "labels"):
-      raise sources.DataError(f"{source.name} has no labels: the classifier reads data.label_field="
+      raise DataError(f"{source.name} has no labels: the classifier reads data.label_field="
                               f"{self.config.data.label_field!r}.")
     examples = labeled_lib.LabeledSentences(source, self.tokenizer, self.config.seq_len, self.classes)
     return examples if train else sentences_lib.PaddedToBatches(examples, self.config.batch_size)
@@ -229,42 +284,53 @@ class ClassifierHead(Head):
         metrics[f"eval/{measure}/{row['name']}"] = row[measure]
     return metrics
 
-  def evaluate_split(self, experiment: Any, params: Any, split: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """(full report, per-example arrays) of `params` on a split of data.source."""
-    from lm.train.experiment import open_eval_split  # pylint: disable=g-import-not-at-top
-    from lm.train.loop import evaluate_rows  # pylint: disable=g-import-not-at-top
-    examples = self.examples(open_eval_split(self.config, split), train=False)
-    rows = evaluate_rows(experiment, params, examples)
-    return self.report(rows), self.per_example(rows)
-
-  def final_report(self, experiment: Any, params: Any) -> dict[str, Any]:
+  def final_report(self, context: ReportContext) -> dict[str, Any]:
     """The best-on-dev weights evaluated once on the eval and test splits: classification.json + PNGs."""
-    from lm.train import checkpoint as checkpoint_lib  # pylint: disable=g-import-not-at-top
-    step = None
-    if checkpoint_lib.has_checkpoint(experiment.workdir):
-      step = checkpoint_lib.best_step(experiment.workdir)
-    if step is not None:
-      params, _ = checkpoint_lib.restore_params(experiment.workdir, experiment.abstract_state.params, step=step)
+    params, step = context.best()
     splits = {"eval": self.config.data.eval_split}
     if self.config.classifier.test_split:
       splits["test"] = self.config.classifier.test_split
     reports, metrics = {}, {}
     for role, split in splits.items():
-      report, _ = self.evaluate_split(experiment, params, split)
+      examples = self.examples(context.open_split(split), train=False)
+      report = self.report(context.evaluate_rows(params, examples))
       report["split"] = split
       reports[role] = report
       classify.plot_confusion_matrix(report["confusion_matrix"], os.path.join(
-          experiment.workdir, f"confusion_{_file_key(split)}.png"), class_names=self.classes)
+          context.workdir, f"confusion_{_file_key(split)}.png"), class_names=self.classes)
       for key in ("accuracy", "macro_f1", "loss"):
         metrics[f"final_{role}/{key}"] = report[key]
     metrics["final/step"] = float(step if step is not None else -1)
     if jax.process_index() == 0:
-      files.atomic_write(os.path.join(experiment.workdir, REPORT_FILE), json.dumps(
+      files.atomic_write(os.path.join(context.workdir, REPORT_FILE), json.dumps(
           {"step": step, "classes": self.classes, **reports}, indent=2).encode())
     return metrics
 
-  def sample(self, params: Any, options: ml_collections.ConfigDict, prompt: str | None = None) -> list[str]:
-    """Classifies sample.prompt (or each prompt): "label (p=0.93)" per text."""
+  # -- crossval and A/B ------------------------------------------------------------------------------
+  @classmethod
+  def fold_labels(cls, source: sources.TextSource) -> list[str]:
+    return source.labels()
+
+  def check_comparable(self, other: Task, where: tuple[str, str]) -> None:
+    if self.classes != other.classes:
+      raise ConfigError(f"The classifiers have different classes ({self.classes} in {where[0]}, {other.classes} in "
+                        f"{where[1]}); they cannot be compared example by example.")
+
+  def compare(self, rows_a, rows_b, other, *, confidence, samples, seed):
+    """Accuracy and macro-F1, B - A with intervals and p-values, and McNemar's test on the same examples."""
+    a, b = self.per_example(rows_a), other.per_example(rows_b)
+    comparison = ab_stats.compare_classifiers(a["label"], a["prediction"], b["prediction"], len(self.classes),
+                                              confidence=confidence, samples=samples, seed=seed)
+    headline = {f"ab/{metric}/{key}": comparison[metric][key] for metric in ("accuracy", "macro_f1")
+                for key in ("a", "b", "difference", "lower", "upper", "p_value")}
+    headline["ab/mcnemar/p_value"] = comparison["mcnemar"]["p_value"]
+    return comparison, headline
+
+  # -- generation ----------------------------------------------------------------------------------
+  def sample(self, params: Any, options: ml_collections.ConfigDict, prompt: str | None = None, *,
+             prompts: Sequence[Any] | None = None) -> list[str]:
+    """Classifies sample.prompt: "label (p=0.93)"."""
+    del prompts
     texts = [options.prompt if prompt is None else prompt]
     return [f"{label} (p={probability:.3f})" for label, probability in self.classify_texts(params, texts)]
 

@@ -4,8 +4,9 @@
       --mode crossval --config.eval.folds=5
 
 The training split's documents are dealt into `eval.folds` folds
-(`lm.stats.classify.stratified_folds`, seeded by config.seed: a classifier's
-classes are spread evenly over the folds; other heads get plain random folds).
+(`lm.stats.classify.stratified_folds`, seeded by config.seed: a task with
+labels, a classifier, has its classes spread evenly over the folds; other
+tasks get plain random folds, `Task.fold_labels`).
 Fold i trains a fresh model on the other folds in `WORKDIR/fold_i/` (a normal
 run directory: it resumes, so an interrupted cross-validation continues where
 it stopped and finished folds are not retrained) and is evaluated, with its
@@ -33,13 +34,16 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from lm import config as config_lib
-from lm.data.labeled import Subset
+from lm.app.train import train
 from lm.core import files
+from lm.core.configs import apply_overrides
+from lm.core.errors import CheckpointError, ConfigError
+from lm.data.labeled import Subset
+from lm.experiment import TOKENIZER_DIR, open_train_split, resolve_tokenizer
+from lm.experiment.config import validate
+from lm.experiment.registry import task_class
 from lm.stats import classify
 from lm.train import checkpoint as checkpoint_lib
-from lm.train import loop
-from lm.train.experiment import TOKENIZER_DIR, open_train_split, resolve_tokenizer
 from lm.train.metrics import MetricWriter
 
 REPORT_FILE = "crossval.json"
@@ -47,7 +51,7 @@ PREFIX = "crossval/"
 
 
 def _fold_metrics(fold_dir: str, steps: int) -> dict[str, float]:
-  """The eval metrics at the fold's final step, from its metrics.jsonl (written by lm.train.loop)."""
+  """The eval metrics at the fold's final step, from its metrics.jsonl (written by lm.app.train)."""
   final: dict[str, float] = {}
   with open(os.path.join(fold_dir, "metrics.jsonl")) as f:
     for line in f:
@@ -55,7 +59,7 @@ def _fold_metrics(fold_dir: str, steps: int) -> dict[str, float]:
       if row.get("step") == steps and "eval/loss" in row:
         final = {key: value for key, value in row.items() if key.startswith("eval/")}
   if not final:
-    raise checkpoint_lib.CheckpointError(
+    raise CheckpointError(
         f"{fold_dir} finished training but its metrics.jsonl has no evaluation at step {steps}. Delete "
         f"{fold_dir} and rerun --mode crossval to train that fold again.")
   return final
@@ -63,18 +67,19 @@ def _fold_metrics(fold_dir: str, steps: int) -> dict[str, float]:
 
 def crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains and evaluates `config.eval.folds` models; returns the crossval.json report."""
-  config_lib.validate(config, "crossval")
+  validate(config, "crossval")
   folds_wanted = int(config.eval.folds)
   if checkpoint_lib.has_checkpoint(workdir):
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"{workdir} holds a training run's checkpoints; --mode crossval writes one run per fold under "
         "WORKDIR/fold_i. Use a new --workdir.")
   source = open_train_split(config)
-  classifier = config.head == "classifier"
-  labels = source.labels() if classifier else ["all"] * len(source)
+  labels = task_class(config.head).fold_labels(source)
+  stratified = labels is not None
+  labels = labels if stratified else ["all"] * len(source)
   if folds_wanted > len(source):
-    raise config_lib.ConfigError(f"config.eval.folds={folds_wanted} is more than the {len(source)} documents of "
-                                 f"{source.name}; lower it.")
+    raise ConfigError(f"config.eval.folds={folds_wanted} is more than the {len(source)} documents of "
+                      f"{source.name}; lower it.")
   folds = classify.stratified_folds(np.asarray(labels), folds_wanted, seed=int(config.seed))
 
   tokenizer, tokenizer_is_new = resolve_tokenizer(config, workdir)
@@ -82,7 +87,7 @@ def crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   if tokenizer_is_new and jax.process_index() == 0:
     tokenizer.save(shared_tokenizer)
   # Each fold trains without a test split, is evaluated on its whole held-out fold, and reports afterwards here.
-  fold_config = config_lib.apply_overrides(config, {"classifier.test_split": "", "eval_batches": 0})
+  fold_config = apply_overrides(config, {"classifier.test_split": "", "eval_batches": 0})
   per_fold = []
   for index in range(folds_wanted):
     fold_dir = os.path.join(workdir, f"fold_{index}")
@@ -91,7 +96,7 @@ def crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     train_indices, eval_indices = classify.fold_split(folds, index)
     logging.info("Fold %d of %d: %d training, %d held-out documents.", index + 1, folds_wanted,
                  len(train_indices), len(eval_indices))
-    result = loop.train(fold_config, fold_dir,
+    result = train(fold_config, fold_dir,
                         train_source=Subset(source, train_indices, f"{source.name} fold {index} train"),
                         eval_source=Subset(source, eval_indices, f"{source.name} fold {index}"),
                         final_report=False)
@@ -110,7 +115,7 @@ def crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   values = {key: np.asarray([fold["metrics"][key] for fold in per_fold], np.float64) for key in keys}
   mean = {key: float(v.mean()) for key, v in values.items()}
   std = {key: float(v.std(ddof=1)) for key, v in values.items()}
-  report = {"folds": folds_wanted, "seed": int(config.seed), "stratified": classifier, "steps": int(config.steps),
+  report = {"folds": folds_wanted, "seed": int(config.seed), "stratified": stratified, "steps": int(config.steps),
             "source": source.name, "per_fold": per_fold, "mean": mean, "std": std}
   if jax.process_index() == 0:
     files.atomic_write(os.path.join(workdir, REPORT_FILE), json.dumps(report, indent=2).encode())
@@ -130,3 +135,10 @@ def summary_line(report: dict[str, Any]) -> dict[str, Any]:
     return report
   keys = [key for key in ("eval/accuracy", "eval/macro_f1", "eval/loss") if key in report["mean"]]
   return {"folds": report["folds"], **{key: f"{report['mean'][key]:.4f} ± {report['std'][key]:.4f}" for key in keys}}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, report: Any = print) -> int:
+  """The CLI's --mode crossval: prints the mean ± std line; exit code 130 after SIGINT."""
+  outcome = crossval(config, workdir)
+  report(json.dumps(summary_line(outcome), ensure_ascii=False))
+  return 0 if outcome.get("interrupted") in (None, "SIGTERM") else 128 + 2

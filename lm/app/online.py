@@ -21,6 +21,7 @@ so no chunk is trained on twice or skipped.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging as py_logging
 import math
 import os
@@ -36,22 +37,25 @@ import numpy as np
 import optax
 from absl import logging
 
-from lm import config as config_lib
+from lm.app.train import write_run_files
+from lm.core.configs import apply_overrides
+from lm.core.errors import CheckpointError, ConfigError
 from lm.data import clean as clean_lib
-from lm.data import pipeline, sources, stream as stream_lib
-from lm.stats import ab
-from lm.stats.continual import ContinualMatrix
-from lm.online import replay as replay_lib
+from lm.data import pipeline, sources
+from lm.data import stream as stream_lib
+from lm.experiment import Experiment, build_experiment, open_eval_split, open_train_split
 from lm.online import regularizers
+from lm.online import replay as replay_lib
 from lm.online.run_state import OnlineRun, is_heldout, stable_seed, tokens_of, windows_of
 from lm.online.step import Regularization, chunk_learning_rate, make_online_step, make_sequence_losses
 from lm.online.store import OnlineCheckpointer, is_online_checkpoint
+from lm.stats import ab
+from lm.stats.continual import ContinualMatrix
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import optim
 from lm.train import sharding as sharding_lib
 from lm.train import state as state_lib
-from lm.train.experiment import Experiment, build_experiment, open_eval_split, open_train_split
-from lm.train.loop import StopSignal, _check_finite, _write_run_files
+from lm.train.loop import CheckpointHook, Hook, LogHook, Loop, MetricsHook, StopSignal, fit
 from lm.train.metrics import MetricWriter
 from lm.train.state import TrainState
 
@@ -70,15 +74,15 @@ class OnlineResult:
 def _prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """The config `build_experiment` sees: the online model's weights come from online.init_from."""
   if not config.online.init_from and not checkpoint_lib.has_checkpoint(workdir):
-    raise config_lib.ConfigError(
+    raise ConfigError(
         f"{workdir} has no checkpoint and config.online.init_from is empty: the online loop continues a trained "
         "model. Set --config.online.init_from=WORKDIR_OF_A_TRAINED_RUN (e.g. runs/shakespeare_byte).")
   if checkpoint_lib.has_checkpoint(workdir) and not is_online_checkpoint(workdir):
-    raise checkpoint_lib.CheckpointError(
+    raise CheckpointError(
         f"{workdir} holds checkpoints of a --mode train run, not of an online run. Give the online run its own "
         f"--workdir and start it from this one: --config.online.init_from={workdir}")
   # The per-chunk schedule is the online loop's own; the optimizer's total steps do not matter.
-  return config_lib.apply_overrides(config, {"init_from": config.online.init_from, "warm_start": ""})
+  return apply_overrides(config, {"init_from": config.online.init_from, "warm_start": ""})
 
 
 def _warn_unknown_tokens(experiment: Experiment, chunk_id: str, windows: pipeline.Windows) -> None:
@@ -109,8 +113,9 @@ class OnlineLoop:
     self.reg = Regularization.from_config(self.online)
     self.abstract_state = self._abstract_online_state()
     state_shardings = jax.tree.map(lambda leaf: leaf.sharding, self.abstract_state)
-    self.step_fn = jax.jit(make_online_step(experiment.model, self.direction, self.reg), donate_argnums=0,
-                           out_shardings=(state_shardings, sharding_lib.replicated(experiment.mesh)))
+    self.step_fn = jax.jit(make_online_step(experiment.model, self.direction, self.reg,
+                                            grad_accum_steps=int(self.config.grad_accum_steps)),
+                           donate_argnums=0, out_shardings=(state_shardings, sharding_lib.replicated(experiment.mesh)))
     # Replicated output: every process reads all per-sequence losses (the gate pairs them).
     self.sequence_losses = jax.jit(make_sequence_losses(experiment.model),
                                    out_shardings=sharding_lib.replicated(experiment.mesh))
@@ -127,7 +132,7 @@ class OnlineLoop:
   def _abstract_online_state(self) -> TrainState:
     """The online TrainState's shapes and shardings (its optimizer has no learning-rate schedule)."""
     experiment = self.experiment
-    boxed = state_lib.abstract_state(experiment.head.init_params, experiment.tx, self.config.seed)
+    boxed = state_lib.abstract_state(experiment.task.init_params, experiment.tx, self.config.seed)
     boxed_opt = jax.eval_shape(self.direction.init, boxed.params)
     opt_shardings = sharding_lib.logical_shardings(boxed_opt, experiment.mesh, experiment.rules)
     abstract_opt = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed_opt), opt_shardings)
@@ -154,7 +159,7 @@ class OnlineLoop:
       return state, current, f"resumed from checkpoint step {step}"
     state, current = self._fresh_state(abstract)
     self._begin(state)
-    _write_run_files(self.experiment, self.tokenizer_is_new)
+    write_run_files(self.experiment, self.tokenizer_is_new)
     self._save(state, current)  # row 0 and the seeded replay buffer survive a kill during the first chunk
     return state, current, f"started from {self.config.init_from}"
 
@@ -210,7 +215,7 @@ class OnlineLoop:
     fraction = float(self.online.heldout_fraction)
     heldout = [doc for doc in kept if is_heldout(doc, fraction)]
     train_docs = [doc for doc in kept if not is_heldout(doc, fraction)]
-    windows = windows_of(self.experiment, train_docs, chunk.id, stride=1)
+    windows = windows_of(self.experiment.tokenizer, self.config.seq_len, train_docs, chunk.id, stride=1)
     return windows, train_docs, heldout, dropped
 
   def _steps_for(self, windows: pipeline.Windows) -> int:
@@ -243,40 +248,39 @@ class OnlineLoop:
     row_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
     rows = self.experiment.process_rows
     steps = progress["steps"]
+    config = self.config
+
+    def batch_at(k: int) -> dict[str, jax.Array]:
+      local = replay_lib.mixed_batch(windows, replay, batch_size=config.batch_size,
+                                     replay_fraction=float(self.online.replay_fraction), step=k, seed=seed)
+      # Every process builds the whole (cheap) global batch and contributes its own rows.
+      return {name: pipeline.to_global(local[name][rows.start:rows.stop], row_sharding if name == "is_replay"
+                                       else sharding, config.batch_size)
+              for name in ("inputs", "targets", "is_replay")}
+
+    def inputs_at(k: int) -> dict[str, Any]:
+      lr = chunk_learning_rate(k, steps, progress["index"], lr=float(config.optim.lr), min_lr=float(config.optim.min_lr),
+                               warmup_steps=int(config.optim.warmup_steps), schedule=self.online.lr_schedule)
+      return {"lr": np.float32(lr), "anchor": anchor, "fisher": fisher}
+
+    def save(loop: Loop) -> None:
+      loop.check_finite()
+      self._save(loop.state, current)
+
+    # A resumed chunk restarts from its recorded step, so regularizers anchored at the chunk's starting
+    # weights (not saved mid-chunk) only checkpoint at chunk ends; the chunk's end is saved after its gate.
+    anchored = self.reg.needs_anchor
+    hooks = [_ChunkProgress(progress),
+             LogHook(config.log_every, config.batch_size * config.seq_len, extra={"online/chunk": progress["index"] + 1}),
+             MetricsHook(self.writer),
+             CheckpointHook(0 if anchored else int(self.online.checkpoint_every), save, at_last=False,
+                            save_on_stop=not anchored)]
     with self.experiment.steps.context():
-      pending = None
-      while progress["step_in_chunk"] < steps:
-        k = progress["step_in_chunk"]
-        local = replay_lib.mixed_batch(windows, replay, batch_size=self.config.batch_size,
-                                       replay_fraction=float(self.online.replay_fraction), step=k, seed=seed)
-        # Every process builds the whole (cheap) global batch and contributes its own rows.
-        batch = {name: pipeline.to_global(local[name][rows.start:rows.stop], row_sharding if name == "is_replay"
-                                          else sharding, self.config.batch_size)
-                 for name in ("inputs", "targets", "is_replay")}
-        lr = chunk_learning_rate(k, steps, progress["index"], lr=float(self.config.optim.lr),
-                                 min_lr=float(self.config.optim.min_lr),
-                                 warmup_steps=int(self.config.optim.warmup_steps), schedule=self.online.lr_schedule)
-        state, metrics = self.step_fn(state, batch, np.float32(lr), anchor, fisher)
-        if pending is not None:
-          _check_finite(*pending)
-        progress["step_in_chunk"] = k + 1
-        pending = (int(state.step), metrics)
-        if (k + 1) % self.config.log_every == 0 or k + 1 == steps:
-          _check_finite(*pending)
-          row = {name: float(value) for name, value in metrics.items()}
-          row["online/chunk"] = float(progress["index"] + 1)
-          self.writer.write(int(state.step), row)
-        # A resumed chunk restarts from its recorded step, so regularizers anchored at the chunk's
-        # starting weights (not saved mid-chunk) only checkpoint at chunk ends.
-        every = 0 if self.reg.needs_anchor else int(self.online.checkpoint_every)
-        if stop.received:
-          if not self.reg.needs_anchor:
-            self._save(state, current)
-          return state, current, False
-        if every and (k + 1) % every == 0 and k + 1 < steps:
-          self._save(state, current)
-    if pending is not None:
-      _check_finite(*pending)
+      loop = fit(state, self.step_fn, batch_at, first=progress["step_in_chunk"], last=steps, hooks=hooks,
+                 inputs_at=inputs_at, stop=stop)
+    state = loop.state
+    if stop.received:
+      return state, current, False
     self.last_step = int(state.step)
     current = self._evaluate_and_gate(state, current, chunk)
     # The chunk is done: its documents join the dedup index and the replay buffer.
@@ -293,7 +297,7 @@ class OnlineLoop:
     run = self.run_state
     if not heldout_docs:
       return
-    windows = self._heldout_windows(tokens_of(self.experiment, heldout_docs))
+    windows = self._heldout_windows(tokens_of(self.experiment.tokenizer, heldout_docs))
     if domain in run.heldout:
       room = int(self.online.heldout_max_windows) - len(run.heldout[domain])
       if room > 0:
@@ -432,6 +436,16 @@ class OnlineLoop:
     return OnlineResult(chunks_done, int(state.step), stop.received, metrics, self.workdir)
 
 
+class _ChunkProgress(Hook):
+  """Keeps the chunk's recorded step (saved in every checkpoint) at the loop's."""
+
+  def __init__(self, progress: dict[str, Any]):
+    self.progress = progress
+
+  def after_step(self, loop: Loop) -> None:
+    self.progress["step_in_chunk"] = loop.step
+
+
 def _domain_of(source: str) -> str:
   kind, name, _ = sources.parse_source(source)
   if kind == "tfds":
@@ -443,3 +457,11 @@ def run_online(config: ml_collections.ConfigDict, workdir: str, stream: stream_l
   """Runs the online loop in `workdir` (resuming it if it holds checkpoints); see the module docstring."""
   py_logging.getLogger("lm.online").setLevel(py_logging.INFO)
   return OnlineLoop(config, workdir, stream).run()
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, report: Any = print) -> int:
+  """The CLI's --mode online: prints chunks done, the step and the continual metrics; 130 after SIGINT."""
+  outcome = run_online(config, workdir)
+  report(json.dumps({"chunks": outcome.chunks_done, "step": outcome.step, **{
+      key: outcome.continual.get(key) for key in ("avg_loss", "forgetting", "bwt", "fwt")}}))
+  return 0 if outcome.interrupted in (None, "SIGTERM") else 128 + 2

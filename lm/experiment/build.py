@@ -1,0 +1,217 @@
+"""Builds everything a run needs from a config, without writing anything.
+
+`build_experiment(config, workdir)` validates the config, resolves the
+tokenizer, builds the task (its model, optimizer and loss) and the mesh,
+jits the engine's steps with their shardings, and checks that an existing
+checkpoint fits, all before the workdir is touched: a bad config, data path
+or checkpoint stops the run with the workdir exactly as it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from jax.sharding import Mesh
+
+from lm import __version__ as lm_version
+from lm import distributed
+from lm import interop
+from lm.core.configs import to_json_dict
+from lm.core.errors import CheckpointError, ConfigError, UserError
+from lm.data import pipeline, sources
+from lm.data import tokenizers as tokenizers_lib
+from lm.experiment.config import validate
+from lm.experiment.registry import make_task, saved_task, task_class
+from lm.experiment.model import model_config_for, resolve_tokenizer, settle_attention, tokenizer_identity
+from lm.experiment.splits import cleaned_documents, open_train_split
+from lm.models.config import TransformerConfig
+from lm.tasks.base import Task
+from lm.train import checkpoint as checkpoint_lib
+from lm.train import sharding
+from lm.train import state as state_lib
+from lm.train import step as step_lib
+from lm.train.evaluate import evaluate
+
+# Model fields that change parameter shapes: a checkpoint written with other
+# values cannot be restored into this model.
+SHAPE_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "width", "mlp_dim", "max_len", "position",
+                "norm", "mlp", "use_bias", "tie_embeddings", "scan_layers", "param_dtype")
+
+
+@dataclasses.dataclass
+class Experiment:
+  """A built run: config, tokenizer, model, optimizer, mesh and compiled steps."""
+
+  config: ml_collections.ConfigDict
+  workdir: str
+  tokenizer: tokenizers_lib.Tokenizer
+  model_config: TransformerConfig
+  task: Task
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: Mesh
+  rules: sharding.Rules
+  steps: step_lib.CompiledSteps
+  abstract_state: Any  # ShapeDtypeStructs with target shardings
+
+  @property
+  def model(self) -> nn.Module:
+    """The task's Flax module (a TransformerLM for head="lm")."""
+    return self.task.model
+
+  @property
+  def checkpoint_dir(self) -> str:
+    return checkpoint_lib.checkpoint_dir(self.workdir)
+
+  @property
+  def process_rows(self) -> pipeline.ProcessRows:
+    """The rows of every global batch this process reads (all of them with one process)."""
+    return self.steps.process_rows
+
+  def metadata(self) -> dict[str, Any]:
+    return {
+        "config": to_json_dict(self.config),
+        "head": self.task.name,
+        "model": dataclasses.asdict(self.model_config),
+        "tokenizer": self.tokenizer.to_json(),
+        **self.task.metadata(),
+        "mesh": {"shape": dict(self.mesh.shape), "rules": [list(rule) for rule in self.rules],
+                 "process_count": jax.process_count()},
+        "lm_version": lm_version,
+    }
+
+  def logits(self, params: Any, tokens: Any) -> jax.Array:
+    """Forward pass [batch, length] -> [batch, length, vocab] on the run's mesh (jitted, notebook helper)."""
+    if not self.task.language_model:
+      raise ValueError(f"Experiment.logits is the language model's forward pass; this run's head is "
+                       f"{self.task.name!r}: call experiment.model.apply (or the task's methods) instead.")
+    with self.steps.context():
+      return _jitted_apply(self.model, params, jnp.asarray(tokens, jnp.int32))
+
+  def evaluate(self, params: Any, examples: Any, num_batches: int | None = None) -> dict[str, float]:
+    """The task's eval metrics over eval examples (for the LM: mean token loss, perplexity, bits per token/char)."""
+    sums, rows = evaluate(self.steps, params, examples, num_batches=num_batches)
+    return self.task.summarize(sums, rows, examples.chars_per_token(self.tokenizer))
+
+  def evaluate_rows(self, params: Any, examples: Any, num_batches: int | None = None) -> dict[str, Any]:
+    """The eval step's per-row outputs ("rows/..." keys, gathered in example order), all batches by default."""
+    return evaluate(self.steps, params, examples, num_batches=num_batches)[1]
+
+  def init_state(self) -> state_lib.TrainState:
+    state, _ = state_lib.create_state(self.task.init_params, self.tx, self.mesh, self.rules, self.config.seed,
+                                      self.steps.state_shardings)
+    return state
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_apply(model: nn.Module, params: Any, tokens: jax.Array) -> jax.Array:
+  # The logical sharding constraints inside the model need a traced context:
+  # under a mesh they are sharding annotations, which eager calls cannot take.
+  return model.apply({"params": params}, tokens)
+
+
+def check_checkpoint_fits(directory: str, model_config: TransformerConfig, task: Task | None = None,
+                          how: str = "resume") -> None:
+  """Raises CheckpointError if the checkpoint in `directory` has other parameter shapes or another task.
+
+  how: "resume" / "warm_start" need the same task; "init_from" a task in `task.init_from_tasks`. The task
+  then checks what else its checkpoints record (a VAE's latent shape, a classifier's classes).
+  """
+  metadata = checkpoint_lib.read_metadata(directory)
+  if task is not None:
+    written_by = saved_task(metadata)
+    allowed = task.init_from_tasks if how == "init_from" else (task.name,)
+    if written_by not in allowed:
+      fix = (f"set --config.head={written_by} to continue it, or use a new --workdir" if how == "resume" else
+             f"point config.{how} at a run of head {' or '.join(repr(h) for h in allowed)}")
+      only = f" (and {task.name} can start only from {', '.join(allowed)})" if how == "init_from" else ""
+      raise CheckpointError(
+          f"The checkpoint in {directory} was written by a head={written_by!r} run, but config.head="
+          f"{task.name!r}{only}: its parameters do not fit. Fix: {fix}. Nothing was written.")
+    task.check_checkpoint(directory, metadata, written_by)
+  saved = metadata.get("model", {})
+  current = dataclasses.asdict(model_config)
+  differences = [f"{key}: checkpoint {saved.get(key)!r}, config {current[key]!r}"
+                 for key in SHAPE_FIELDS if key in saved and saved.get(key) != current[key]]
+  if differences:
+    raise CheckpointError(
+        f"The checkpoint in {directory} was written for a different model ({'; '.join(differences)}). "
+        "Use a new --workdir for this config, or set the model fields back to the checkpoint's values; "
+        "to start a different model from these weights is not possible, but init_from works for the same shapes.")
+
+
+def hf_source_task(task: Task) -> str | None:
+  """The task among `task.init_from_tasks` whose model a Hugging Face folder holds (the LM), or None."""
+  return next((name for name in task.init_from_tasks if task_class(name).exports_hf), None)
+
+
+def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> tuple[Experiment, bool]:
+  """Validates and builds a run. Returns (experiment, tokenizer_is_new). Writes nothing."""
+  validate(config, mode)
+  tokenizer, tokenizer_is_new = resolve_tokenizer(config, workdir)
+  # Processes started with different flags, data or tokenizers would train on
+  # inconsistent batches or deadlock later; stop them all now instead.
+  run_identity = to_json_dict(config)
+  run_identity.pop("distributed")  # differs per process by design (process_id)
+  distributed.check_same_on_all_processes({"config": run_identity, "tokenizer": tokenizer_identity(tokenizer)})
+  model_config = settle_attention(model_config_for(config, tokenizer))
+  try:
+    task = make_task(config, model_config, tokenizer, train_split=functools.partial(open_train_split, config))
+  except ValueError as error:
+    if isinstance(error, UserError):
+      raise
+    raise ConfigError(str(error)) from error
+  tx, schedule = task.make_optimizer()
+  try:
+    mesh_sizes, rules = sharding.mesh_settings(config.mesh)
+  except ValueError as error:
+    raise ConfigError(str(error)) from error
+  mesh = sharding.make_mesh(mesh_sizes)
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % (data_parallel * config.grad_accum_steps):
+    raise ConfigError(
+        f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
+        f"{data_parallel} (mesh.data x mesh.fsdp) times grad_accum_steps={config.grad_accum_steps}; "
+        "make batch_size a multiple of it.")
+  boxed = state_lib.abstract_state(task.init_params, tx, config.seed)
+  sharding.check_even(boxed.params, mesh, rules)
+  shardings = sharding.logical_shardings(boxed, mesh, rules)
+  abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+  compiled = step_lib.jit_steps(task.make_train_step(tx, schedule), task.make_eval_step(), shardings, mesh, rules,
+                                task.batch_ranks, global_batch_size=int(config.batch_size),
+                                compiler_options=step_lib.cpu_compiler_options(config.xla_cpu_options, mesh))
+  hf_dir = interop.hf_directory(config.init_from)
+  for directory, how in ((workdir if checkpoint_lib.has_checkpoint(workdir) and config.resume else None, "resume"),
+                         (config.warm_start, "warm_start"), (None if hf_dir is not None else config.init_from,
+                                                             "init_from")):
+    if directory:
+      check_checkpoint_fits(directory, model_config, task, how)
+  if hf_dir is not None:  # a Hugging Face folder, not a checkpoint
+    if hf_source_task(task) is None:
+      raise ConfigError(
+          f"config.init_from={config.init_from!r} holds a language model, and config.head={task.name!r} cannot "
+          f"start from one (it starts from {', '.join(task.init_from_tasks)}). Use --config.head=lm.")
+    if not (config.resume and checkpoint_lib.has_checkpoint(workdir)):  # its tensors will be read: check them now
+      interop.check_weights(hf_dir, model_config)
+  experiment = Experiment(config, workdir, tokenizer, model_config, task, tx, schedule, mesh, rules, compiled,
+                          abstract)
+  logging.info("Model %s: %s parameters.", model_config.variant,
+               f"{sum(x.size for x in jax.tree.leaves(abstract.params)):,}")
+  return experiment, tokenizer_is_new
+
+
+def token_windows(experiment: Experiment, source: sources.TextSource, stride: int,
+                  clean: bool = False, train: bool = False) -> Any:
+  """A split's examples: windows over its tokens, or its sentences (data.format); with `clean`,
+  its documents go through config.clean first. Evaluation sentences are padded to whole batches."""
+  if clean:
+    source = cleaned_documents(experiment.config, source)
+  return experiment.task.examples(source, train=train, stride=stride)

@@ -1,0 +1,122 @@
+"""The engine's part of the run config: the run's length and batch, its checkpoints, the optimizer, the mesh.
+
+Start modes (docs/training.md), chosen by these fields:
+  * resume (`resume=True`, the default): if the workdir already holds
+    checkpoints, continue from the latest one exactly: train state and data
+    iterator.
+  * warm-start (`warm_start=PATH`): weights *and* optimizer state (and the
+    step count) from another run's checkpoint, with this run's data.
+  * init-from (`init_from=PATH`): weights only; fresh optimizer, step 0
+    (`hf:DIR`: a Hugging Face folder, `lm.interop`).
+A workdir's own checkpoint always wins over warm_start/init_from, so a
+restarted warm-started run resumes instead of starting over.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from lm.core.configs import ConfigPart, require
+from lm.train import sharding
+
+OPTIM_SCHEDULES = ("cosine", "linear", "constant")
+
+RUN_FIELDS = {
+    "seed": 0,
+    "steps": 1000,
+    "batch_size": 32,  # global, over all processes and devices
+    "seq_len": 128,
+    "grad_accum_steps": 1,  # micro-batches per step, for every task (lm.train.step)
+    "log_every": 50,
+    "eval_every": 500,
+    "eval_batches": 0,  # 0: the whole eval split (non-overlapping windows)
+    "checkpoint_every": 500,
+    "keep_checkpoints": 3,
+    "keep_best": 1,  # best checkpoints kept by the task's selection figure (eval/loss for the LM)
+    "async_checkpointing": True,
+    # Start modes (module docstring).
+    "resume": True,
+    "warm_start": "",
+    "init_from": "",
+}
+
+OPTIM_FIELDS = {
+    "optim.lr": 1e-3,
+    "optim.warmup_steps": 100,
+    "optim.min_lr": 1e-4,
+    "optim.decay_steps": placeholder(int),  # None: steps
+    "optim.schedule": "cosine",  # cosine | linear | constant
+    "optim.weight_decay": 0.1,
+    "optim.decay_embeddings": True,  # weight decay on the token/position tables too (nanoGPT: yes)
+    "optim.b1": 0.9,
+    "optim.b2": 0.95,
+    "optim.eps": 1e-8,
+    "optim.grad_clip": 1.0,
+}
+
+MESH_FIELDS = {
+    # dp | fsdp | fsdp_tp: sets the sizes and rules below (lm.train.sharding.PRESETS);
+    # empty: use them as set. fsdp_tp takes its tensor size from mesh.tensor (2 if 1).
+    "mesh.preset": "",
+    "mesh.data": -1,
+    "mesh.fsdp": 1,
+    "mesh.tensor": 1,
+    "mesh.rules": sharding.DEFAULT_RULES,
+}
+
+# XLA options for the jitted train/eval steps when the devices are CPUs; one set in XLA_FLAGS wins.
+# YNNPACK runs the matmuls only: its reduction kernels (on by default in jaxlib 0.10) ran the attention
+# softmax's gradient ~4x slower than XLA's own loops (BENCHMARKS.md, "CPU: train step vs PyTorch eager").
+CPU_FIELDS = {"xla_cpu_options.xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+
+# --mode bench (lm.app.bench); bench.peak_flops_per_device is also the MFU denominator of training's logs.
+BENCH_FIELDS = {
+    "bench.steps": 50,
+    "bench.warmup_steps": 5,
+    "bench.peak_flops_per_device": placeholder(float),  # None: from the device table in lm.train.perf
+    "bench.compile_only": False,  # True: memory per device from the compiled step, no timing
+    "bench.decode": True,  # also time greedy sampling with the KV cache (tasks that decode)
+    "bench.decode_batches": (8,),  # one figure per batch size, e.g. (1, 64)
+    "bench.decode_tokens": 64,  # new tokens per row, after a prompt that fills the rest of the context
+    # and without the cache, the whole buffer recomputed per token (at the first batch size)
+    "bench.decode_uncached": True,
+}
+
+
+def validate(config: ml_collections.ConfigDict, mode: str) -> None:
+  """The run, optim, mesh and bench fields."""
+  del mode
+  for key in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_every",
+              "checkpoint_every", "keep_checkpoints"):
+    require(int(config[key]) > 0, f"config.{key} must be a positive integer (got {config[key]!r}).")
+  require(config.batch_size % config.grad_accum_steps == 0,
+          f"config.batch_size={config.batch_size} must be divisible by "
+          f"config.grad_accum_steps={config.grad_accum_steps}.")
+  require(not (config.warm_start and config.init_from),
+          "Set at most one of config.warm_start (weights + optimizer) and config.init_from (weights only).")
+  optim = config.optim
+  require(optim.lr > 0, f"config.optim.lr must be > 0 (got {optim.lr}).")
+  require(0 <= optim.min_lr <= optim.lr,
+          f"config.optim.min_lr={optim.min_lr} must be between 0 and config.optim.lr={optim.lr}.")
+  require(optim.warmup_steps >= 0, "config.optim.warmup_steps must be >= 0.")
+  require(optim.schedule in OPTIM_SCHEDULES,
+          f"config.optim.schedule={optim.schedule!r} is not one of {OPTIM_SCHEDULES}.")
+  for key in ("b1", "b2"):
+    require(0 <= optim[key] < 1, f"config.optim.{key} must be in [0, 1) (got {optim[key]}).")
+  require(optim.weight_decay >= 0 and optim.grad_clip >= 0,
+          "config.optim.weight_decay and config.optim.grad_clip must be >= 0.")
+  require(config.mesh.preset in ("", *sharding.PRESETS),
+          f"config.mesh.preset={config.mesh.preset!r} is not one of 'dp', 'fsdp', 'fsdp_tp' "
+          "(or empty to use mesh.data/fsdp/tensor/rules as set).")
+  bench = config.bench
+  batches = bench.decode_batches
+  require(isinstance(batches, tuple) and len(batches) > 0 and all(isinstance(b, int) and b >= 1 for b in batches)
+          and bench.decode_tokens >= 1,
+          f"config.bench.decode_batches={batches!r} must be a non-empty tuple of batch sizes >= 1, e.g. "
+          "--config.bench.decode_batches='(1, 64)', and bench.decode_tokens >= 1.")
+  require(bench.steps > 0 and bench.warmup_steps >= 0,
+          "config.bench.steps must be > 0 and config.bench.warmup_steps >= 0.")
+
+
+CONFIG = ConfigPart("lm.train", {**RUN_FIELDS, **OPTIM_FIELDS, **MESH_FIELDS, **CPU_FIELDS, **BENCH_FIELDS}, validate)
