@@ -16,6 +16,7 @@ from lm.data.tokenizers import Tokenizer
 from lm.models.config import TransformerConfig
 from lm.tasks.base import Task
 from lm.tasks.classifier import ClassifierTask
+from lm.tasks.denoise import DenoiseTask
 from lm.tasks.gan import GANTask
 from lm.tasks.lm import LMTask
 from lm.tasks.vae import VAETask
@@ -25,6 +26,7 @@ TASKS: dict[str, type[Task]] = {
     "vae": VAETask,
     "gan": GANTask,
     "classifier": ClassifierTask,
+    "denoise": DenoiseTask,
 }
 
 
@@ -32,7 +34,7 @@ def task_class(name: str) -> type[Task]:
   """The task `config.head` names; ConfigError listing the names otherwise."""
   require(name in TASKS, f"config.head={name!r} is not one of {tuple(TASKS)}: 'lm' trains the language model, "
           "'vae' a sentence VAE (config.vae), 'gan' a text GAN (config.gan), 'classifier' a sequence classifier "
-          "(config.classifier).")
+          "(config.classifier), 'denoise' a language model on corrupted inputs (config.denoise).")
   return TASKS[name]
 
 
@@ -82,8 +84,8 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
   cls.validate_config(config, mode)
 
 
-# What is trained on the Transformer: lm | vae | gan | classifier (TASKS); each task's own group
-# (config.vae, config.gan, config.classifier) comes with it.
+# What is trained on the Transformer: lm | vae | gan | classifier | denoise (TASKS); each task's own group
+# (config.vae, config.gan, config.classifier, config.denoise) comes with it.
 CONFIG = ConfigPart("lm.experiment.registry", {"head": "lm"}, validate)
 TASK_CONFIGS: tuple[ConfigPart, ...] = tuple(cls.CONFIG for cls in TASKS.values() if cls.CONFIG is not None)
 

@@ -40,6 +40,7 @@ CASES = {
     "relgan": {**SENTENCES, "head": "gan", "gan.kind": "relgan", "gan.critic_steps": 2, "gan.mle_weight": 0.5},
     "latent": {**SENTENCES, "head": "gan", "gan.kind": "latent", "gan.critic_steps": 2, "vae.latent_size": 8,
                "gan.hidden_size": 16, "gan.noise_size": 8},
+    "denoise": {**SENTENCES, "head": "denoise", "denoise.rate": 0.3},
     "classifier": {**SENTENCES, "head": "classifier", "data.label_field": "label",
                    "classifier.class_weights": "balanced", "classifier.label_smoothing": 0.1,
                    "classifier.token_dropout": 0.2},
