@@ -9,7 +9,9 @@ process gets `JAX_COORDINATOR_ADDRESS=127.0.0.1:PORT`, `JAX_NUM_PROCESSES` and
 (`--xla_force_host_platform_device_count=D`); cross-process collectives go
 through gloo. Output is streamed line by line with a `[pN]` prefix. If any
 process fails, the others are stopped and the launcher exits with that
-process's code, naming it. SIGINT/SIGTERM are passed on to every process, so
+process's code, naming it: at once after a crash or a signal, after up to 10 s
+when it exited with lm's user-error code 2 (the others are then usually about
+to print the same `error:` line). SIGINT/SIGTERM are passed on to every process, so
 a training run saves its checkpoint before stopping.
 """
 
@@ -29,6 +31,12 @@ from typing import IO, Sequence
 # without the failed process their collectives (a checkpoint save included)
 # cannot finish, so waiting longer only delays the report.
 _GRACE_S = 3.0
+# Seconds the others get to end by themselves when a process exits with lm's
+# user-error code (2): every process checks the same config and data, so the
+# others are usually a moment from printing the same `error:` line, and a
+# SIGTERM at that moment would cut it off.
+_USER_ERROR_WAIT_S = 10.0
+_USER_ERROR_CODE = 2
 
 
 def free_port() -> int:
@@ -113,6 +121,8 @@ def launch(lm_args: Sequence[str], *, num_processes: int, devices_per_process: i
         break
       time.sleep(0.1)
     if failed:
+      if failed[1] == _USER_ERROR_CODE:
+        _wait_for_all(processes, _USER_ERROR_WAIT_S)
       _stop(processes)
   finally:
     for sig, handler in previous.items():
@@ -128,6 +138,13 @@ def launch(lm_args: Sequence[str], *, num_processes: int, devices_per_process: i
       out.flush()
     return code if code > 0 else 128 - code
   return 0
+
+
+def _wait_for_all(processes: Sequence[subprocess.Popen], seconds: float) -> None:
+  """Waits up to `seconds` for every process to end by itself."""
+  deadline = time.monotonic() + seconds
+  while any(proc.poll() is None for proc in processes) and time.monotonic() < deadline:
+    time.sleep(0.1)
 
 
 def _stop(processes: Sequence[subprocess.Popen]) -> None:
