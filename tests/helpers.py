@@ -61,7 +61,9 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int]]:
 
 def device_env(devices: int) -> dict:
   """Environment for a subprocess with `devices` simulated CPU devices."""
-  return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+  flags = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+           if not flag.startswith("--xla_force_host_platform_device_count")]  # the session's (conftest.py)
+  return {"XLA_FLAGS": " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"]), "JAX_PLATFORMS": "cpu"}
 
 
 def run_launcher(num_processes: int, devices_per_process: int, *lm_args: str, timeout: float = 300,
