@@ -17,8 +17,9 @@ endif
 CONFIG ?= experiments/shakespeare_char.py
 WORKDIR ?= runs/shakespeare_char
 ARGS ?=
-# Tests run in 2 pytest workers (the CI machine has 2 cores).
-PYTEST_ARGS ?= -n 2
+# Tests run in 2 pytest workers (the CI machine has 2 cores), a file's tests on one worker, so its
+# module-scoped fixtures (trained runs) are built once (tests/conftest.py hands out the long files first).
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: install train test bench bench-memory bench-gpt2 bench-fast-path eval sample clean
 

@@ -12,7 +12,7 @@ from tests.helpers import ROOT, tiny_overrides
 
 
 def pytest_configure(config):
-  """XLA settings of the whole session: LLVM's -O0, and one persistent compilation cache.
+  """Settings of the whole session: LLVM's -O0 for XLA, one persistent compilation cache, one data cache.
 
   Set on the controller before the xdist workers start, so the workers and
   every process they start (CLI runs, launched processes, notebook kernels)
@@ -28,21 +28,39 @@ def pytest_configure(config):
   # programs about a quarter faster (HLO is optimized as always) and computes the same numbers.
   if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
-  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
-    return
-  cache = tempfile.mkdtemp(prefix="lm-tests-xla-cache-")
-  os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
-  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
-  config.stash[_CACHE] = cache
+  made = []
+  if "LM_DATA_CACHE" not in os.environ:  # prepared corpora and token caches: new for each session too
+    os.environ["LM_DATA_CACHE"] = tempfile.mkdtemp(prefix="lm-tests-data-cache-")
+    made.append(os.environ["LM_DATA_CACHE"])
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="lm-tests-xla-cache-")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    made.append(os.environ["JAX_COMPILATION_CACHE_DIR"])
+  config.stash[_CACHE] = made
 
 
 def pytest_unconfigure(config):
-  cache = config.stash.get(_CACHE, None)
-  if cache:
-    shutil.rmtree(cache, ignore_errors=True)
+  for folder in config.stash.get(_CACHE, []):
+    shutil.rmtree(folder, ignore_errors=True)
 
 
-_CACHE = pytest.StashKey[str]()
+_CACHE = pytest.StashKey[list]()
+
+
+# `make test` runs pytest -n 2 --dist loadfile: the tests of one file run on one worker, so a module-scoped
+# fixture (trained runs several tests read) is built once, not once per worker. The files that take minutes are
+# handed out first, so the two workers end together rather than one waiting on a long file handed out last.
+_LONG_FILES_FIRST = (
+    "tests/test_notebooks.py", "tests/train/test_heads.py", "tests/integration/test_multihost.py",
+    "tests/train/test_sharding.py", "tests/train/test_classifier.py", "tests/online/test_loop.py",
+    "tests/interop/test_hf_cli.py", "tests/train/test_grad_accum.py", "tests/integration/test_cli.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {path: index for index, path in enumerate(_LONG_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest keep their order
 
 
 @pytest.fixture
