@@ -21,7 +21,7 @@ ARGS ?=
 # module-scoped fixtures (trained runs) are built once (tests/conftest.py hands out the long files first).
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install train test bench bench-memory bench-gpt2 bench-fast-path eval sample clean
+.PHONY: install train prepare test bench bench-memory bench-gpt2 bench-fast-path bench-data eval sample clean
 
 install: $(STAMP)
 
@@ -34,6 +34,10 @@ $(STAMP): setup.cfg pyproject.toml
 
 train: install
 	$(PY) -m lm.main --config $(CONFIG) --workdir $(WORKDIR) $(ARGS)
+
+# Tokenize the run's corpora once into token caches (Apache Beam; a training run does it for any cache it lacks).
+prepare: install
+	$(PY) -m lm.main --config $(CONFIG) --workdir $(WORKDIR) --mode prepare $(ARGS)
 
 eval: install
 	$(PY) -m lm.main --config $(CONFIG) --workdir $(WORKDIR) --mode eval $(ARGS)
@@ -60,6 +64,11 @@ bench-gpt2: install
 
 bench-fast-path: install
 	$(PY) benchmarks/fast_path.py --config experiments/gpt2_124m.py $(ARGS)
+
+# Token caches at scale: Beam preparation (1 and 2 workers), start-up on a prepared 250 MB / 1 GB corpus, the
+# loader's tokens/s. Generates its corpora from ../shared under /tmp/lm-bench-data (several GB of disk).
+bench-data: install
+	$(PY) benchmarks/data.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info runs .pytest_cache

@@ -1,7 +1,7 @@
 r"""Command-line entry point: `python -m lm.main` or the `lm` console script.
 
   python -m lm.main --config experiments/shakespeare_char.py --workdir runs/x \
-      [--config.KEY=VALUE ...] [--mode train|online|eval|sample|bench|crossval|ab|export]
+      [--config.KEY=VALUE ...] [--mode train|prepare|online|eval|sample|bench|crossval|ab|export]
 
 Everything here is flag parsing, error reporting and the table of modes; the
 work is done by importable functions, one module per mode (lm.app.*).
@@ -26,7 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tokenizer, config.")
 # The modes: each is the module lm.app.<mode>, whose run(config, workdir, report) the CLI calls.
-MODES = ("train", "online", "eval", "sample", "bench", "crossval", "ab", "export")
+MODES = ("train", "prepare", "online", "eval", "sample", "bench", "crossval", "ab", "export")
 _MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
 flags.mark_flags_as_required(["config"])
 

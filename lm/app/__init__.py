@@ -1,6 +1,7 @@
 """L5: one module per `--mode`, each a function a notebook calls and a `run(config, workdir, report)` the CLI calls.
 
   train     train(config, workdir): build, start (resume / warm-start / init-from), fit with hooks, report
+  prepare   prepare_data: the run's corpora tokenized once into token caches (Apache Beam)
   online    run_online(config, workdir): keep training on streamed chunks, gate, promote (lm.online)
   eval      evaluate_checkpoint: a trained run on any split (sliding windows, bits per byte, the task's report)
   sample    sample_checkpoint: text from a trained run

@@ -68,27 +68,87 @@ def discover_splits(root: Path) -> dict[str, list[Path]]:
   return splits
 
 
-def _lines(path: Path) -> Iterator[tuple[int, str]]:
-  """Yields ``(line_number, line)`` without line endings, checking UTF-8 as it goes."""
-  offset = 0
-  with path.open("rb") as file:
-    for line_number, raw in enumerate(file, start=1):
-      body = raw[3:] if line_number == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
+class Lines:
+  """The lines of bytes [start, end) of a UTF-8 file, without line endings: `for index, line in lines`.
+
+  A range starts at a line's first byte (0 or just after a newline) and ends
+  at a newline or the end of the file. A whole file is read a block at a time
+  (memory stays one block's); a range is read in one go. `number(index)` is
+  the line's number in the file, for error messages: for a range that starts
+  mid-file it counts the newlines before `start` once, when an error needs it.
+  """
+
+  BLOCK = 16 << 20
+
+  def __init__(self, path: Path, start: int = 0, end: int | None = None):
+    self.path, self.start, self.end = Path(path), start, end
+    self._first_line: int | None = 1 if start == 0 else None
+
+  def number(self, index: int) -> int:
+    if self._first_line is None:
+      newlines = 0
+      with self.path.open("rb") as file:
+        remaining = self.start
+        while remaining > 0:
+          block = file.read(min(remaining, self.BLOCK))
+          if not block:
+            break
+          newlines += block.count(b"\n")
+          remaining -= len(block)
+      self._first_line = newlines + 1
+    return self._first_line + index
+
+  def _blocks(self) -> Iterator[tuple[int, bytes]]:
+    """(file offset, bytes) of whole lines, up to BLOCK bytes at a time (more for one longer line)."""
+    with self.path.open("rb") as file:
+      file.seek(self.start)
+      offset, pending = self.start, b""
+      while True:
+        want = self.BLOCK if self.end is None else min(self.BLOCK, self.end - offset - len(pending))
+        block = file.read(want) if want > 0 else b""
+        if not block:
+          if pending:
+            yield offset, pending
+          return
+        data = pending + block
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:  # no newline yet: one line longer than a block
+          pending = data
+          continue
+        yield offset, data[:cut]
+        offset, pending = offset + cut, data[cut:]
+
+  def __iter__(self) -> Iterator[tuple[int, str]]:
+    index = 0
+    for offset, data in self._blocks():
+      skip = 3 if offset == 0 and data.startswith(b"\xef\xbb\xbf") else 0
       try:
-        line = body.decode("utf-8")
+        text = data[skip:].decode("utf-8")
       except UnicodeDecodeError as error:
+        position = skip + error.start
+        line = index + data.count(b"\n", 0, position)
+        bad = data[position:position + 4]
         raise DataError(
-            f"{path} is not valid UTF-8: byte offset {offset + len(raw) - len(body) + error.start} "
-            f"(line {line_number}) holds {body[error.start:error.start + 4]!r}. Fix: re-encode the "
-            f"file as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed_{path.name}`.") from None
-      offset += len(raw)
-      yield line_number, line.rstrip("\n").removesuffix("\r")
+            f"{self.path} is not valid UTF-8: byte offset {offset + position} (line {self.number(line)}) holds "
+            f"{bad!r}. Fix: re-encode the file as UTF-8, e.g. "
+            f"`iconv -f latin1 -t utf-8 {self.path.name} > fixed_{self.path.name}`.") from None
+      lines = text.split("\n")
+      if lines[-1] == "":
+        lines.pop()  # the block ends with a newline
+      for line in lines:
+        yield index, line.removesuffix("\r")
+        index += 1
 
 
-def _txt_documents(path: Path, text_field: str) -> Iterator[str]:
-  del text_field  # A .txt file has no fields.
+def _lines(path: Path, start: int = 0, end: int | None = None) -> Lines:
+  return Lines(path, start, end)
+
+
+def _txt_documents(path: Path, text_field: str, start: int = 0, end: int | None = None,
+                   header: str | None = None) -> Iterator[str]:
+  del text_field, header  # A .txt file has no fields.
   paragraph: list[str] = []
-  for _, line in _lines(path):
+  for _, line in _lines(path, start, end):
     if line.strip():
       paragraph.append(line)
     elif paragraph:
@@ -98,10 +158,11 @@ def _txt_documents(path: Path, text_field: str) -> Iterator[str]:
     yield "\n".join(paragraph)
 
 
-def _jsonl_records(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-  """Yields (line_number, record) of a .jsonl file whose records all hold `fields`, the first a string."""
+def _jsonl_records(lines: Lines, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
+  """Yields (index in `lines`, record) of .jsonl lines whose records all hold `fields`, the first a string."""
+  path = lines.path
   named = " and ".join(repr(field) for field in fields)
-  for line_number, line in _lines(path):
+  for index, line in lines:
     if not line.strip():
       continue
     try:
@@ -109,55 +170,71 @@ def _jsonl_records(path: Path, fields: tuple[str, ...]) -> Iterator[tuple[int, d
     except json.JSONDecodeError as error:
       example = ", ".join(f'"{field}": "..."' for field in fields)
       raise DataError(
-          f"{path} line {line_number} is not valid JSON ({error.msg}). Fix: write one JSON object "
+          f"{path} line {lines.number(index)} is not valid JSON ({error.msg}). Fix: write one JSON object "
           f"per line, e.g. {{{example}}}.") from None
     if not isinstance(record, dict) or any(field not in record for field in fields):
       present = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
       raise DataError(
-          f"{path} line {line_number} has no field {named} (it has {present}). Fix: set "
+          f"{path} line {lines.number(index)} has no field {named} (it has {present}). Fix: set "
           "config.data.text_field (and label_field) to the fields that hold them, or add them to every line.")
     if not isinstance(record[fields[0]], str):
       raise DataError(
-          f"{path} line {line_number}: field {fields[0]!r} is {type(record[fields[0]]).__name__}, "
+          f"{path} line {lines.number(index)}: field {fields[0]!r} is {type(record[fields[0]]).__name__}, "
           "not a string. Fix: store the text as a JSON string.")
-    yield line_number, record
+    yield index, record
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-  for _, record in _jsonl_records(path, (text_field,)):
+def _jsonl_documents(path: Path, text_field: str, start: int = 0, end: int | None = None,
+                     header: str | None = None) -> Iterator[str]:
+  del header
+  for _, record in _jsonl_records(_lines(path, start, end), (text_field,)):
     yield record[text_field]
 
 
-def _tsv_rows(path: Path, text_field: str, label_field: str | None = None
-              ) -> Iterator[tuple[int, list[str], int, int | None]]:
-  """Yields (line_number, row, text column, label column or None) of a .tsv file, checking its columns."""
-  lines = _lines(path)
-  header = next(lines, (1, ""))[1].split("\t")
+def tsv_header(path: Path) -> str:
+  """The first line of a .tsv file (its header), for reading a range that starts after it."""
+  for _, line in _lines(path):
+    return line
+  return ""
+
+
+def _tsv_rows(path: Path, text_field: str, label_field: str | None = None, start: int = 0, end: int | None = None,
+              header: str | None = None) -> Iterator[tuple[Lines, int, list[str], int, int | None]]:
+  """Yields (lines, index, row, text column, label column or None) of a .tsv file, checking its columns.
+
+  A range that starts after the header is given the header's line (`tsv_header`).
+  """
+  lines = _lines(path, start, end)
+  rows = iter(lines)
+  if header is None or start == 0:
+    header = next(rows, (0, ""))[1]
+  columns = header.split("\t")
   candidates = [text_field, *_TSV_FALLBACK_COLUMNS]
-  column = next((header.index(name) for name in candidates if name in header), None)
+  column = next((columns.index(name) for name in candidates if name in columns), None)
   if column is None:
     raise DataError(
-        f"{path} has no header naming a text column: its first line has columns {header[:10]}, none of "
+        f"{path} has no header naming a text column: its first line has columns {columns[:10]}, none of "
         f"{candidates}. Fix: make the first line a header such as 'label<TAB>sentence', or pass "
         "text_field= naming the text column.")
-  if label_field is not None and label_field not in header:
+  if label_field is not None and label_field not in columns:
     raise DataError(
-        f"{path} has no label column {label_field!r}: its header has columns {header[:10]}. Fix: make the first "
+        f"{path} has no label column {label_field!r}: its header has columns {columns[:10]}. Fix: make the first "
         f"line a header such as '{label_field}<TAB>sentence', or set config.data.label_field to its label column.")
-  label_column = None if label_field is None else header.index(label_field)
-  for line_number, line in lines:
+  label_column = None if label_field is None else columns.index(label_field)
+  for index, line in rows:
     if not line:
       continue
     row = line.split("\t")
-    if len(row) != len(header):
+    if len(row) != len(columns):
       raise DataError(
-          f"{path} line {line_number} has {len(row)} tab-separated columns; the header has "
-          f"{len(header)}. Fix: give every row the header's columns (tabs inside the text must go).")
-    yield line_number, row, column, label_column
+          f"{path} line {lines.number(index)} has {len(row)} tab-separated columns; the header has "
+          f"{len(columns)}. Fix: give every row the header's columns (tabs inside the text must go).")
+    yield lines, index, row, column, label_column
 
 
-def _tsv_documents(path: Path, text_field: str) -> Iterator[str]:
-  for _, row, column, _ in _tsv_rows(path, text_field):
+def _tsv_documents(path: Path, text_field: str, start: int = 0, end: int | None = None,
+                   header: str | None = None) -> Iterator[str]:
+  for _, _, row, column, _ in _tsv_rows(path, text_field, start=start, end=end, header=header):
     yield row[column]
 
 
@@ -165,7 +242,8 @@ _READERS = {".txt": _txt_documents, ".jsonl": _jsonl_documents, ".tsv": _tsv_doc
 
 
 def _tsv_labeled(path: Path, text_field: str, label_field: str) -> Iterator[tuple[str, str, str]]:
-  for line_number, row, column, label_column in _tsv_rows(path, text_field, label_field):
+  for lines, index, row, column, label_column in _tsv_rows(path, text_field, label_field):
+    line_number = lines.number(index)
     label = row[label_column].strip()
     if not label:
       raise DataError(f"{path} line {line_number} has an empty {label_field!r}. Fix: give every row a label "
@@ -174,7 +252,9 @@ def _tsv_labeled(path: Path, text_field: str, label_field: str) -> Iterator[tupl
 
 
 def _jsonl_labeled(path: Path, text_field: str, label_field: str) -> Iterator[tuple[str, str, str]]:
-  for line_number, record in _jsonl_records(path, (text_field, label_field)):
+  lines = _lines(path)
+  for index, record in _jsonl_records(lines, (text_field, label_field)):
+    line_number = lines.number(index)
     label = record[label_field]
     if isinstance(label, bool) or not isinstance(label, (int, str)) or not str(label).strip():
       raise DataError(f"{path} line {line_number}: label {label!r} is not a class name or integer. Fix: write "
@@ -217,3 +297,57 @@ def read_documents(path: str | os.PathLike, *, text_field: str = "text") -> Iter
     yield document
   if not has_text:
     raise DataError(f"{path} holds no text (it is empty or blank). Fix: add text to it or remove it.")
+
+
+def read_document_range(path: str | os.PathLike, start: int, end: int, *, text_field: str = "text",
+                        header: str | None = None) -> Iterator[str]:
+  """The documents of bytes [start, end) of one local file (a range from `document_ranges`), checked as
+  `read_documents` checks them; `header` is a .tsv file's first line (`tsv_header`) when start > 0."""
+  path = Path(path)
+  return _READERS[path.suffix.lower()](path, text_field, start, end, header)
+
+
+def _is_blank(line: bytes) -> bool:
+  try:
+    return not line.decode("utf-8").strip()
+  except UnicodeDecodeError:
+    return False  # not a separator; the reader reports the bad bytes
+
+
+def _boundary_at_or_after(file, offset: int, size: int, paragraphs: bool) -> int:
+  """The first document boundary at or after `offset`: a line start (.jsonl, .tsv: a line is a document),
+  or the start of a blank line (.txt: blank lines separate paragraphs, so no paragraph spans it)."""
+  if offset <= 0:
+    return 0
+  file.seek(offset - 1)
+  if file.read(1) != b"\n":
+    file.readline()  # the rest of the line `offset` falls in
+  position = file.tell()
+  if not paragraphs:
+    return min(position, size)
+  while position < size:
+    line = file.readline()
+    if _is_blank(line):
+      return position
+    position += len(line)
+  return size
+
+
+def document_ranges(path: str | os.PathLike, target_bytes: int) -> list[tuple[int, int]]:
+  """[start, end) byte ranges of about `target_bytes` covering the file, each a whole number of documents.
+
+  Reads only near each cut (a few lines), so planning a 40 GB file costs milliseconds. The ranges depend
+  only on the file and `target_bytes`, so the same file is always cut the same way.
+  """
+  path = Path(path)
+  size = path.stat().st_size
+  paragraphs = path.suffix.lower() == ".txt"
+  cuts = [0]
+  with path.open("rb") as file:
+    while True:
+      cut = _boundary_at_or_after(file, cuts[-1] + max(int(target_bytes), 1), size, paragraphs)
+      if cut >= size:
+        break
+      cuts.append(cut)
+  cuts.append(size)
+  return [(start, end) for start, end in zip(cuts, cuts[1:]) if end > start] or [(0, size)]

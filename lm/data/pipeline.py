@@ -13,41 +13,28 @@ resume with another process count.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import grain
 import jax
 import numpy as np
 
-from lm.data import sources, synthetic
+from lm.data import corpus, prepare, sources, synthetic, token_cache
 from lm.data.tokenizers import Tokenizer
 
 
 def tokenize_split(source: sources.TextSource, tokenizer: Tokenizer) -> np.ndarray:
-  """Tokenizes every document of a split into one token stream [num_tokens] (int32).
+  """Tokenizes every document of a split in memory into one token stream [num_tokens] (int32).
 
   Documents are separated by the tokenizer's end-of-document id, or, for
   tokenizers without one (characters), by the encoded paragraph separator, so
-  a corpus split into paragraphs is restored as the original text.
+  a corpus split into paragraphs is restored as the original text. (Training
+  splits go through a token cache instead: `lm.data.prepare.token_stream`.)
   """
   if isinstance(source, synthetic.SyntheticSource):
     return source.tokens  # already token ids
-  if tokenizer.eos_id is not None:
-    separator = np.array([tokenizer.eos_id], np.int32)
-  else:
-    separator = tokenizer.encode(sources.PARAGRAPH_SEPARATOR).astype(np.int32)
-  pieces = []
-  # Iterating the source reads records in batches (~50 us per document); random
-  # access through a Grain map costs ~15x more per document on large corpora.
-  for index, ids in enumerate(map(tokenizer.encode, source)):
-    if index and len(separator):
-      pieces.append(separator)
-    pieces.append(np.asarray(ids, np.int32))
-  if tokenizer.eos_id is not None and pieces:
-    pieces.append(separator)
-  if not pieces:
-    raise sources.DataError(f"{source.name} has no documents; point data.source at a non-empty corpus.")
-  return np.concatenate(pieces)
+  stream = prepare.tokenize_documents(source, tokenizer, name=getattr(source, "name", "documents"))
+  return stream[0:len(stream)]
 
 
 class Windows:
@@ -55,16 +42,25 @@ class Windows:
 
   Window `i` starts at `i * stride`. Training uses stride 1 (every offset, as
   nanoGPT samples), evaluation uses stride `seq_len` (each target once).
+  `tokens` is a `lm.data.token_cache.TokenStream` (a prepared cache, memory-
+  mapped; or documents tokenized in memory) or an int array. With
+  `document_mask`, a window also carries the document of each of its tokens,
+  from which `_split_inputs_targets` makes the batch's mask, segment ids and
+  positions.
   """
 
-  def __init__(self, tokens: np.ndarray, seq_len: int, stride: int, name: str = "tokens"):
+  def __init__(self, tokens: token_cache.TokenStream | np.ndarray, seq_len: int, stride: int, name: str = "tokens",
+               document_mask: bool = False):
     if len(tokens) < seq_len + 1:
       raise sources.DataError(
           f"{name} has {len(tokens)} tokens, fewer than seq_len + 1 = {seq_len + 1}; "
           "use a larger corpus or a smaller seq_len.")
+    if document_mask and not isinstance(tokens, token_cache.TokenStream):
+      tokens = token_cache.TokenStream.in_memory(tokens, np.zeros(1, np.int64), name=name, num_chars=len(tokens))
     self.tokens = tokens
     self.seq_len = seq_len
     self.stride = stride
+    self.document_mask = document_mask
     self._count = (len(tokens) - seq_len - 1) // stride + 1
     self._chars_per_token: float | None = None  # computed once: evaluation asks on every eval
 
@@ -74,18 +70,77 @@ class Windows:
   def chars_per_token(self, tokenizer: Tokenizer) -> float:
     """Characters per token of the stream (1 for character tokenizers), for bits per character."""
     if self._chars_per_token is None:
-      chars = len(self.tokens) if tokenizer.kind == "char" else len(tokenizer.decode(self.tokens))
-      self._chars_per_token = max(chars, 1) / len(self.tokens)
+      if isinstance(self.tokens, token_cache.TokenStream):
+        self._chars_per_token = self.tokens.chars_per_token
+      else:
+        tokens = np.asarray(self.tokens)
+        chars = len(tokens) if tokenizer.kind == "char" else len(tokenizer.decode(tokens))
+        self._chars_per_token = max(chars, 1) / len(tokens)
     return self._chars_per_token
 
-  def __getitem__(self, index: int) -> np.ndarray:
+  def __getitem__(self, index: int) -> np.ndarray | dict[str, np.ndarray]:
     start = int(index) * self.stride
-    return self.tokens[start:start + self.seq_len + 1]
+    window = self.tokens[start:start + self.seq_len + 1]
+    if not self.document_mask:
+      return window
+    return {"window": window, "documents": self.tokens.document_ids(start, start + self.seq_len + 1)}
 
 
-def _split_inputs_targets(windows: np.ndarray) -> dict[str, np.ndarray]:
-  """[batch, seq_len + 1] -> {'inputs': [batch, seq_len], 'targets': [batch, seq_len]}."""
-  return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+def _split_inputs_targets(windows: np.ndarray | dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """[batch, seq_len + 1] -> {'inputs': [batch, seq_len], 'targets': [batch, seq_len]}.
+
+  Document-masked windows also give (all [batch, seq_len] int32) 'mask' (0
+  where the target starts another document than its input's: not predicted),
+  'segment_ids' (each input's document, counted from 0 in the row) and
+  'positions' (each input's place in its document, from 0 at the document's
+  start or the row's).
+  """
+  if not isinstance(windows, dict):
+    return {"inputs": windows[:, :-1], "targets": windows[:, 1:]}
+  tokens, documents = windows["window"], windows["documents"]
+  length = tokens.shape[1] - 1
+  inputs_documents = documents[:, :-1]
+  starts = np.ones(inputs_documents.shape, bool)
+  starts[:, 1:] = inputs_documents[:, 1:] != inputs_documents[:, :-1]
+  index = np.arange(length)
+  last_start = np.maximum.accumulate(np.where(starts, index, 0), axis=1)
+  return {
+      "inputs": tokens[:, :-1],
+      "targets": tokens[:, 1:],
+      "mask": (documents[:, 1:] == inputs_documents).astype(np.int32),
+      "segment_ids": (inputs_documents - inputs_documents[:, :1]).astype(np.int32),
+      "positions": (index - last_start).astype(np.int32),
+  }
+
+
+def window_examples(source: Any, tokenizer: Tokenizer, seq_len: int, stride: int, *,
+                    options: prepare.PrepareOptions | None = None, document_mask: bool = False) -> Any:
+  """A split's windows: its token cache's stream (a `lm.data.corpus.Split`, prepared if it must be), documents
+  tokenized in memory (lists, cleaned splits, folds), or synthetic ids; a mixture's, per source."""
+  if isinstance(source, corpus.Mixture):
+    return MixedExamples([(name, window_examples(part, tokenizer, seq_len, stride, options=options,
+                                                 document_mask=document_mask), weight)
+                          for name, part, weight in source.parts])
+  name = getattr(source, "name", "documents")
+  if isinstance(source, synthetic.SyntheticSource):
+    tokens: Any = source.tokens
+  else:
+    tokens = prepare.token_stream(source, tokenizer, options)
+  return Windows(tokens, seq_len, stride, name=name, document_mask=document_mask)
+
+
+class MixedExamples:
+  """Training examples of several sources drawn in given proportions (data.mixture)."""
+
+  def __init__(self, parts: Sequence[tuple[str, Any, float]]):
+    self.parts = list(parts)  # (name, examples, weight)
+
+  @property
+  def names(self) -> list[str]:
+    return [name for name, _, _ in self.parts]
+
+  def __len__(self) -> int:
+    return sum(len(examples) for _, examples, _ in self.parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +215,13 @@ def train_dataset(
   sentence examples also 'mask' and 'index').
   """
   rows = _rows(rows, global_batch_size)
+  if isinstance(windows, MixedExamples):
+    # Each source is shuffled and repeated on its own, then drawn in the mixture's proportions: element i
+    # of the mixture is a pure function of (seed, i), so data order and resume work as for one source.
+    parts = [grain.MapDataset.source(examples).shuffle(seed=(seed + index) % 2**32).repeat(None)
+             for index, (_, examples, _) in enumerate(windows.parts)]
+    dataset = grain.MapDataset.mix(parts, [weight for _, _, weight in windows.parts])
+    return _local_batches(dataset, rows, True)
   dataset = grain.MapDataset.source(windows).shuffle(seed=seed).repeat(None)
   return _local_batches(dataset, rows, isinstance(windows, Windows))
 

@@ -59,10 +59,12 @@ class TextSource:
   document, because TFDS decodes a batch in one call.
   """
 
-  def __init__(self, records: Sequence[Mapping[str, Any]], *, field: str, name: str):
+  def __init__(self, records: Sequence[Mapping[str, Any]], *, field: str, name: str,
+               info: Mapping[str, Any] | None = None):
     self._records = records
     self._field = field
     self.name = name
+    self.info = dict(info or {})  # what TFDS says of the split: version, num_examples, num_bytes
 
   def __len__(self) -> int:
     return len(self._records)
@@ -110,8 +112,9 @@ class LabeledSource(TextSource):
   """
 
   def __init__(self, records: Sequence[Mapping[str, Any]], *, field: str, name: str, label_field: str,
-               label_names: Sequence[str] | None = None, where_field: str | None = None):
-    super().__init__(records, field=field, name=name)
+               label_names: Sequence[str] | None = None, where_field: str | None = None,
+               info: Mapping[str, Any] | None = None):
+    super().__init__(records, field=field, name=name, info=info)
     self._label_field = label_field
     self._label_names = list(label_names) if label_names else None  # a TFDS ClassLabel's names
     self._where_field = where_field
@@ -296,9 +299,12 @@ def _open_builder_split(builder: tfds.core.DatasetBuilder, split: str, field: st
         "cannot be sliced by percent.")
   with _quiet_tfds():
     records = builder.as_data_source(split=split)
+  split_info = builder.info.splits[split]
+  info = {"version": str(builder.info.version), "num_examples": int(split_info.num_examples),
+          "num_bytes": int(getattr(split_info, "num_bytes", 0) or 0) or None}
   if labeled:
-    return LabeledSource(records, field=field, name=f"{label}:{split}", **labeled)
-  return TextSource(records, field=field, name=f"{label}:{split}")
+    return LabeledSource(records, field=field, name=f"{label}:{split}", info=info, **labeled)
+  return TextSource(records, field=field, name=f"{label}:{split}", info=info)
 
 
 # ----------------------------------------------------------------------------- local-file builder

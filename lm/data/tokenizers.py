@@ -16,6 +16,7 @@ tokenizer (kind "hf", taken from an imported model, never trained here), ``hf_to
 from __future__ import annotations
 
 import abc
+import hashlib
 import io
 import json
 import os
@@ -287,6 +288,12 @@ class HFTokenizer(Tokenizer):
     special = [i for i, token in self._tokenizer.get_added_tokens_decoder().items() if token.special]
     self._textless = np.array(sorted(set(special) | ({unk_id} if unk_id is not None else set())), np.int64)
 
+  def __getstate__(self) -> dict[str, Any]:  # picklable (Beam workers encode with it)
+    return {"tokenizer_json": self._json, "eos_id": self.eos_id, "unk_id": self.unk_id}
+
+  def __setstate__(self, state: dict[str, Any]) -> None:
+    self.__init__(state["tokenizer_json"], eos_id=state["eos_id"], unk_id=state["unk_id"])
+
   @property
   def tokenizer_json(self) -> str:
     """The serialized tokenizer, as written to ``hf_tokenizer.json``."""
@@ -393,6 +400,17 @@ def load_tokenizer(directory: str | os.PathLike) -> Tokenizer:
         f"{config_path} says vocab_size {config.get('vocab_size')} but its vocabulary has "
         f"{tokenizer.vocab_size}. Fix: the files were mixed up; rebuild the tokenizer.")
   return tokenizer
+
+
+def identity(tokenizer: Tokenizer) -> dict[str, Any]:
+  """What makes two tokenizers the same: their description and, for SentencePiece and Hugging Face
+  tokenizers, a hash of the model."""
+  described = dict(tokenizer.to_json())
+  if isinstance(tokenizer, SentencePieceTokenizer):
+    described["model_sha256"] = hashlib.sha256(tokenizer.model_proto).hexdigest()
+  if isinstance(tokenizer, HFTokenizer):
+    described["model_sha256"] = hashlib.sha256(tokenizer.tokenizer_json.encode("utf-8")).hexdigest()
+  return described
 
 
 def build_tokenizer(

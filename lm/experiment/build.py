@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -97,7 +98,20 @@ class Experiment:
       return _jitted_apply(self.model, params, jnp.asarray(tokens, jnp.int32))
 
   def evaluate(self, params: Any, examples: Any, num_batches: int | None = None) -> dict[str, float]:
-    """The task's eval metrics over eval examples (for the LM: mean token loss, perplexity, bits per token/char)."""
+    """The task's eval metrics over eval examples (for the LM: mean token loss, perplexity, bits per token/char).
+
+    A mixture's examples (data.mixture) are evaluated source by source ("eval/<name>/loss", ...); "eval/loss"
+    is then the mixture-weighted mean of their losses.
+    """
+    if isinstance(examples, pipeline.MixedExamples):
+      metrics: dict[str, float] = {}
+      for name, part, _ in examples.parts:
+        metrics.update({f"eval/{name}/{key[len('eval/'):]}": value
+                        for key, value in self.evaluate(params, part, num_batches).items()})
+      total = sum(weight for _, _, weight in examples.parts)
+      loss = sum(weight * metrics[f"eval/{name}/loss"] for name, _, weight in examples.parts) / total
+      metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))})
+      return metrics
     sums, rows = evaluate(self.steps, params, examples, num_batches=num_batches)
     return self.task.summarize(sums, rows, examples.chars_per_token(self.tokenizer))
 

@@ -11,7 +11,6 @@ run's own way of computing (`HF_RUN_FIELDS`).
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 from typing import Any
@@ -51,21 +50,17 @@ def resolve_tokenizer(config: ml_collections.ConfigDict, workdir: str | None) ->
   texts = None
   if data.tokenizer == "char" or (data.tokenizer == "sentencepiece" and not data.tokenizer_model):
     split = open_train_split(config)
+    # Characters: every one of the split (a pass over it). SentencePiece: a deterministic sample of
+    # data.tokenizer_sample_bytes (the whole split when it is smaller), so a large corpus costs no more.
+    documents = split.sample(data.tokenizer_sample_bytes) if data.tokenizer == "sentencepiece" else split
     # The separator joins documents in the token stream, so its characters must be in the vocabulary.
-    texts = itertools.chain(split, [sources.PARAGRAPH_SEPARATOR])
+    texts = itertools.chain(documents, [sources.PARAGRAPH_SEPARATOR])
   tokenizer = tokenizers_lib.build_tokenizer(
       data.tokenizer, texts, vocab_size=data.tokenizer_vocab_size, model_file=data.tokenizer_model or None)
   return tokenizer, True
 
 
-def tokenizer_identity(tokenizer: tokenizers_lib.Tokenizer) -> dict[str, Any]:
-  """What makes two tokenizers the same: their description and, for SentencePiece, the model bytes."""
-  identity = dict(tokenizer.to_json())
-  if isinstance(tokenizer, tokenizers_lib.SentencePieceTokenizer):
-    identity["model_sha256"] = hashlib.sha256(tokenizer.model_proto).hexdigest()
-  if isinstance(tokenizer, tokenizers_lib.HFTokenizer):
-    identity["model_sha256"] = hashlib.sha256(tokenizer.tokenizer_json.encode("utf-8")).hexdigest()
-  return identity
+tokenizer_identity = tokenizers_lib.identity  # what makes two tokenizers the same (lm.data.tokenizers)
 
 
 def model_config_for(config: ml_collections.ConfigDict, tokenizer: tokenizers_lib.Tokenizer) -> TransformerConfig:

@@ -7,12 +7,14 @@ local files, or synthetic ids; labels too for tasks that read them);
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 from absl import logging
 
 from lm.core.errors import DataError
 from lm.data import clean as clean_lib
-from lm.data import sources, synthetic
+from lm.data import corpus, sources, synthetic
 from lm.experiment.registry import task_class
 
 
@@ -30,21 +32,47 @@ def _synthetic_split(config: ml_collections.ConfigDict, split: str) -> synthetic
                                    num_tokens=config.data.synthetic_tokens, seed=config.seed)
 
 
-def open_train_split(config: ml_collections.ConfigDict) -> sources.TextSource:
+def _split(config: ml_collections.ConfigDict, source: str, split: str) -> corpus.Split:
+  _, _, named = sources.parse_source(source)
+  return corpus.Split(source, named or split, text_field=config.data.text_field, cache_dir=_cache_dir(config),
+                      label_field=_label_field(config))
+
+
+def open_train_split(config: ml_collections.ConfigDict) -> Any:
+  """The training split: a `lm.data.corpus.Split` (read lazily: a token cache is prepared from it, random access
+  opens it), a `corpus.Mixture` of them (data.mixture), or synthetic ids."""
   if config.data.source == synthetic.SOURCE:
     return _synthetic_split(config, config.data.train_split)
-  _, _, split = sources.parse_source(config.data.source)
-  return sources.open_split(config.data.source, split or config.data.train_split,
-                            text_field=config.data.text_field, cache_dir=_cache_dir(config),
-                            label_field=_label_field(config))
+  if config.data.mixture:
+    entries = corpus.parse_mixture(config.data.mixture)
+    names = corpus.mixture_names([source for source, _ in entries])
+    return corpus.Mixture(tuple((name, _split(config, source, config.data.train_split), weight)
+                                for name, (source, weight) in zip(names, entries)))
+  return _split(config, config.data.source, config.data.train_split)
 
 
-def open_eval_split(config: ml_collections.ConfigDict, split: str | None = None) -> sources.TextSource:
+def open_eval_split(config: ml_collections.ConfigDict, split: str | None = None) -> Any:
+  """The eval split (`split`, default data.eval_split) of data.source; of each mixture source that has it."""
+  split = split or config.data.eval_split
   if config.data.source == synthetic.SOURCE:
-    return _synthetic_split(config, split or config.data.eval_split)
-  return sources.open_split(config.data.source, split or config.data.eval_split,
-                            text_field=config.data.text_field, cache_dir=_cache_dir(config),
-                            label_field=_label_field(config))
+    return _synthetic_split(config, split)
+  if config.data.mixture:
+    entries = corpus.parse_mixture(config.data.mixture)
+    parts = []
+    for name, (source, weight) in zip(corpus.mixture_names([source for source, _ in entries]), entries):
+      part = corpus.Split(source, split, text_field=config.data.text_field, cache_dir=_cache_dir(config))
+      try:
+        part.files() if part.files() is not None else part.open()
+      except DataError as error:
+        logging.warning("Mixture source %s has no eval split %r: it is not evaluated (%s).", name, split, error)
+        continue
+      parts.append((name, part, weight))
+    if not parts:
+      raise DataError(f"No source of config.data.mixture has the eval split {split!r}. Fix: set data.eval_split to "
+                      "a split they have (e.g. validation), or give the sources validation files.")
+    return corpus.Mixture(tuple(parts))
+  return corpus.Split(config.data.source, split, text_field=config.data.text_field, cache_dir=_cache_dir(config),
+                      label_field=_label_field(config))
 
 
 class _CleanedSplit(list):

@@ -57,15 +57,37 @@ def cudnn_attention_problem(config: TransformerConfig, platform: str, compute_ca
   return None
 
 
-def _attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool, config: TransformerConfig
-               ) -> jax.Array:
-  """Unmasked (causal or full) attention [batch, length, heads, head_dim] through `config.attention_impl`.
+def segment_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
+  """Which keys each query sees when a row packs several documents: [batch, 1, length, length] bool.
+
+  segment_ids: [batch, length] int, equal ids = same document. A query sees
+  the keys of its own document (only the earlier ones and itself when
+  `causal`), never another document's, so a packed window scores each
+  document as if it were alone. The axis of size 1 broadcasts over heads.
+  """
+  same = segment_ids[:, :, None] == segment_ids[:, None, :]
+  if causal:
+    length = segment_ids.shape[1]
+    same = same & jnp.tril(jnp.ones((length, length), bool))
+  return same[:, None]
+
+
+def _attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool, config: TransformerConfig,
+               mask: jax.Array | None = None) -> jax.Array:
+  """Self-attention [batch, length, heads, head_dim] through `config.attention_impl`: causal or full, and
+  with `mask` [batch, 1, length, length] bool (True: the key is seen; it already holds the causal part) when
+  the rows pack several documents (`segment_mask`).
 
   A config from `build_experiment` is settled to "xla" or "cudnn" already
   (`transformer.resolve_attention`); one built by hand may still say "auto",
   which asks `cudnn_attention_problem` first. cuDNN is then tried, and where
   it refuses the shape at trace time XLA's attention runs, with a warning
   naming the reason.
+
+  cuDNN takes the mask as an additive bias [batch, 1, length, length] (0 or a
+  large negative, `jax.nn.dot_product_attention` converts it) next to its own
+  causal mask, which still lets it skip the blocks above the diagonal; its
+  segment-id ("packed") layout is not reachable through `jax.nn`.
   """
   impl = config.attention_impl
   platform = jax.default_backend()
@@ -73,13 +95,23 @@ def _attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool,
     device = jax.local_devices()[0]
     problem = cudnn_attention_problem(config, platform, getattr(device, "compute_capability", None))
     impl = "xla" if problem else "cudnn"
+  if impl == "cudnn" and mask is not None and query.shape[1] % 2:
+    # jax checks this only when differentiating (check_is_flash_attention: a bias needs even lengths in
+    # training), which under remat or scan happens after this function returns: too late to fall back.
+    _warn_once(f"cuDNN attention with a document mask needs an even sequence length, and this one's is "
+               f"{query.shape[1]}; using XLA's attention instead: same result, no flash kernel. Set "
+               "model.attention_impl=xla to silence this.")
+    impl = "xla"
   if impl == "cudnn":
     try:
-      return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation="cudnn")
+      return jax.nn.dot_product_attention(query, key, value, mask=mask, is_causal=causal, implementation="cudnn")
     except (NotImplementedError, ValueError, RuntimeError) as error:
-      _warn_once(f"cuDNN attention cannot take query {tuple(query.shape)} {jnp.dtype(query.dtype).name} on "
-                 f"{platform} ({error}); using XLA's attention instead: same result, no flash kernel. Set "
+      masked = "" if mask is None else " with a document mask"
+      _warn_once(f"cuDNN attention cannot take query {tuple(query.shape)} {jnp.dtype(query.dtype).name}{masked} "
+                 f"on {platform} ({error}); using XLA's attention instead: same result, no flash kernel. Set "
                  "model.attention_impl=xla to silence this.")
+  if mask is not None:
+    return jax.nn.dot_product_attention(query, key, value, mask=mask, implementation="xla")
   return jax.nn.dot_product_attention(query, key, value, is_causal=causal, implementation="xla")
 
 
@@ -219,6 +251,9 @@ class Attention(nn.Module):
       written into the cache: pass it on every decoding call.
     * `key_mask` [batch, length] bool: False hides that key (padding in an
       encoder's batch). Not for decode mode.
+    * `segment_ids` [batch, length] int: the document of each token when a
+      row packs several; a query then sees only its own document's keys
+      (`segment_mask`). Not for decode mode.
   """
 
   config: TransformerConfig
@@ -227,7 +262,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool, memory: jax.Array | None = None,
-               key_mask: jax.Array | None = None) -> jax.Array:
+               key_mask: jax.Array | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """x: [batch, length, embed], positions: [batch, length] -> [batch, length, embed]."""
     cfg = self.config
     head_dim = cfg.width // cfg.num_heads
@@ -238,6 +273,9 @@ class Attention(nn.Module):
     if self.decode and key_mask is not None:
       raise ValueError("Attention(decode=True) takes no key_mask: the cache already hides the positions not "
                        "yet written; pass key_mask only to a full (encoder) forward.")
+    if self.decode and segment_ids is not None:
+      raise ValueError("Attention(decode=True) takes no segment_ids: decoding continues one document; pass "
+                       "segment_ids only to a full forward over packed windows.")
     key_projection = dense((cfg.kv_heads, head_dim), ("embed", "heads", "kv"), "key")
     value_projection = dense((cfg.kv_heads, head_dim), ("embed", "heads", "kv"), "value")
     query = checkpoint_name(dense((cfg.num_heads, head_dim), ("embed", "heads", "kv"), "query")(x), QKV_NAMES[0])
@@ -254,13 +292,15 @@ class Attention(nn.Module):
     if self.decode:
       key, value, mask = self._update_cache(key, value)
     elif memory is None and key_mask is None:
-      mask = None
+      mask = None if segment_ids is None else segment_mask(segment_ids, self.causal)
     else:
       length = key.shape[1]
       visible = jnp.ones((length, length), bool)
       mask = (jnp.tril(visible) if self.causal else visible)[None, None]
       if key_mask is not None:
         mask = mask & key_mask.astype(bool)[:, None, None, :]
+      if segment_ids is not None:
+        mask = mask & segment_mask(segment_ids, causal=False)
     if memory is not None:
       # The memory key is not rotated: under RoPE it sits at position 0, so
       # the full forward and cached decoding score it identically.
@@ -272,6 +312,9 @@ class Attention(nn.Module):
 
     if mask is None:
       out = _attention(query, key, value, self.causal, cfg)
+    elif not self.decode and memory is None and key_mask is None:
+      # Packed documents (segment_ids) alone: a square mask that cuDNN's kernel takes too (`_attention`).
+      out = _attention(query, key, value, self.causal, cfg, mask=mask)
     else:
       # An explicit mask (cache, memory slot, padding) with key length !=
       # query length: XLA's implementation takes any mask; the fused cuDNN

@@ -61,7 +61,7 @@ class Block(nn.Module):
   """Pre-norm Transformer block: x + attn(norm(x)), then x + mlp(norm(x)).
 
   `causal=False` makes the attention bidirectional (an encoder's block);
-  `memory` and `key_mask` are passed to `Attention`.
+  `memory`, `key_mask` and `segment_ids` are passed to `Attention`.
   """
 
   config: TransformerConfig
@@ -71,15 +71,17 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, positions: jax.Array, memory: jax.Array | None = None,
-               key_mask: jax.Array | None = None) -> tuple[jax.Array, None]:
+               key_mask: jax.Array | None = None, segment_ids: jax.Array | None = None) -> tuple[jax.Array, None]:
     """x: [batch, length, embed], memory: [batch, embed] | None -> ([batch, length, embed], None).
 
+    segment_ids: [batch, length] int | None, the document of each token.
     The (carry, None) return is the form `nn.scan` needs.
     """
     cfg = self.config
     attn_in = make_norm(cfg, "attn_norm")(x)
     attention = Attention(cfg, decode=self.decode, causal=self.causal, name="attn")
-    x = x + attention(attn_in, positions, self.deterministic, memory=memory, key_mask=key_mask)
+    x = x + attention(attn_in, positions, self.deterministic, memory=memory, key_mask=key_mask,
+                      segment_ids=segment_ids)
     mlp_in = make_norm(cfg, "mlp_norm")(x)
     x = x + Mlp(cfg, name="mlp")(mlp_in, self.deterministic)
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
@@ -87,15 +89,17 @@ class Block(nn.Module):
 
 
 def apply_blocks(cfg: TransformerConfig, x: jax.Array, positions: jax.Array, *, decode: bool, deterministic: bool,
-                 causal: bool = True, memory: jax.Array | None = None,
-                 key_mask: jax.Array | None = None) -> jax.Array:
+                 causal: bool = True, memory: jax.Array | None = None, key_mask: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
   """Runs `cfg.num_layers` blocks on x [batch, length, embed] -> [batch, length, embed].
 
   Call it from inside a module's compact method: the blocks become that
   module's children, `layers` (stacked, with `scan_layers`) or `layer_{i}`,
   so the decoder and the VAE's encoder share one layout. memory: [batch,
   num_layers, embed] | None, slice i goes to layer i (scanned over layers
-  with `scan_layers`). key_mask: [batch, length] bool | None, for every layer.
+  with `scan_layers`). key_mask: [batch, length] bool | None, and
+  segment_ids: [batch, length] int | None (packed documents attend only
+  within their own, `Attention`), the same for every layer.
   """
   block = Block
   if cfg.remat_policy != "none":
@@ -107,16 +111,16 @@ def apply_blocks(cfg: TransformerConfig, x: jax.Array, positions: jax.Array, *, 
         block,
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast if memory is None else 0, nn.broadcast),
+        in_axes=(nn.broadcast, nn.broadcast if memory is None else 0, nn.broadcast, nn.broadcast),
         length=cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, decode=decode, deterministic=deterministic, causal=causal, name="layers")
-    x, _ = stack(x, positions, layer_memory, key_mask)
+    x, _ = stack(x, positions, layer_memory, key_mask, segment_ids)
   else:
     for i in range(cfg.num_layers):
       layer_memory = None if memory is None else memory[:, i]
       x, _ = block(cfg, decode=decode, deterministic=deterministic, causal=causal, name=f"layer_{i}")(
-          x, positions, layer_memory, key_mask)
+          x, positions, layer_memory, key_mask, segment_ids)
   return x
 
 
@@ -127,6 +131,11 @@ class TransformerLM(nn.Module):
   vocab] (float32). With `decode=True` the module reads and writes the `cache`
   collection (create it with `init_cache`), and positions continue from the
   number of tokens already cached.
+
+  A window that packs several documents (`data.document_mask`) passes
+  `segment_ids` and `positions`: each token then attends only to the earlier
+  tokens of its own document, at positions counted from that document's
+  start, so every document gets the logits it would get alone.
   """
 
   config: TransformerConfig
@@ -141,6 +150,8 @@ class TransformerLM(nn.Module):
       return_hidden: bool = False,
       condition: jax.Array | None = None,
       memory: jax.Array | None = None,
+      positions: jax.Array | None = None,
+      segment_ids: jax.Array | None = None,
   ) -> jax.Array:
     """tokens: [batch, length] -> logits [batch, length, vocab] (hidden [batch, length, embed] with return_hidden).
 
@@ -149,6 +160,13 @@ class TransformerLM(nn.Module):
       memory: [batch, num_layers, width], one extra key/value slot per layer
         that every position attends to (`Attention`); not cached, so
         pass the same memory on every decoding call.
+
+    Packed documents (both None: one sequence per row, positions 0, 1, ...):
+      positions: [batch, length] int32, each token's position (learned
+        table row or RoPE angle), e.g. restarting at 0 at each document.
+      segment_ids: [batch, length] int32, each token's document (equal ids:
+        same document); attention is causal and within a document.
+      Neither is taken with decode=True (decoding continues one document).
     """
     cfg = self.config
     batch, length = tokens.shape
@@ -157,6 +175,14 @@ class TransformerLM(nn.Module):
     if memory is not None and memory.shape != (batch, cfg.num_layers, cfg.width):
       raise ValueError(f"memory has shape {memory.shape}; pass [batch, num_layers, width] = "
                        f"{(batch, cfg.num_layers, cfg.width)}, one slot per layer.")
+    for name, value in (("positions", positions), ("segment_ids", segment_ids)):
+      if value is None:
+        continue
+      if decode:
+        raise ValueError(f"TransformerLM(decode=True) takes no {name}: decoding continues one sequence from the "
+                         f"cache's position; pass {name} only to a full forward over packed windows.")
+      if value.shape != (batch, length):
+        raise ValueError(f"{name} has shape {value.shape}; pass [batch, length] = {(batch, length)}, like tokens.")
     tokens = nn.with_logical_constraint(tokens, ("batch", "length"))
     if decode:
       index = self.variable("cache", "position", lambda: jnp.array(0, dtype=jnp.int32))
@@ -165,7 +191,12 @@ class TransformerLM(nn.Module):
         index.value = start + length
     else:
       start = 0
-    positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
+    else:
+      positions = nn.with_logical_constraint(positions.astype(jnp.int32), ("batch", "length"))
+    if segment_ids is not None:
+      segment_ids = nn.with_logical_constraint(segment_ids, ("batch", "length"))
 
     embed = token_embedding(cfg)
     x = add_learned_positions(self, cfg, embed(tokens), positions)
@@ -175,7 +206,8 @@ class TransformerLM(nn.Module):
     x = nn.with_logical_constraint(x, ("batch", "length", "embed"))
     if memory is not None:
       memory = nn.with_logical_constraint(memory.astype(cfg.compute_dtype), ("batch", "layers", "embed"))
-    x = apply_blocks(cfg, x, positions, decode=decode, deterministic=deterministic, memory=memory)
+    x = apply_blocks(cfg, x, positions, decode=decode, deterministic=deterministic, memory=memory,
+                     segment_ids=segment_ids)
 
     x = make_norm(cfg, "final_norm")(x)
     if return_hidden:

@@ -6,6 +6,11 @@ with the output projection when the model's `loss_impl` says so,
 loss and tokens (what `--mode ab` pairs), turned into loss, perplexity and
 bits per token / character. Generation: prompts continued with the KV cache
 (`lm.inference`): sampling, beam search, stop strings, prompts files.
+
+With `data.document_mask` (windows), a window that spans several documents
+scores each as if it were alone: its batches also carry "mask" (no loss on a
+document's first token, predicted from the previous document),
+"segment_ids" and "positions", which the model takes (`lm.models.losses`).
 """
 
 from __future__ import annotations
@@ -20,11 +25,11 @@ import ml_collections
 import numpy as np
 
 from lm.core.errors import ConfigError
-from lm.data import pipeline, sources
+from lm.data import pipeline, prepare
 from lm.data import sentences as sentences_lib
 from lm.inference import prompts as prompts_lib
 from lm.inference import sample as sample_lib
-from lm.models.losses import cross_entropy, lm_loss_sum, lm_token_losses
+from lm.models.losses import cross_entropy, document_args, lm_loss_sum, lm_token_losses
 from lm.models.transformer import TransformerLM
 from lm.stats import ab as ab_stats
 from lm.tasks.base import Task
@@ -32,10 +37,13 @@ from lm.train import step as step_lib
 from lm.train.evaluate import ROWS
 
 WINDOW_BATCH_RANKS = {"inputs": 2, "targets": 2}
+# What windows add with data.document_mask (`lm.data.pipeline`): the scored targets, each token's document and
+# its position within it, all [batch, length].
+DOCUMENT_BATCH_RANKS = {"mask": 2, "segment_ids": 2, "positions": 2}
 
 
 def loss_totals(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-  """The batch's target tokens: its mask's sum (sentences), else every position (windows)."""
+  """The batch's target tokens: its mask's sum (sentences, document-masked windows), else every position."""
   mask = batch.get("mask")
   if mask is None:
     return {"tokens": jnp.asarray(batch["targets"].size, jnp.float32)}
@@ -57,18 +65,22 @@ def make_eval_step(model: TransformerLM):
   """`eval_step(params, batch) -> {'loss_sum', 'tokens', 'rows/loss_sum', 'rows/tokens'}` (+ 'sentences').
 
   The sums add up over batches; the "rows/" values are per row [batch]. A
-  batch with a 'mask' (sentences, sliding windows) scores only its targets;
-  sentence batches also count 'sentences', the rows with a target.
+  batch with a 'mask' (sentences, sliding windows, document-masked windows)
+  scores only its targets; the model takes its 'positions' and
+  'segment_ids' where it has them. Sentence (and sliding-window) batches also
+  count 'sentences', the rows with a target; document-masked windows do not
+  (their rows are windows, not sentences).
   """
 
   def eval_step(params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     mask = batch.get("mask")
-    losses = lm_token_losses(model, params, batch["inputs"], batch["targets"])  # [batch, length]
+    losses = lm_token_losses(model, params, batch["inputs"], batch["targets"],
+                             **document_args(batch))  # [batch, length]
     weights = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
     row_loss, row_tokens = jnp.sum(losses * weights, axis=-1), jnp.sum(weights, axis=-1)
     out = {"loss_sum": jnp.sum(row_loss), "tokens": jnp.sum(row_tokens), ROWS + "loss_sum": row_loss,
            ROWS + "tokens": row_tokens}
-    if mask is not None:
+    if mask is not None and "segment_ids" not in batch:
       out["sentences"] = jnp.sum(jnp.any(mask > 0, axis=-1).astype(jnp.float32))
     return out
 
@@ -110,8 +122,16 @@ class LMTask(Task):
     return TransformerLM(self.model_config)
 
   @property
+  def document_mask(self) -> bool:
+    """Whether windows mask attention, positions and loss by document (data.document_mask; sentences: never,
+    each row is one sentence already)."""
+    return not self.sentences and bool(self.config.data.get("document_mask", False))
+
+  @property
   def batch_ranks(self) -> dict[str, int]:
-    return super().batch_ranks if self.sentences else dict(WINDOW_BATCH_RANKS)
+    if self.sentences:
+      return super().batch_ranks
+    return {**WINDOW_BATCH_RANKS, **DOCUMENT_BATCH_RANKS} if self.document_mask else dict(WINDOW_BATCH_RANKS)
 
   def init_params(self, key: jax.Array) -> Any:
     micro = self.config.batch_size // self.config.grad_accum_steps
@@ -126,12 +146,18 @@ class LMTask(Task):
   def make_eval_step(self):
     return make_eval_step(self.model)
 
-  def examples(self, source: sources.TextSource, *, train: bool, stride: int | None = None) -> Any:
-    """Token windows over the split's stream (every `stride` tokens), or its sentences."""
+  def examples(self, source: Any, *, train: bool, stride: int | None = None) -> Any:
+    """Token windows over the split's stream (every `stride` tokens), or its sentences.
+
+    A split named by the run (`lm.data.corpus.Split`, or a mixture of them) is read through its token cache,
+    prepared first if it must be (`lm.data.prepare`); documents handed over as such (cleaned, folds) are
+    tokenized in memory.
+    """
     if self.sentences:
       return super().examples(source, train=train)
-    tokens = pipeline.tokenize_split(source, self.tokenizer)
-    return pipeline.Windows(tokens, self.config.seq_len, stride or self.config.seq_len, name=source.name)
+    return pipeline.window_examples(source, self.tokenizer, self.config.seq_len, stride or self.config.seq_len,
+                                    options=prepare.PrepareOptions.from_config(self.config.data),
+                                    document_mask=self.document_mask)
 
   def summarize(self, sums: Mapping[str, float], rows: Mapping[str, np.ndarray], chars_per_token: float
                 ) -> dict[str, float]:
