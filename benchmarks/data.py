@@ -15,7 +15,7 @@ committed. For each size it measures:
   * start-up: `python -m lm.main` of experiments/shakespeare_byte.py on the
     prepared corpus for 1 step (tokenizer, cache, model, compile, the step, one
     evaluation, a checkpoint), in a fresh process: wall seconds and peak
-    resident memory (the process's own, from wait4);
+    resident memory (the process's own, from GNU time);
   * the loader alone: windows (seq_len 1024, stride 1) -> shuffled global
     batches of 32 (Grain) -> global jax.Arrays, with and without document
     masking: tokens per second over 200 batches.
@@ -62,12 +62,17 @@ def make_corpus(folder: Path, size_mb: int, seed: int = 0) -> Path:
 
 
 def peak_rss_mb(command: list[str], env: dict) -> tuple[float, float, int, str]:
-  """Runs `command`; returns (wall seconds, its peak resident memory in MB, exit code, output tail)."""
+  """Runs `command` under GNU time; returns (wall seconds, its peak resident memory in MB, exit code, output).
+
+  GNU time (a small program) forks the command, so its peak is the command's own: a child forked straight
+  from this process would start with this process's resident pages counted in its peak.
+  """
   started = time.perf_counter()
-  process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  output = process.stdout.read()
-  _, status, usage = os.wait4(process.pid, 0)
-  return time.perf_counter() - started, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status), output[-3000:]
+  result = subprocess.run(["/usr/bin/time", "-f", "lm-bench-maxrss-kb %M", *command], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  wall = time.perf_counter() - started
+  line = next(line for line in result.stdout.splitlines() if line.startswith("lm-bench-maxrss-kb"))
+  return wall, int(line.split()[1]) / 1024, result.returncode, result.stdout[-3000:]
 
 
 def measure_preparation(folder: Path, tokenizer, label: str, cache_root: Path) -> list[dict]:
@@ -155,16 +160,17 @@ def main() -> None:
              platform.processor())
   print(f"machine: {cpu}, {os.cpu_count()} cores; python {platform.python_version()}")
   folders = [make_corpus(root / f"corpus-{size}mb", size) for size in args.sizes_mb]
-  preparation, startup, loader = [], [], []
+  preparation, loader = [], []
   sentencepiece = None
   if not args.skip_sentencepiece:
     sample = corpus.Split(str(folders[0]), "train").sample(10_000_000)
     sentencepiece = tokenizers.SentencePieceTokenizer.train(sample, vocab_size=8000)
+  # Start-ups first, in fresh processes, while this one is still small.
+  startup = [measure_startup(folder, root / "caches", root / "runs") for folder in folders]
   for folder in folders:
     preparation += measure_preparation(folder, tokenizers.ByteTokenizer(), "byte", root / "caches")
     if sentencepiece is not None:
       preparation += measure_preparation(folder, sentencepiece, "sentencepiece-8k", root / "caches")
-    startup.append(measure_startup(folder, root / "caches", root / "runs"))
     loader += measure_loader(folder, root / "caches")
   print("\nPreparation (Apache Beam DirectRunner):\n" + table(
       preparation, ["corpus_mb", "tokenizer", "workers", "seconds", "mb_per_s_per_worker", "tokens", "shards"]))

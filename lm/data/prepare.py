@@ -63,6 +63,11 @@ class PrepareOptions:
     return cls(cache_dir=data.cache_dir, workers=data.prepare_workers, shard_mb=data.shard_mb,
                beam_options=data.beam_options)
 
+  def local(self) -> PrepareOptions:
+    """The same, on this machine's DirectRunner whatever data.beam_options says (what a training run uses
+    to prepare a cache it lacks; a cluster runs through --mode prepare)."""
+    return dataclasses.replace(self, beam_options="")
+
   @property
   def root(self) -> epath.Path:
     """The folder holding every token cache: <data.cache_dir or $LM_DATA_CACHE or ~/.cache/lm/tfds>/tokens."""
@@ -111,8 +116,8 @@ def cache_directory(split: corpus.Split, tokenizer: tokenizers_lib.Tokenizer, op
   return options.root / token_cache.cache_key(split.identity(), tokenizers_lib.identity(tokenizer))
 
 
-def ensure_prepared(split: corpus.Split, tokenizer: tokenizers_lib.Tokenizer, options: PrepareOptions, *,
-                    force: bool = False) -> epath.Path:
+def ensure_prepared(split: corpus.Split, tokenizer: tokenizers_lib.Tokenizer, options: PrepareOptions
+                    ) -> epath.Path:
   """The folder of `split`'s complete cache for `tokenizer`, prepared first when it is missing, incomplete
   (a preparation killed midway) or older than the corpus (its fingerprint differs)."""
   directory = cache_directory(split, tokenizer, options)
@@ -127,7 +132,7 @@ def ensure_prepared(split: corpus.Split, tokenizer: tokenizers_lib.Tokenizer, op
     if manifest.get("fingerprint") != fingerprint:
       _log.warning("%s changed after its token cache %s was prepared: preparing it again.", split.name, directory)
       return False
-    return not force
+    return True
 
   if usable():
     return directory
@@ -281,7 +286,7 @@ def prepare(split: corpus.Split, tokenizer: tokenizers_lib.Tokenizer, directory:
   encode = _EncodeUnits(split, tokenizer, str(directory), len(units), fields["dtype"])
   finish = _Finish(str(directory), fields, len(units), started, check_files=split.files() is not None)
   try:
-    with _quiet_beam(), _stderr_to(directory / "prepare.log"), \
+    with _quiet_beam(), _stderr_to(directory / "prepare.log"), _batch_job(), \
          beam.Pipeline(options=PipelineOptions(arguments + _QUIET_WORKERS)) as pipeline:
       _ = (pipeline
            | "Units" >> beam.Create(units)
@@ -328,6 +333,27 @@ def _quiet_beam() -> Iterator[None]:
   finally:
     for logger, level in zip(loggers, levels):
       logger.setLevel(level)
+
+
+@contextlib.contextmanager
+def _batch_job() -> Iterator[None]:
+  """Runs the pipeline as the batch job it is, also from a notebook.
+
+  In an IPython kernel Beam turns every pipeline into an Interactive Beam one, whose bookkeeping imports
+  `apache_beam.dataframe`, which fails with pandas 3 (`DataFrame.first` is gone). Preparation needs none of
+  that, so Beam is told, for the pipeline's duration, that it is not in IPython.
+  """
+  import importlib  # pylint: disable=g-import-not-at-top
+  modules = [importlib.import_module(name) for name in (
+      "apache_beam.utils.interactive_utils", "apache_beam.pipeline", "apache_beam.runners.direct.direct_runner")]
+  saved = [module.is_in_ipython for module in modules]
+  for module in modules:
+    module.is_in_ipython = lambda: False
+  try:
+    yield
+  finally:
+    for module, original in zip(modules, saved):
+      module.is_in_ipython = original
 
 
 @contextlib.contextmanager

@@ -150,13 +150,13 @@ class LMTask(Task):
     """Token windows over the split's stream (every `stride` tokens), or its sentences.
 
     A split named by the run (`lm.data.corpus.Split`, or a mixture of them) is read through its token cache,
-    prepared first if it must be (`lm.data.prepare`); documents handed over as such (cleaned, folds) are
-    tokenized in memory.
+    prepared first on this machine if it must be (`lm.data.prepare`; --mode prepare runs data.beam_options'
+    runner); documents handed over as such (cleaned, folds) are tokenized in memory.
     """
     if self.sentences:
       return super().examples(source, train=train)
     return pipeline.window_examples(source, self.tokenizer, self.config.seq_len, stride or self.config.seq_len,
-                                    options=prepare.PrepareOptions.from_config(self.config.data),
+                                    options=prepare.PrepareOptions.from_config(self.config.data).local(),
                                     document_mask=self.document_mask)
 
   def summarize(self, sums: Mapping[str, float], rows: Mapping[str, np.ndarray], chars_per_token: float
