@@ -10,8 +10,11 @@ committed. For each size it measures:
 
   * preparation: `lm.data.prepare.ensure_prepared` into a fresh cache with 1 and
     with 2 Beam DirectRunner workers, for the byte tokenizer and a SentencePiece
-    tokenizer (8,000 pieces trained on a 10 MB sample): seconds and MB/s per
-    worker;
+    tokenizer (8,000 pieces trained on a 10 MB sample): --repeats runs of each,
+    alternating, the corpus read into the page cache before each, the caches
+    written to a tmpfs (--prepare_dir) so the figure is the workers' and not the
+    disk's (the disk's own write rate is measured and printed beside it): the
+    median seconds, every run, the speed-up and MB/s per worker;
   * start-up: `python -m lm.main` of experiments/shakespeare_byte.py on the
     prepared corpus for 1 step (tokenizer, cache, model, compile, the step, one
     evaluation, a checkpoint), in a fresh process: wall seconds and peak
@@ -35,6 +38,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -75,23 +80,56 @@ def peak_rss_mb(command: list[str], env: dict) -> tuple[float, float, int, str]:
   return wall, int(line.split()[1]) / 1024, result.returncode, result.stdout[-3000:]
 
 
-def measure_preparation(folder: Path, tokenizer, label: str, cache_root: Path) -> list[dict]:
+def warm(path: Path) -> None:
+  """Reads `path` once, so every preparation reads its corpus from the page cache (none from the disk)."""
+  with open(path, "rb") as file:
+    while file.read(64 << 20):
+      pass
+
+
+def disk_write_mb_s(folder: Path, megabytes: int = 1000) -> float:
+  """This disk's sustained write rate (MB/s, `megabytes` written and fsync'ed): the floor of a preparation
+  whose cache is on it."""
+  folder.mkdir(parents=True, exist_ok=True)
+  path, block = folder / "disk-write-probe", np.zeros(1 << 20, np.uint8).tobytes()
+  started = time.perf_counter()
+  with open(path, "wb") as file:
+    for _ in range(megabytes):
+      file.write(block)
+    file.flush()
+    os.fsync(file.fileno())
+  seconds = time.perf_counter() - started
+  path.unlink()
+  return megabytes * (1 << 20) / 1e6 / seconds
+
+
+def measure_preparation(folder: Path, tokenizer, label: str, cache_root: Path, repeats: int) -> list[dict]:
+  """Each worker count `repeats` times, alternating (1, 2, 1, 2, ...), into a fresh cache under `cache_root`;
+  one row per worker count with the median and every run's seconds."""
   from lm.data import corpus, prepare  # pylint: disable=g-import-not-at-top
   split = corpus.Split(str(folder), "train")
   size_mb = (folder / "train.txt").stat().st_size / 1e6
+  seconds: dict[int, list[float]] = {1: [], 2: []}
+  manifest = {}
+  for _ in range(repeats):
+    for workers in (1, 2):
+      cache = cache_root / f"{label}-{workers}"
+      shutil.rmtree(cache, ignore_errors=True)
+      warm(folder / "train.txt")
+      options = prepare.PrepareOptions(cache_dir=str(cache), workers=workers)
+      started = time.perf_counter()
+      directory = prepare.ensure_prepared(split, tokenizer, options)
+      seconds[workers].append(time.perf_counter() - started)
+      manifest = json.loads((Path(directory) / "manifest.json").read_text())
+      shutil.rmtree(cache, ignore_errors=True)
   rows = []
-  for workers in (1, 2):
-    cache = cache_root / f"{label}-{workers}"
-    shutil.rmtree(cache, ignore_errors=True)
-    options = prepare.PrepareOptions(cache_dir=str(cache), workers=workers)
-    started = time.perf_counter()
-    directory = prepare.ensure_prepared(split, tokenizer, options)
-    seconds = time.perf_counter() - started
-    manifest = json.loads((Path(directory) / "manifest.json").read_text())
-    rows.append({"corpus_mb": round(size_mb), "tokenizer": label, "workers": workers, "seconds": round(seconds, 1),
-                 "mb_per_s_per_worker": round(size_mb / seconds / workers, 2), "tokens": manifest["num_tokens"],
+  for workers, samples in seconds.items():
+    median = float(np.median(samples))
+    rows.append({"corpus_mb": round(size_mb), "tokenizer": label, "workers": workers, "seconds": round(median, 1),
+                 "runs": " / ".join(f"{sample:.1f}" for sample in samples),
+                 "speedup": round(float(np.median(seconds[1])) / median, 2),
+                 "mb_per_s_per_worker": round(size_mb / median / workers, 2), "tokens": manifest["num_tokens"],
                  "shards": len(manifest["shards"])})
-    shutil.rmtree(cache, ignore_errors=True)
   return rows
 
 
@@ -151,6 +189,10 @@ def main() -> None:
   parser.add_argument("--sizes_mb", type=int, nargs="+", default=[250, 1000])
   parser.add_argument("--workdir", default="/tmp/lm-bench-data")
   parser.add_argument("--skip_sentencepiece", action="store_true")
+  parser.add_argument("--repeats", type=int, default=3, help="preparations per worker count (median reported)")
+  parser.add_argument("--prepare_dir", default="/dev/shm/lm-bench-data" if os.path.isdir("/dev/shm") else "",
+                      help="where the timed preparations write their caches (default: a tmpfs, so the figures are "
+                           "the workers' and not this disk's; '' = under --workdir)")
   args = parser.parse_args()
   os.environ.setdefault("TFDS_DATA_DIR", str(SHARED / "tfds"))
   from lm.data import corpus, tokenizers  # pylint: disable=g-import-not-at-top
@@ -167,18 +209,24 @@ def main() -> None:
     sentencepiece = tokenizers.SentencePieceTokenizer.train(sample, vocab_size=8000)
   # Start-ups first, in fresh processes, while this one is still small.
   startup = [measure_startup(folder, root / "caches", root / "runs") for folder in folders]
+  disk = disk_write_mb_s(root)
+  prepared_in = Path(args.prepare_dir) if args.prepare_dir else root / "caches"
   for folder in folders:
-    preparation += measure_preparation(folder, tokenizers.ByteTokenizer(), "byte", root / "caches")
+    preparation += measure_preparation(folder, tokenizers.ByteTokenizer(), "byte", prepared_in, args.repeats)
     if sentencepiece is not None:
-      preparation += measure_preparation(folder, sentencepiece, "sentencepiece-8k", root / "caches")
+      preparation += measure_preparation(folder, sentencepiece, "sentencepiece-8k", prepared_in, args.repeats)
     loader += measure_loader(folder, root / "caches")
-  print("\nPreparation (Apache Beam DirectRunner):\n" + table(
-      preparation, ["corpus_mb", "tokenizer", "workers", "seconds", "mb_per_s_per_worker", "tokens", "shards"]))
+  shutil.rmtree(prepared_in, ignore_errors=True)
+  print(f"\nPreparation (Apache Beam DirectRunner), caches written to {prepared_in}; the disk under "
+        f"{root} writes {disk:.0f} MB/s (fsync'ed):\n" + table(
+      preparation, ["corpus_mb", "tokenizer", "workers", "seconds", "runs", "speedup", "mb_per_s_per_worker",
+                    "tokens", "shards"]))
   print("\nStart-up of a 1-step run on the prepared corpus (experiments/shakespeare_byte.py):\n" + table(
       startup, ["corpus_mb", "startup_s", "peak_rss_mb"]))
   print("\nLoader alone (seq_len 1024, batch 32, stride 1):\n" + table(
       loader, ["corpus_mb", "document_mask", "tokens_per_s"]))
-  print(json.dumps({"cpu": cpu, "preparation": preparation, "startup": startup, "loader": loader}))
+  print(json.dumps({"cpu": cpu, "disk_write_mb_s": round(disk), "prepared_in": str(prepared_in),
+                    "preparation": preparation, "startup": startup, "loader": loader}))
 
 
 if __name__ == "__main__":

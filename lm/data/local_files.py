@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,7 +119,9 @@ class Lines:
         yield offset, data[:cut]
         offset, pending = offset + cut, data[cut:]
 
-  def __iter__(self) -> Iterator[tuple[int, str]]:
+  def texts(self) -> Iterator[tuple[int, str]]:
+    """(index of its first line, text) of whole lines at a time, decoded; each text but the file's last ends
+    with a newline."""
     index = 0
     for offset, data in self._blocks():
       skip = 3 if offset == 0 and data.startswith(b"\xef\xbb\xbf") else 0
@@ -132,6 +135,11 @@ class Lines:
             f"{self.path} is not valid UTF-8: byte offset {offset + position} (line {self.number(line)}) holds "
             f"{bad!r}. Fix: re-encode the file as UTF-8, e.g. "
             f"`iconv -f latin1 -t utf-8 {self.path.name} > fixed_{self.path.name}`.") from None
+      yield index, text
+      index += text.count("\n") + (0 if text.endswith("\n") else 1)
+
+  def __iter__(self) -> Iterator[tuple[int, str]]:
+    for index, text in self.texts():
       lines = text.split("\n")
       if lines[-1] == "":
         lines.pop()  # the block ends with a newline
@@ -144,18 +152,39 @@ def _lines(path: Path, start: int = 0, end: int | None = None) -> Lines:
   return Lines(path, start, end)
 
 
+# A paragraph: lines that are not blank (hold a character that is not whitespace), one after another.
+_PARAGRAPH = re.compile(r"[^\n]*\S[^\n]*(?:\n[^\n]*\S[^\n]*)*")
+
+
 def _txt_documents(path: Path, text_field: str, start: int = 0, end: int | None = None,
                    header: str | None = None) -> Iterator[str]:
+  """The paragraphs of a .txt file's lines (a line's ending, \\n or \\r\\n, is not part of it), found a block
+  at a time by one regular expression (a Python loop over lines was most of a preparation's time)."""
   del text_field, header  # A .txt file has no fields.
-  paragraph: list[str] = []
-  for _, line in _lines(path, start, end):
-    if line.strip():
-      paragraph.append(line)
-    elif paragraph:
-      yield "\n".join(paragraph)
-      paragraph = []
-  if paragraph:
-    yield "\n".join(paragraph)
+  pending = ""  # the last paragraph of the previous block, which may go on in this one
+  for _, text in _lines(path, start, end).texts():
+    if "\r" in text:  # \r\n line endings: the lines' text is what precedes them
+      text = text.replace("\r\n", "\n")
+      text = text[:-1] if text.endswith("\r") else text  # the file's last line, without a newline
+    text = text[:-1] if text.endswith("\n") else text
+    found = False
+    for match in _PARAGRAPH.finditer(text):
+      found, paragraph = True, match.group()
+      if pending:
+        if match.start() == 0:  # the previous block's last line and this block's first are one paragraph
+          paragraph = pending + "\n" + paragraph
+        else:
+          yield pending
+        pending = ""
+      if match.end() == len(text):
+        pending = paragraph
+      else:
+        yield paragraph
+    if pending and not found:  # a block of blank lines ends the pending paragraph
+      yield pending
+      pending = ""
+  if pending:
+    yield pending
 
 
 def _jsonl_records(lines: Lines, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:

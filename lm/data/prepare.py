@@ -92,11 +92,11 @@ def tokenize_documents(documents: Iterable[str], tokenizer: tokenizers_lib.Token
                        ) -> token_cache.TokenStream:
   """Documents tokenized in memory into one stream (online chunks, folds, cleaned splits: small ones)."""
   separator, separator_chars, ends_with_it = separator_of(tokenizer)
-  tokens, starts, chars = token_cache.encode_documents(documents, tokenizer, separator, separator_chars)
+  tokens, starts, chars = token_cache.encode_documents(documents, tokenizer, separator, separator_chars, np.int32)
   if not len(starts):
     raise DataError(f"{name} has no documents; point data.source at a non-empty corpus.")
   trim = 0 if ends_with_it else len(separator)
-  return token_cache.TokenStream.in_memory(tokens.astype(np.int32), starts, name=name,
+  return token_cache.TokenStream.in_memory(tokens, starts, name=name,
                                            num_chars=chars - (0 if ends_with_it else separator_chars), trim=trim)
 
 
@@ -202,8 +202,8 @@ class _EncodeUnits:
           has_text = has_text or bool(document.strip())
           yield document
 
-      tokens, starts, chars = token_cache.encode_documents(documents(), self.tokenizer, separator, separator_chars)
-      name = token_cache.write_shard(self.directory, unit.index, self.count, tokens, starts, np.dtype(self.dtype))
+      info = token_cache.write_shard(self.directory, unit.index, self.count, documents(), self.tokenizer,
+                                     separator, separator_chars, np.dtype(self.dtype))
     except DataError as error:
       yield "failure", str(error)
       return
@@ -212,8 +212,7 @@ class _EncodeUnits:
         raise
       yield "failure", _disk_full_message(self.directory, error)
       return
-    yield "shard", (token_cache.ShardInfo(unit.index, name, len(tokens), len(starts), chars), unit.describes,
-                    has_text)
+    yield "shard", (info, unit.describes, has_text)
 
 
 class _Finish:

@@ -249,3 +249,56 @@ def test_the_sentencepiece_sample_is_deterministic_and_bounded(corpus_dir):
   assert sample == source.sample(20_000) and 0 < len(sample) < len(everything)
   assert 15_000 < sum(len(d.encode()) for d in sample) < 40_000
   assert set(sample) <= set(everything)
+
+
+def _paragraphs_by_lines(text: str) -> list[str]:
+  """The definition of a .txt file's documents, line by line: runs of non-blank lines (a line's \\n or \\r\\n
+  ending removed), joined by \\n."""
+  text = text.removeprefix("\ufeff")
+  lines = text.split("\n")
+  if lines[-1] == "":
+    lines.pop()
+  paragraphs, current = [], []
+  for line in (line.removesuffix("\r") for line in lines):
+    if line.strip():
+      current.append(line)
+    elif current:
+      paragraphs.append("\n".join(current))
+      current = []
+  return paragraphs + (["\n".join(current)] if current else [])
+
+
+def test_txt_paragraphs_are_found_the_same_whatever_the_blocks_and_line_endings(tmp_path, monkeypatch):
+  # The reader finds paragraphs a block at a time with a regular expression; this is its definition, line by
+  # line, on texts made of what trips such code: \r\n and lone \r, Unicode whitespace (\x0b, \x1c, \x85,
+  # \u2028), blank lines of spaces, a BOM, no final newline, and blocks that cut anywhere between lines.
+  import random  # pylint: disable=g-import-not-at-top
+  alphabet = ["a", "b", "é", " ", "\t", "\n", "\n", "\n", "\r", "\r\n", "\x0b", "\x1c", "\x85", "\u2028"]
+  rng = random.Random(0)
+  path = tmp_path / "t.txt"
+  for _ in range(400):
+    text = ("\ufeff" if rng.random() < 0.2 else "") + "".join(rng.choice(alphabet)
+                                                              for _ in range(rng.randint(0, 50)))
+    path.write_text(text, encoding="utf-8", newline="")
+    expected = _paragraphs_by_lines(text)
+    for block in (1, 3, 8, 1 << 20):
+      monkeypatch.setattr(local_files.Lines, "BLOCK", block)
+      if not expected:  # a blank file is refused (test_sources)
+        with pytest.raises(DataError, match="holds no text"):
+          list(local_files.read_documents(path))
+        continue
+      assert list(local_files.read_documents(path)) == expected, (text, block)
+
+
+def test_a_shard_is_written_through_a_small_buffer_exactly(tmp_path, monkeypatch):
+  monkeypatch.setattr(token_cache, "_WRITE_TOKENS", 16)  # documents shorter and longer than the buffer
+  documents = ["ab", "x" * 40, "", "hello world", "y" * 15, "z"]
+  tokenizer = tokenizers.ByteTokenizer()
+  separator = np.array([tokenizer.eos_id])
+  info = token_cache.write_shard(tmp_path, 0, 1, iter(documents), tokenizer, separator, 0, np.dtype("<u2"))
+  tokens, starts, chars = token_cache.encode_documents(documents, tokenizer, separator, 0)
+  np.testing.assert_array_equal(np.fromfile(tmp_path / f"{info.name}.tokens", "<u2"), tokens)
+  np.testing.assert_array_equal(np.fromfile(tmp_path / f"{info.name}.docs", "<i8"), starts)
+  assert (info.tokens, info.documents, info.chars) == (len(tokens), len(documents), chars)
+  with pytest.raises(ValueError, match="does not fit"):  # ids beyond the cache's dtype are refused, not wrapped
+    token_cache.write_shard(tmp_path, 0, 1, iter(["ab"]), tokenizer, separator, 0, np.dtype("u1"))
