@@ -12,7 +12,9 @@ process fails, the others are stopped and the launcher exits with that
 process's code, naming it: at once after a crash or a signal, after up to 10 s
 when it exited with lm's user-error code 2 (the others are then usually about
 to print the same `error:` line). SIGINT/SIGTERM are passed on to every process, so
-a training run saves its checkpoint before stopping.
+a training run saves its checkpoint before stopping; a signal to one process
+alone stops them all too (they agree on the step: lm.train.loop.StopSignal), and
+after SIGINT (exit code 130) the launcher waits for every process's save.
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ _GRACE_S = 3.0
 # SIGTERM at that moment would cut it off.
 _USER_ERROR_WAIT_S = 10.0
 _USER_ERROR_CODE = 2
+# A process that exits 130 was stopped by SIGINT: every process agreed on that stop (lm.train.loop.StopSignal)
+# and is saving the same step, which may take a while for a large model; they are not cut short.
+_INTERRUPTED_CODE = 130
+_INTERRUPTED_WAIT_S = 300.0
 
 
 def free_port() -> int:
@@ -121,8 +127,14 @@ def launch(lm_args: Sequence[str], *, num_processes: int, devices_per_process: i
         break
       time.sleep(0.1)
     if failed:
-      if failed[1] == _USER_ERROR_CODE:
-        _wait_for_all(processes, _USER_ERROR_WAIT_S)
+      if failed[1] in (_USER_ERROR_CODE, _INTERRUPTED_CODE):
+        _wait_for_all(processes, _USER_ERROR_WAIT_S if failed[1] == _USER_ERROR_CODE else _INTERRUPTED_WAIT_S)
+      if failed[1] == _INTERRUPTED_CODE and all(proc.poll() == _INTERRUPTED_CODE for proc in processes):
+        with lock:
+          out.write(f"[launch_local] every process was interrupted (SIGINT), saved the same step and stopped "
+                    f"(exit code {_INTERRUPTED_CODE}).\n")
+          out.flush()
+        return _INTERRUPTED_CODE
       _stop(processes)
   finally:
     for sig, handler in previous.items():

@@ -63,9 +63,11 @@ def run_mode(config, workdir: str | None, mode: str) -> int:
 
 
 class _QuietLibraries:
-  """Drops INFO lines of the libraries that narrate every checkpoint (warnings and errors pass)."""
+  """Drops INFO lines of the libraries that narrate every checkpoint (warnings and errors pass), and their
+  error reports of a full disk: lm reports that itself, as one `error:` line naming the disk and the step."""
 
   PATHS = (f"{os.sep}orbax{os.sep}",)
+  ASYNC_PATHS = (f"{os.sep}asyncio{os.sep}",)  # Orbax's writer tasks whose failure nobody awaited any more
   # Orbax warns on every checkpoint saved between evaluations (they have no selection figure to rank by).
   ROUTINE_WARNINGS = ("Requested `tracked_metric`",)
 
@@ -73,13 +75,46 @@ class _QuietLibraries:
     from_library = any(path in record.pathname for path in self.PATHS)
     if from_library and str(record.msg).startswith(self.ROUTINE_WARNINGS):
       return False
+    if (from_library or any(path in record.pathname for path in self.ASYNC_PATHS)) and _reports_full_disk(record):
+      return False
     return record.levelno >= logging.converter.STANDARD_WARNING or not from_library
+
+
+def _reports_full_disk(record) -> bool:
+  from lm.core import files  # pylint: disable=g-import-not-at-top
+  error = record.exc_info[1] if record.exc_info else None
+  try:
+    message = record.getMessage()
+  except Exception:  # pylint: disable=broad-except
+    message = str(record.msg)
+  return files.disk_full(error) or files.disk_full(RuntimeError(message))
+
+
+def _quiet_closed_loop_callbacks() -> None:
+  """After a checkpoint write fails (a full disk), Orbax closes its event loop while TensorStore still
+  completes the other writes; each completion's `call_soon_threadsafe` then raises "Event loop is closed",
+  which TensorStore reports as an unraisable exception. Those say nothing (lm reports the failure as one
+  `error:` line); every other unraisable exception reaches the previous hook."""
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    frames, traceback = [], unraisable.exc_traceback
+    while traceback is not None:
+      frames.append(traceback.tb_frame.f_code.co_name)
+      traceback = traceback.tb_next
+    if (unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed" and
+        "call_soon_threadsafe" in frames):
+      return
+    previous(unraisable)
+
+  sys.unraisablehook = hook
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  _quiet_closed_loop_callbacks()
   try:
     code = run_mode(_CONFIG.value, _WORKDIR.value, _MODE.value)
   except UserError as error:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
+import uuid
 
 import pytest
 
@@ -72,3 +74,24 @@ def tiny_config():
     return load_config(str(ROOT / "experiments" / "shakespeare_char.py"), tiny_overrides(**extra))
 
   return make
+
+
+@pytest.fixture
+def small_disk_of(tmp_path):
+  """Factory: a real file system of `size` (tmpfs, e.g. "6m"), mounted for the test, unmounted after it;
+  skipped where this user may not mount (the tests run as root on the project's machines and in CI)."""
+  mounted = []
+
+  def mount(size: str):
+    mount_point = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
+    mount_point.mkdir()
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+                            capture_output=True)
+    if result.returncode != 0:
+      pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
+    mounted.append(mount_point)
+    return mount_point
+
+  yield mount
+  for mount_point in mounted:
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -10,6 +10,7 @@
   ab        ab_test: two runs on the same examples, paired bootstrap (and McNemar)
   export    export_checkpoint: a trained LM as a Hugging Face GPT-2 / Llama folder
   reports   what a task's after-training report is handed (lm.tasks.base.ReportContext)
+  lock      run_lock: the workdir lock of train / online / crossval, taken once per multi-process job
 
 `lm.main` maps `--mode NAME` to `lm.app.NAME.run`.
 """

@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from lm.app.lock import run_lock
 from lm.app.train import train
 from lm.core import files
 from lm.core.configs import apply_overrides
@@ -66,7 +67,16 @@ def _fold_metrics(fold_dir: str, steps: int) -> dict[str, float]:
 
 
 def crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains and evaluates `config.eval.folds` models; returns the crossval.json report."""
+  """Trains and evaluates `config.eval.folds` models; returns the crossval.json report.
+
+  Holds `WORKDIR/run.lock` throughout (lm.app.lock), and each fold's `train`
+  holds `WORKDIR/fold_i/run.lock` while it trains: locks are per directory.
+  """
+  with run_lock(workdir, "crossval"):
+    return _crossval(config, workdir)
+
+
+def _crossval(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   validate(config, "crossval")
   folds_wanted = int(config.eval.folds)
   if checkpoint_lib.has_checkpoint(workdir):

@@ -13,9 +13,10 @@
     checkpoint everything (weights, current, cursor, replay, dedup, R) at once
 
 A kill at any moment resumes from the last checkpoint: mid-chunk checkpoints
-record the chunk and the step within it, and the chunk is re-read and
-re-cleaned identically (the dedup index only absorbs a chunk when it ends),
-so no chunk is trained on twice or skipped.
+record the chunk and the step within it (and, with a regularizer on, its
+anchor and EWC Fisher), and the chunk is re-read and re-cleaned identically
+(the dedup index only absorbs a chunk when it ends), so no chunk is trained
+on twice or skipped, and a resumed chunk keeps the anchor it started with.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ import numpy as np
 import optax
 from absl import logging
 
+from lm.app.lock import run_lock
 from lm.app.train import write_run_files
+from lm.core import faults
 from lm.core.configs import apply_overrides
 from lm.core.errors import CheckpointError, ConfigError
 from lm.data import clean as clean_lib
@@ -127,6 +130,9 @@ class OnlineLoop:
     # Per-sequence losses of the current (served) model on each domain's held-out set: reused
     # until the current model changes or the set grows, instead of recomputed every chunk.
     self.current_losses: dict[str, np.ndarray] = {}
+    # The regularizer anchor (and EWC Fisher) of the chunk in progress, read from the checkpoint resumed from:
+    # {"id": chunk id, "anchor", "fisher"}, consumed by the first run_chunk (`_chunk_anchor`).
+    self.resumed: dict[str, Any] | None = None
 
   # -- start ---------------------------------------------------------------
   def _abstract_online_state(self) -> TrainState:
@@ -154,9 +160,11 @@ class OnlineLoop:
     restored = self.checkpointer.restore_latest(abstract, self.experiment.abstract_state.params) if (
         checkpoint_lib.has_checkpoint(self.workdir)) else None
     if restored is not None:
-      state, current, online, arrays, step = restored
-      self.run_state.load(online, arrays)
-      return state, current, f"resumed from checkpoint step {step}"
+      self.run_state.load(restored.online, restored.arrays)
+      in_progress = self.run_state.in_progress
+      self.resumed = {"id": in_progress["id"], "anchor": restored.anchor, "fisher": restored.fisher} if (
+          in_progress) else None
+      return restored.state, restored.current, f"resumed from checkpoint step {restored.step}"
     state, current = self._fresh_state(abstract)
     self._begin(state)
     write_run_files(self.experiment, self.tokenizer_is_new)
@@ -212,6 +220,7 @@ class OnlineLoop:
 
   def _prepare(self, chunk: stream_lib.Chunk) -> tuple[pipeline.Windows | None, list[str], list[str], Counter]:
     kept, dropped = self.run_state.cleaner.clean(chunk.documents, add=False)
+    faults.point("online/clean", len(self.run_state.consumed) + 1)  # cleaned in memory, nothing kept yet
     fraction = float(self.online.heldout_fraction)
     heldout = [doc for doc in kept if is_heldout(doc, fraction)]
     train_docs = [doc for doc in kept if not is_heldout(doc, fraction)]
@@ -240,8 +249,7 @@ class OnlineLoop:
     run.in_progress = progress
     if progress["step_in_chunk"] == 0:
       self._add_heldout(state, chunk.domain, heldout_docs)
-    anchor = jax.tree.map(lambda x: x.copy(), state.params) if self.reg.needs_anchor else ()
-    fisher = self._fisher(state.params) if self.reg.ewc else ()
+    anchor, fisher = self._chunk_anchor(state, chunk, progress)
     seed = stable_seed(self.config.seed, chunk.id)
     replay = run.replay if self.online.replay_fraction > 0 and len(run.replay) else None
     sharding = self.experiment.steps.batch_sharding
@@ -264,29 +272,54 @@ class OnlineLoop:
       return {"lr": np.float32(lr), "anchor": anchor, "fisher": fisher}
 
     def save(loop: Loop) -> None:
+      # Mid-chunk (or on a stop): with the anchor and Fisher, so a resumed chunk keeps the ones it started with.
       loop.check_finite()
-      self._save(loop.state, current)
+      self._save(loop.state, current, anchor=anchor if self.reg.needs_anchor else None,
+                 fisher=fisher if self.reg.ewc else None)
 
-    # A resumed chunk restarts from its recorded step, so regularizers anchored at the chunk's starting
-    # weights (not saved mid-chunk) only checkpoint at chunk ends; the chunk's end is saved after its gate.
-    anchored = self.reg.needs_anchor
+    # The chunk's end is saved after its gate (without the anchor: the next chunk takes its own).
     hooks = [_ChunkProgress(progress),
              LogHook(config.log_every, config.batch_size * config.seq_len, extra={"online/chunk": progress["index"] + 1}),
              MetricsHook(self.writer),
-             CheckpointHook(0 if anchored else int(self.online.checkpoint_every), save, at_last=False,
-                            save_on_stop=not anchored)]
+             CheckpointHook(int(self.online.checkpoint_every), save, at_last=False, save_on_stop=True)]
     with self.experiment.steps.context():
       loop = fit(state, self.step_fn, batch_at, first=progress["step_in_chunk"], last=steps, hooks=hooks,
                  inputs_at=inputs_at, stop=stop)
     state = loop.state
-    if stop.received:
+    if stop.agreed:
       return state, current, False
     self.last_step = int(state.step)
     current = self._evaluate_and_gate(state, current, chunk)
     # The chunk is done: its documents join the dedup index and the replay buffer.
     self._finish_chunk_bookkeeping(chunk, train_docs, heldout_docs, dropped, windows)
     self._save(state, current)
+    faults.point("online/between_chunks", len(run.consumed))  # the chunk's last checkpoint written
     return state, current, True
+
+  def _chunk_anchor(self, state: TrainState, chunk: stream_lib.Chunk, progress: dict[str, Any]) -> tuple[Any, Any]:
+    """The regularizers' anchor (the parameters before the chunk) and EWC Fisher; () for those not needed.
+
+    A chunk resumed mid-way takes both from the checkpoint (saved with every
+    mid-chunk checkpoint), not from the resumed weights. A checkpoint without
+    them (written with no regularizer on) anchors at the resumed weights, with
+    a warning; a missing Fisher is recomputed at the saved anchor (the replay
+    buffer only changes at chunk ends, so it is the chunk start's).
+    """
+    resumed, self.resumed = self.resumed, None
+    if not self.reg.needs_anchor:
+      return (), ()
+    anchor = fisher = None
+    if progress["step_in_chunk"] > 0 and resumed is not None and resumed["id"] == chunk.id:
+      anchor, fisher = resumed["anchor"], resumed["fisher"]
+      if anchor is None:
+        logging.warning("Chunk %s resumes at step %d from a checkpoint without the regularizers' anchor (saved with "
+                        "no regularizer on): the rest of the chunk is anchored at the resumed weights.", chunk.id,
+                        progress["step_in_chunk"])
+    if anchor is None:
+      anchor = jax.tree.map(lambda x: x.copy(), state.params)
+    if not self.reg.ewc:
+      return anchor, ()
+    return anchor, fisher if fisher is not None else self._fisher(anchor)
 
   def _add_heldout(self, state: TrainState, domain: str, heldout_docs: list[str]) -> None:
     """Adds a chunk's held-out documents to its domain's evaluation set (before training on the chunk).
@@ -347,6 +380,7 @@ class OnlineLoop:
     for name in run.matrix.domains:
       windows = run.heldout[name]
       candidate[name] = self._losses(state.params, windows)
+      faults.point("online/eval", len(run.consumed) + 1)  # the n-th chunk's evaluation, one domain done
       cached = self.current_losses.get(name)
       if cached is None or len(cached) != len(windows):
         cached = self.current_losses[name] = self._losses(current, windows)
@@ -397,13 +431,19 @@ class OnlineLoop:
     self.writer.write(self.last_step, row)
     self.chunk_row = {}
 
-  def _save(self, state: TrainState, current: Any) -> None:
+  def _save(self, state: TrainState, current: Any, *, anchor: Any = None, fisher: Any = None) -> None:
+    """Checkpoints everything; anchor / fisher: the chunk in progress's (mid-chunk saves with regularizers only)."""
     self.last_step = int(state.step)
     self.checkpointer.save(int(state.step), state, current, self.run_state.to_json(), self.run_state.arrays(),
-                           self.experiment.metadata())
+                           self.experiment.metadata(), anchor=anchor, fisher=fisher)
 
   # -- the loop ------------------------------------------------------------
   def run(self) -> OnlineResult:
+    """Runs chunks until the stream ends or a signal; holds the workdir lock (lm.app.lock) meanwhile."""
+    with run_lock(self.workdir, "online"):
+      return self._run()
+
+  def _run(self) -> OnlineResult:
     state, current, how = self.start()
     self.last_step = int(state.step)
     logging.info("Online: %s; stream %s.", how, self.stream.describe())
@@ -413,7 +453,8 @@ class OnlineLoop:
     max_chunks = int(self.online.max_chunks)
     try:
       with stop.installed():
-        while not stop.received and (not max_chunks or chunks_done < max_chunks):
+        # Every process must take the same turn here, so the stop is agreed (StopSignal.agree_now).
+        while not stop.agree_now() and (not max_chunks or chunks_done < max_chunks):
           chunk = self._read_chunk()
           if chunk is None:
             if self.stream.exhausted(self.run_state.consumed):
@@ -433,7 +474,7 @@ class OnlineLoop:
       self.checkpointer.close()
       self.writer.close()
     metrics = self.run_state.matrix.metrics() if self.run_state.matrix else {}
-    return OnlineResult(chunks_done, int(state.step), stop.received, metrics, self.workdir)
+    return OnlineResult(chunks_done, int(state.step), stop.agreed, metrics, self.workdir)
 
 
 class _ChunkProgress(Hook):
@@ -456,7 +497,8 @@ def _domain_of(source: str) -> str:
 def run_online(config: ml_collections.ConfigDict, workdir: str, stream: stream_lib.Stream | None = None) -> OnlineResult:
   """Runs the online loop in `workdir` (resuming it if it holds checkpoints); see the module docstring."""
   py_logging.getLogger("lm.online").setLevel(py_logging.INFO)
-  return OnlineLoop(config, workdir, stream).run()
+  with run_lock(workdir, "online"):  # before the loop's constructor opens metrics.jsonl (run() re-enters it)
+    return OnlineLoop(config, workdir, stream).run()
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, report: Any = print) -> int:

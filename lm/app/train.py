@@ -20,13 +20,14 @@ import jax
 import ml_collections
 from absl import logging
 
+from lm.app.lock import run_lock
 from lm.app.reports import report_context
 from lm.data import pipeline
 from lm.experiment import (TOKENIZER_DIR, Experiment, build_experiment, initial_state, open_eval_split,
                            open_train_split, token_windows)
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import perf
-from lm.train.loop import CheckpointHook, EvalHook, LogHook, Loop, MetricsHook, ProgressHook, fit
+from lm.train.loop import CheckpointHook, EvalHook, LogHook, Loop, MetricsHook, ProgressHook, StopSignal, fit
 from lm.train.metrics import MetricWriter
 
 
@@ -56,8 +57,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_source: Any 
 
   train_source / eval_source: documents to use instead of data.source's train
   and eval splits (cross-validation folds: lm.app.crossval); final_report:
-  False skips the task's after-training report.
+  False skips the task's after-training report. The run holds `WORKDIR/run.lock`
+  from start to end (lm.app.lock): another live run in `workdir` stops this
+  one with a WorkdirLockedError before anything is written.
   """
+  with run_lock(workdir, "train"):
+    return _train(config, workdir, train_source=train_source, eval_source=eval_source, final_report=final_report)
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str, *, train_source: Any, eval_source: Any,
+           final_report: bool) -> TrainResult:
+  """`train`'s work, inside the workdir lock."""
   experiment, tokenizer_is_new = build_experiment(config, workdir, "train")
   task = experiment.task
   train_examples = token_windows(experiment, train_source or open_train_split(config), config.data.train_stride,
@@ -105,12 +115,17 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_source: Any 
            MetricsHook(writer),
            CheckpointHook(config.checkpoint_every, save),
            ProgressHook(start_step, config.steps)]
+  # The signal handlers stay installed until the last checkpoint is written: a second SIGTERM (a launcher
+  # stopping the other processes of a job) must not kill a process while its asynchronous save commits.
+  stop = StopSignal()
   try:
-    with experiment.steps.context():
+    with stop.installed(), experiment.steps.context():
       loop = fit(state, experiment.steps.train_step, lambda _: next(batches), first=start_step, last=config.steps,
-                 hooks=hooks)
-    if loop.stop.received:
-      logging.warning("%s received: saved step %d and stopped.", loop.stop.received, loop.step)
+                 hooks=hooks, stop=stop)
+      if loop.stop.agreed:
+        checkpointer.wait()
+    if loop.stop.agreed:
+      logging.warning("%s received: saved step %d and stopped.", loop.stop.agreed, loop.step)
     elif final_report and loop.step >= config.steps and start_step < config.steps:
       checkpointer.wait()  # a report may read the best checkpoint, which may be the one just saved
       report = task.final_report(report_context(experiment, loop.state.params))
@@ -121,7 +136,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, train_source: Any 
     checkpointer.wait()
     checkpointer.close()
     writer.close()
-  return TrainResult(loop.step, loop.last_train_loss, loop.last_eval_loss, loop.stop.received, workdir)
+  return TrainResult(loop.step, loop.last_train_loss, loop.last_eval_loss, loop.stop.agreed, workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, report: Any = print) -> int:

@@ -44,3 +44,11 @@ class DistributedError(UserError, RuntimeError):
 
 class HFError(UserError, ValueError):
   """A Hugging Face directory that lm cannot read (or write): the message names the file, the problem, the fix."""
+
+
+class WorkdirLockedError(UserError, RuntimeError):
+  """Another live run holds the workdir's lock (lm.core.workdir_lock): the message names it and the fix."""
+
+
+class DiskFullError(UserError, OSError):
+  """The disk of a run's files is full: the message names the folder and the step, and the fix."""

@@ -9,8 +9,44 @@ matplotlib `Figure`s on the Agg canvas: no pyplot, so the process's backend
 
 from __future__ import annotations
 
+import errno
 import os
 from typing import Any
+
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded", "ENOSPC", "RESOURCE_EXHAUSTED: Failed to write")
+
+
+def disk_full(error: BaseException | None) -> bool:
+  """Whether `error`, or an error it was raised from, is a full disk (or quota): an OSError's errno, or the
+  text of one wrapped by a library (TensorStore reports ENOSPC in its message, Orbax re-raises it)."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+      return True
+    if any(text in str(error) for text in _DISK_FULL_TEXTS):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+  """Appends `line` (and a newline) to `path` whole or not at all: if the write fails (a full disk), the file
+  is cut back to its previous length, so it never ends in half a line; the error is re-raised."""
+  data = (line + "\n").encode("utf-8")
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    size = os.fstat(fd).st_size
+    try:
+      written = 0
+      while written < len(data):
+        written += os.write(fd, data[written:])
+    except OSError:
+      os.ftruncate(fd, size)
+      raise
+  finally:
+    os.close(fd)
 
 
 def _temporary_name(path: str) -> str:

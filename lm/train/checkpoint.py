@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lm.core import faults, files
 from lm.core.errors import CheckpointError
 from lm.train.state import TrainState
 
@@ -120,6 +122,8 @@ class Checkpointer:
     )
     self.directory = directory = absolute(directory)
     self._manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
+    self._writing: int | None = None  # the step being saved (in the background when asynchronous)
+    self._failed = False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -129,24 +133,66 @@ class Checkpointer:
 
   def save(self, step: int, state: TrainState, data_state: dict[str, Any], metadata: dict[str, Any],
            selection: float | None = None) -> bool:
-    """Saves `step`; `selection` (lower is better, e.g. eval/loss) ranks it for keep_best."""
+    """Saves `step`; `selection` (lower is better, e.g. eval/loss) ranks it for keep_best.
+
+    Asynchronous by default: the files are written in the background while
+    training goes on. The previous save is finished first (as Orbax would), so
+    a failure is reported with the step it belongs to; a full disk raises
+    CheckpointError naming the disk, the step and the intact checkpoint.
+    """
+    self.wait()
     metrics = {SELECTION: float(selection)} if selection is not None else None
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
-            metadata=ocp.args.JsonSave(metadata),
-        ),
-        metrics=metrics,
-        force=True,
-    )
+    self._writing = step
+    try:
+      saved = self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state),
+              data=ocp.args.JsonSave(data_state),
+              metadata=ocp.args.JsonSave(metadata),
+          ),
+          metrics=metrics,
+          force=True,
+      )
+    except Exception as error:  # pylint: disable=broad-except  (Orbax/TensorStore wrap OSError in their own types)
+      self._fail(error)
+      raise
+    faults.point("checkpoint/save", step)  # the step's files are being written, not yet committed
+    return saved
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the save in flight; CheckpointError if it failed for a full disk."""
+    if self._failed:
+      return
+    try:
+      self._manager.wait_until_finished()
+    except Exception as error:  # pylint: disable=broad-except
+      self._fail(error)
+      raise
+    self._writing = None
+
+  def _fail(self, error: BaseException) -> None:
+    """Turns a full disk into CheckpointError (the partial step removed); other errors pass unchanged."""
+    self._failed = True
+    if not files.disk_full(error):
+      return
+    step = self._writing
+    for partial in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+      shutil.rmtree(partial, ignore_errors=True)
+    previous = [s for s in ocp.utils.checkpoint_steps(epath.Path(self.directory)) if s != step]
+    kept = (f"The checkpoint of step {max(previous)} is intact: free space on that disk (or point --workdir at a "
+            "larger one) and rerun the same command to resume from it." if previous else
+            "No earlier checkpoint exists: free space on that disk (or point --workdir at a larger one) and rerun "
+            "the same command.")
+    raise CheckpointError(f"The disk holding {self.directory} is full (No space left on device): the checkpoint "
+                          f"of step {step} was not written. {kept}") from None
 
   def close(self) -> None:
-    self._manager.close()
+    try:
+      self._manager.close()
+    except Exception:  # pylint: disable=broad-except
+      if not self._failed:
+        raise  # after a failed save the manager's own cleanup may fail the same way; the first error was raised
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from lm.core import faults
 from lm.core.errors import DataError
 from lm.data import pipeline
 from lm.train.step import CompiledSteps
@@ -43,11 +44,13 @@ def evaluate(steps: CompiledSteps, params: Any, examples: Any, *, num_batches: i
   sums: dict[str, float] = {}
   rows: dict[str, list[np.ndarray]] = {}
   with steps.context():
-    for local in dataset:
+    for index, local in enumerate(dataset):
       batch = pipeline.to_global_batch(local, shardings, batch_size)
       for key, value in eval_step(params, batch).items():
         if key.startswith(ROWS):
           rows.setdefault(key, []).append(np.asarray(value))
         else:
           sums[key] = sums.get(key, 0.0) + float(value)
+      if index == 0:
+        faults.point("train/eval")  # the n-th evaluation of this process, its first batch done
   return sums, {key: np.concatenate(values) for key, values in rows.items()}

@@ -3,7 +3,7 @@
     loop.state, metrics = train_step(state, batch_at(step)[, inputs_at(step)])
     (the previous step's metrics are checked for NaN/Inf while this one runs)
     for hook in hooks: hook.after_step(loop)      log, evaluate, write, checkpoint, progress
-    a stop signal (SIGTERM/SIGINT) ends the loop after the hooks: hook.on_stop(loop)
+    a stop signal (SIGTERM/SIGINT), agreed by every process, ends the loop after the hooks: hook.on_stop(loop)
 
 The loop knows no task and no mode: `--mode train` (`lm.app.train`) runs it
 over the whole run with `LogHook`, `EvalHook`, `MetricsHook`,
@@ -24,18 +24,39 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 
+from lm.core import faults
 from lm.core.errors import NonFiniteError
 from lm.train.state import TrainState
 
 Metrics = Mapping[str, Any]
 
 
+_SIGNALS = ("SIGINT", "SIGTERM")  # what a StopSignal catches; its code in an agreement is the signal's number
+
+
 class StopSignal:
-  """Turns SIGTERM/SIGINT into a flag the loop checks between steps."""
+  """Turns SIGTERM/SIGINT into a stop that every process of the run agrees on, at a step boundary.
+
+  `received` is the signal this process got; `agreed` the one the run stops
+  for. One process: the same, at the step during which it came. Several
+  processes (`jax.process_count() > 1`): a signal reaches each at its own
+  moment (a preemption notice, `scancel`, Ctrl-C), so each step every process
+  contributes its signal to a tiny all-reduce (the max of one int32 per
+  device), started after the step and read one step later, after that step's
+  work has been dispatched: every process sees the same result after the same
+  step, stops there, and saves the same step. (Checking one's own flag instead
+  lets one process enter the checkpoint's barrier while another enters the
+  next step's collectives: a hang, not a save.)
+  """
 
   def __init__(self):
     self.received: str | None = None
+    self.agreed: str | None = None
+    self._agreement: _Agreement | None = None
+    self._in_flight: jax.Array | None = None
 
   @contextlib.contextmanager
   def installed(self) -> Iterator[StopSignal]:
@@ -45,7 +66,9 @@ class StopSignal:
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(signum, frame):  # pylint: disable=unused-argument
-      self.received = signal.Signals(signum).name
+      name = signal.Signals(signum).name
+      if self.received is None or _SIGNALS.index(name) > _SIGNALS.index(self.received):
+        self.received = name  # SIGTERM (save and exit 0) outranks SIGINT
 
     for sig in previous:
       signal.signal(sig, handler)
@@ -54,6 +77,49 @@ class StopSignal:
     finally:
       for sig, old in previous.items():
         signal.signal(sig, old)
+
+  def _code(self) -> int:
+    return int(getattr(signal, self.received)) if self.received else 0
+
+  def _decide(self, code: int) -> str | None:
+    if code and self.agreed is None:
+      self.agreed = signal.Signals(code).name
+    return self.agreed
+
+  def after_step(self) -> str | None:
+    """At a step boundary: the signal every process stops for now, or None (module doc). Every process
+    must call it after the same steps."""
+    if jax.process_count() == 1:
+      return self._decide(self._code())
+    self._agreement = self._agreement or _Agreement()
+    previous, self._in_flight = self._in_flight, self._agreement.start(self._code())
+    return self._decide(int(previous)) if previous is not None else self.agreed
+
+  def agree_now(self) -> str | None:
+    """The agreed signal, synchronously (between loops, e.g. between an online run's chunks)."""
+    if jax.process_count() == 1:
+      return self._decide(self._code())
+    self._agreement = self._agreement or _Agreement()
+    previous, self._in_flight = self._in_flight, None
+    codes = [int(previous)] if previous is not None else []
+    codes.append(int(self._agreement.start(self._code())))
+    return self._decide(max(codes))
+
+
+class _Agreement:
+  """The max over every process of one int32, as one small jitted all-reduce over all devices."""
+
+  def __init__(self):
+    devices = jax.devices()
+    mesh = jax.sharding.Mesh(np.array(devices), ("all",))
+    self.sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("all"))
+    self.shape = (len(devices),)
+    self.reduce = jax.jit(jnp.max, out_shardings=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+
+  def start(self, code: int) -> jax.Array:
+    value = np.array([code], np.int32)
+    shards = [jax.device_put(value, device) for device in self.sharding.addressable_devices]
+    return self.reduce(jax.make_array_from_single_device_arrays(self.shape, self.sharding, shards))
 
 
 def check_finite(step: int, metrics: Metrics) -> None:
@@ -125,7 +191,8 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, Metrics]]
   batch_at(step) / inputs_at(step): the batch and the extra inputs of the
   step that follows `step` steps. stop: a StopSignal whose handlers the
   caller installed (one that spans several loops); by default the loop
-  installs its own. A loop stopped by a signal has `loop.stop.received` set.
+  installs its own. A loop stopped by a signal has `loop.stop.agreed` set (the
+  same step on every process: StopSignal).
   """
   own_stop = stop is None
   stop = stop or StopSignal()
@@ -136,6 +203,7 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, Metrics]]
         batch = batch_at(loop.step)
         args = (loop.state, batch) if inputs_at is None else (loop.state, batch, inputs_at(loop.step))
         loop.state, metrics = train_step(*args)
+        faults.point("train/step", loop.global_step + 1)  # dispatched, not yet computed
         # Checking the previous step's metrics only now keeps one step in flight on the device
         # instead of synchronizing on every step.
         loop.check_finite()
@@ -146,7 +214,7 @@ def fit(state: TrainState, train_step: Callable[..., tuple[TrainState, Metrics]]
         loop.row, loop.selection, loop.saved = {}, None, False
         for hook in hooks:
           hook.after_step(loop)
-        if stop.received:
+        if stop.after_step():
           for hook in hooks:
             hook.on_stop(loop)
           return loop

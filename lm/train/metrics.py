@@ -10,6 +10,9 @@ from typing import Any, Mapping
 import jax
 import numpy as np
 
+from lm.core import files
+from lm.core.errors import DiskFullError
+
 
 class MetricWriter:
   """Appends `{"step": s, name: value, ...}` lines to `<workdir>/metrics.jsonl`.
@@ -36,8 +39,15 @@ class MetricWriter:
       row[name] = value if math.isfinite(value) else None
       if self._tensorboard is not None and math.isfinite(value):
         self._tensorboard.add_scalar(name, value, int(step))
-    with open(self.path, "a") as f:
-      f.write(json.dumps(row) + "\n")
+    try:
+      files.append_line(self.path, json.dumps(row))
+    except OSError as error:
+      if not files.disk_full(error):
+        raise
+      raise DiskFullError(
+          f"The disk holding {self.path} is full: the metrics of step {int(step)} were not written (the file "
+          "keeps every earlier line). Free space on that disk (or point --workdir at a larger one) and rerun the "
+          "same command: the run resumes from its last checkpoint.") from None
 
   def flush(self) -> None:
     if self._tensorboard is not None:

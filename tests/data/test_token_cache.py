@@ -204,21 +204,8 @@ def test_a_preparation_killed_midway_leaves_no_manifest_and_is_prepared_again(tm
   assert len(stream) == sum(len(document.encode()) + 1 for document in source)  # each document and its EOS
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-  """A real 2 MB file system (tmpfs), mounted for the test; skipped where this user may not mount."""
-  mount_point = tmp_path / f"disk-{uuid.uuid4().hex[:6]}"
-  mount_point.mkdir()
-  result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)], capture_output=True)
-  if result.returncode != 0:
-    pytest.skip(f"cannot mount a tmpfs here (needs root): {result.stderr.decode().strip()}")
-  try:
-    yield mount_point
-  finally:
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
-def test_a_full_disk_stops_preparation_with_the_cache_dir_and_no_manifest(small_disk, tmp_path):
+def test_a_full_disk_stops_preparation_with_the_cache_dir_and_no_manifest(small_disk_of, tmp_path):
+  small_disk = small_disk_of("2m")
   corpus_file = tmp_path / "corpus.txt"
   corpus_file.write_text((SHAKESPEARE.read_text() + "\n\n") * 3)  # 3.3 MB of text: 6.6 MB of uint16 ids
   source = corpus.Split(str(corpus_file), "train")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -20,7 +21,7 @@ from lm.app import online as online_loop
 from lm.online.step import chunk_learning_rate
 from lm.online.store import OnlineCheckpointer
 from lm.train import checkpoint as checkpoint_lib
-from tests.helpers import ROOT, cli_args, run_cli, tiny_overrides
+from tests.helpers import ROOT, cli_args, run_cli, tiny_overrides, train_losses
 
 CONFIG = str(ROOT / "experiments" / "online_shakespeare.py")
 SENTENCES = [f"the {adjective} film number {index} was {verdict} and {extra}"
@@ -122,26 +123,40 @@ def _run_online_cli(workdir: Path, pretrained: Path, stream: Path, **extra):
           *[f"--config.{key}={value}" for key, value in overrides.items()]]
 
 
-def test_sigkill_at_any_point_resumes_with_nothing_trained_twice_or_skipped(pretrained, tmp_path):
+def test_sigkill_at_seeded_instants_resumes_with_nothing_trained_twice_or_skipped(pretrained, tmp_path):
+  # Six kills (SIGKILL, at points of the code named by LM_FAULTS: lm.core.faults), each at an instant drawn
+  # (seed 16) after the checkpoint the previous kill left: mid-clean, mid-step, mid-save, mid-evaluation and
+  # between a chunk's last checkpoint and the next chunk. 3 chunks of 4 steps, a checkpoint every 2 steps.
   stream = corpus(tmp_path)
   reference = tmp_path / "reference"
   subprocess.run(_run_online_cli(reference, pretrained, stream), cwd=ROOT, check=True, capture_output=True)
+  rng = random.Random(16)
   killed = tmp_path / "killed"
-  for kill_after_step in (2, 6):  # inside the first chunk, then inside the second
-    process = subprocess.Popen(_run_online_cli(killed, pretrained, stream), cwd=ROOT, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
-    while (checkpoint_lib.latest_step(str(killed)) or 0) < kill_after_step and process.poll() is None:
-      assert time.monotonic() < deadline
-      time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+  instants = []
+  for kind in ("online/clean", "train/step", "checkpoint/save", "online/eval", "online/between_chunks",
+               "train/step"):
+    step = checkpoint_lib.latest_step(str(killed)) or 0
+    done = len(_online_item(killed)["consumed"]) if step else 0
+    if kind == "train/step":  # one of the next 3 steps
+      index = rng.randint(step + 1, min(step + 3, 12))
+    elif kind == "checkpoint/save":  # one of the next 2 saves
+      index = rng.choice([s for s in range(step + 1, min(step + 4, 12) + 1) if s % 2 == 0])
+    else:
+      index = done + 1  # the next chunk's cleaning, evaluation or aftermath
+    result = subprocess.run(_run_online_cli(killed, pretrained, stream), cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "LM_FAULTS": f"{kind}@{index}=SIGKILL"})
+    assert result.returncode == -9, (kind, index, result.stderr[-3000:])  # the kill landed
+    instants.append((step, kind, index))
+  assert len({step for step, _, _ in instants}) > 2, instants  # the kills were spread over the run
   subprocess.run(_run_online_cli(killed, pretrained, stream), cwd=ROOT, check=True, capture_output=True)
   ref, got = _online_item(reference), _online_item(killed)
   assert got["consumed"] == ref["consumed"] == [f"reviews-{k:03d}-of-003" for k in (1, 2, 3)]
   assert checkpoint_lib.latest_step(str(killed)) == checkpoint_lib.latest_step(str(reference)) == 12
-  np.testing.assert_allclose(np.array(got["matrix"]["R"][1:], float), np.array(ref["matrix"]["R"][1:], float),
-                             rtol=1e-5)
+  np.testing.assert_allclose(np.array(got["matrix"]["R"], float), np.array(ref["matrix"]["R"], float), rtol=1e-5)
+  losses, expected = train_losses(killed), train_losses(reference)
+  assert sorted(losses) == sorted(expected) == list(range(1, 13))
+  for step, loss in expected.items():
+    assert losses[step] == pytest.approx(loss, rel=1e-5), step
 
 
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(pretrained, tmp_path, caplog):
@@ -164,23 +179,49 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_previous_one(pretrained, 
   assert (workdir / "unreadable_checkpoints" / "4" / "state").is_dir()  # set aside, not deleted
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint_usable(tmp_path, monkeypatch):
+def test_a_full_disk_keeps_the_previous_checkpoint_usable(small_disk_of):
+  # A real 1 MB file system: the first checkpoint (two 400 kB parameter trees) fits, the second does not, and
+  # Orbax/TensorStore meet a real ENOSPC part way through writing it.
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from lm.train.state import TrainState  # pylint: disable=g-import-not-at-top
-  state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(3)}, opt_state=(), rng=jnp.zeros(2, jnp.uint32))
-  checkpointer = OnlineCheckpointer(str(tmp_path / "checkpoints"))
-  checkpointer.save(1, state, {"w": jnp.ones(3)}, {"consumed": ["a"]}, {"x": np.arange(3)}, {})
-
-  def full_disk(*args, **kwargs):
-    raise OSError(28, "No space left on device")
-
-  monkeypatch.setattr(checkpointer._manager, "save", full_disk)  # pylint: disable=protected-access
-  with pytest.raises(checkpoint_lib.CheckpointError, match="No space left on device.*step 1 is intact"):
-    checkpointer.save(2, state, {"w": jnp.ones(3)}, {"consumed": ["a", "b"]}, {"x": np.arange(3)}, {})
-  monkeypatch.undo()
-  restored = checkpointer.restore_latest(state, {"w": jnp.ones(3)})
+  disk = small_disk_of("1m")
+  params = {"w": jnp.asarray(np.random.default_rng(0).standard_normal(100_000, np.float32))}  # incompressible
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=(), rng=jnp.zeros(2, jnp.uint32))
+  checkpointer = OnlineCheckpointer(str(disk / "checkpoints"))
+  checkpointer.save(1, state, params, {"consumed": ["a"]}, {"x": np.arange(3)}, {})
+  with pytest.raises(checkpoint_lib.CheckpointError, match=r"The disk holding .*checkpoints is full .*step 2 was "
+                                                           r"not written\. The checkpoint of step 1 is intact"):
+    checkpointer.save(2, state, params, {"consumed": ["a", "b"]}, {"x": np.arange(3)}, {})
+  assert sorted(p.name for p in (disk / "checkpoints").iterdir()) == ["1"]  # the partial step 2 is gone
+  restored = checkpointer.restore_latest(state, params)
   assert restored[2] == {"consumed": ["a"]} and restored[4] == 1
   np.testing.assert_array_equal(restored[3]["x"], np.arange(3))
+
+
+def test_the_anchor_and_fisher_items_are_optional(tmp_path):
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from lm.train.state import TrainState  # pylint: disable=g-import-not-at-top
+  state = TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(3)}, opt_state=(),
+                     rng=jnp.zeros(2, jnp.uint32))
+  checkpointer = OnlineCheckpointer(str(tmp_path / "checkpoints"))
+
+  def save(step, **items):
+    checkpointer.save(step, state, {"w": jnp.ones(3)}, {"step": step}, {"x": np.arange(3)}, {}, **items)
+
+  save(1)  # as at a chunk's end, or before the items existed
+  restored = checkpointer.restore_latest(state, {"w": jnp.ones(3)})
+  assert restored.step == 1 and restored.anchor is None and restored.fisher is None
+  save(2, anchor={"w": jnp.full(3, 2.0)}, fisher={"w": jnp.full(3, 0.5)})
+  restored = checkpointer.restore_latest(state, {"w": jnp.ones(3)})
+  assert restored.step == 2 and restored.online == {"step": 2}
+  np.testing.assert_array_equal(restored.anchor["w"], np.full(3, 2.0))
+  assert restored.fisher["w"].dtype == np.float32
+  np.testing.assert_array_equal(restored.fisher["w"], np.full(3, 0.5))
+  save(3, anchor={"w": jnp.full(3, 3.0)})  # l2_init or distillation: no Fisher
+  restored = checkpointer.restore_latest(state, {"w": jnp.ones(3)})
+  assert restored.step == 3 and restored.fisher is None
+  np.testing.assert_array_equal(restored.anchor["w"], np.full(3, 3.0))
+  checkpointer.close()
 
 
 def test_a_vanished_stream_folder_stops_with_a_clear_message(pretrained, tmp_path):
@@ -234,16 +275,61 @@ def test_all_regularizers_train_together_and_are_logged(pretrained, tmp_path):
   for r in train_rows:
     expected = r["train/loss"] + 0.1 * r["train/l2_init"] + 0.1 * r["train/ewc"] + 0.5 * r["train/distill"]
     assert r["train/total_loss"] == pytest.approx(expected, rel=1e-5)
-  # With an anchor, a chunk only checkpoints at its end (a resumed chunk restarts from its first step).
-  assert checkpoint_lib.latest_step(str(tmp_path / "online")) == 4
-  assert sorted(int(p.name) for p in (tmp_path / "online" / "checkpoints").iterdir() if p.name.isdigit()) == [0, 4]
+  # Mid-chunk checkpoints carry the anchor and the Fisher (a resumed chunk keeps them); chunk ends need neither.
+  checkpoints = tmp_path / "online" / "checkpoints"
+  assert _steps(checkpoints) == [0, 2, 4]
+  assert {"anchor", "fisher"} <= _items(checkpoints, 2)
+  assert not {"anchor", "fisher"} & (_items(checkpoints, 0) | _items(checkpoints, 4))
+
+
+def _steps(checkpoints: Path) -> list[int]:
+  return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+
+
+def _items(checkpoints: Path, step: int) -> set[str]:
+  return {p.name for p in (checkpoints / str(step)).iterdir() if p.is_dir()}
+
+
+@pytest.mark.filterwarnings("ignore:Sharding info not provided when restoring")
+@pytest.mark.parametrize("regularizer", ["l2_init", "ewc", "distill"])
+def test_a_chunk_resumed_mid_way_keeps_its_regularizer_anchor(pretrained, tmp_path, regularizer):
+  """Resuming from a mid-chunk checkpoint equals the uninterrupted run: same anchor (and Fisher), same losses."""
+  overrides = online_overrides(pretrained, **{
+      "online.stream": str(corpus(tmp_path)), "online.chunks": 3, "online.max_chunks": 1,
+      "online.replay_fraction": 0.25, "online.ewc_batches": 2, f"online.{regularizer}": 0.5})
+  reference = tmp_path / "reference"
+  online_loop.run_online(load_config(CONFIG, overrides), str(reference))
+  checkpoints = reference / "checkpoints"
+  assert _steps(checkpoints) == [0, 2, 4]
+  assert _items(checkpoints, 2) & {"anchor", "fisher"} == ({"anchor", "fisher"} if regularizer == "ewc" else {"anchor"})
+  assert not {"anchor", "fisher"} & (_items(checkpoints, 0) | _items(checkpoints, 4))
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  reader = ocp.PyTreeCheckpointer()
+  anchor, start = reader.restore(checkpoints / "2" / "anchor"), reader.restore(checkpoints / "0" / "state")["params"]
+  assert all(np.array_equal(a, b) for a, b in zip(jax_leaves(anchor), jax_leaves(start)))  # the chunk's start
+  # The workdir as a kill right after the mid-chunk checkpoint of step 2 leaves it.
+  resumed = tmp_path / "resumed"
+  shutil.copytree(reference, resumed)
+  shutil.rmtree(resumed / "checkpoints" / "4")
+  (resumed / "metrics.jsonl").unlink()
+  (resumed / "continual.json").unlink()
+  result = online_loop.run_online(load_config(CONFIG, overrides), str(resumed))
+  assert result.chunks_done == 1 and result.step == 4
+  ref, got = ([r for r in map(json.loads, (workdir / "metrics.jsonl").read_text().splitlines())
+               if "train/loss" in r and r["step"] > 2] for workdir in (reference, resumed))
+  assert [r["step"] for r in got] == [r["step"] for r in ref] == [3, 4]
+  for name in ("train/loss", "train/total_loss", f"train/{regularizer}"):
+    assert [r[name] for r in got] == pytest.approx([r[name] for r in ref], rel=1e-5), name
+  assert ref[0][f"train/{regularizer}"] > 0  # the anchor is the chunk's start, not the resumed weights
+  continual = lambda workdir: np.array(json.loads((workdir / "continual.json").read_text())["R"], float)  # noqa: E731
+  np.testing.assert_allclose(continual(resumed), continual(reference), rtol=1e-5)
 
 
 def test_sigterm_saves_the_chunk_in_progress_and_exits_zero(pretrained, tmp_path):
   stream = corpus(tmp_path)
   workdir = tmp_path / "online"
   command = _run_online_cli(workdir, pretrained, stream, **{"online.steps_per_chunk": 10_000,
-                                                             "online.checkpoint_every": 1_000})
+                                                             "online.checkpoint_every": 1_000, "online.l2_init": 0.1})
   process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
   deadline = time.monotonic() + 240
@@ -256,6 +342,7 @@ def test_sigterm_saves_the_chunk_in_progress_and_exits_zero(pretrained, tmp_path
   step = checkpoint_lib.latest_step(str(workdir))
   progress = _online_item(workdir)["in_progress"]
   assert step >= 3 and progress["id"] == "reviews-001-of-003" and progress["step_in_chunk"] == step
+  assert "anchor" in _items(workdir / "checkpoints", step)  # a regularizer no longer keeps SIGTERM from saving
 
 
 def test_a_chunk_too_small_to_hold_out_a_window_still_trains(pretrained, tmp_path):
