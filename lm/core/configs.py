@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import numbers
 import os
 from typing import Any, Callable, Iterable, Mapping
 
@@ -69,10 +70,71 @@ def _fresh(default: Any) -> Any:
 
 
 def validate_parts(parts: Iterable[ConfigPart], config: ml_collections.ConfigDict, mode: str) -> None:
-  """Runs every part's validator in order; the first problem raises ConfigError."""
+  """Checks every field's type against its part's default, then runs every part's validator in order; the
+  first problem raises ConfigError."""
+  parts = tuple(parts)
+  for part in parts:
+    check_types(part, config)
   for part in parts:
     if part.validate is not None:
       part.validate(config, mode)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+  """repr(value) on one line, shortened (for a message)."""
+  text = repr(value.to_dict() if isinstance(value, ml_collections.ConfigDict) else value)
+  return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _kind_of(default: Any) -> tuple[str, Callable[[Any], bool]] | None:
+  """(what a field holding `default` takes, in words; the test of a value), or None when any value goes."""
+  if isinstance(default, ml_collections.FieldReference):  # a placeholder: None (unset) or its type
+    if default.get() is not None:
+      return _kind_of(default.get())
+    of_type = default.get_type()
+    inner = _kind_of(of_type()) if of_type in (bool, int, float, str, tuple) else None
+    if inner is None:
+      return None
+    kind, test = inner
+    return f"{kind} (or None: unset)", lambda value: value is None or test(value)
+  if isinstance(default, bool):
+    return "True or False", lambda value: isinstance(value, bool)
+  if isinstance(default, numbers.Integral):
+    return "an integer", lambda value: isinstance(value, numbers.Integral) and not isinstance(value, bool)
+  if isinstance(default, numbers.Real):
+    return "a number", lambda value: isinstance(value, numbers.Real) and not isinstance(value, bool)
+  if isinstance(default, str):
+    return "a string", lambda value: isinstance(value, str)
+  if isinstance(default, (tuple, list)):
+    items = [_kind_of(item) for item in default]
+    if not items or None in items or len({kind for kind, _ in items}) > 1:  # no one type of item to check
+      return "a tuple", lambda value: isinstance(value, (tuple, list))
+    item_kind, item_test = items[0]
+    return (f"a tuple of items each {item_kind}",
+            lambda value: isinstance(value, (tuple, list)) and all(item_test(item) for item in value))
+  return None
+
+
+def check_types(part: ConfigPart, config: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first field of `part` whose value is not of its default's type (an int where a
+  number goes is fine; None only where the default is an unset placeholder)."""
+  for dotted, default in part.fields.items():
+    node: Any = config
+    for key in dotted.split("."):
+      if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+        node = _MISSING
+        break
+      node = node[key]
+    kind = None if node is _MISSING else _kind_of(default)
+    if kind is not None and not kind[1](node):
+      shown = default.get() if isinstance(default, ml_collections.FieldReference) else default
+      example = f" (the default is {_short_repr(shown)})" if shown is not None else ""
+      got = "" if node is None else f" ({type(node).__name__})"
+      raise ConfigError(f"config.{dotted} is {_short_repr(node)}{got}, but the field takes {kind[0]}. Fix: set "
+                        f"--config.{dotted} to {kind[0]}{example}.")
+
+
+_MISSING = object()
 
 
 def unknown_key_message(dotted: str, node: ml_collections.ConfigDict) -> str:
@@ -92,7 +154,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
       node = node[part]
     if leaf not in node:
       raise ConfigError(unknown_key_message(dotted, node))
-    node[leaf] = value
+    try:
+      node[leaf] = value
+    except (TypeError, ValueError):  # ConfigDict refuses a value of another type (or a dict with dotted keys)
+      raise ConfigError(f"config.{dotted} cannot be {_short_repr(value)} ({type(value).__name__}): the field holds "
+                        f"a {type(node[leaf]).__name__} ({_short_repr(node[leaf])}). Fix: give it a value of that "
+                        "type.") from None
   config.lock()
   return config
 

@@ -187,6 +187,9 @@ def _txt_documents(path: Path, text_field: str, start: int = 0, end: int | None 
     yield pending
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _jsonl_records(lines: Lines, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
   """Yields (index in `lines`, record) of .jsonl lines whose records all hold `fields`, the first a string."""
   path = lines.path
@@ -201,6 +204,10 @@ def _jsonl_records(lines: Lines, fields: tuple[str, ...]) -> Iterator[tuple[int,
       raise DataError(
           f"{path} line {lines.number(index)} is not valid JSON ({error.msg}). Fix: write one JSON object "
           f"per line, e.g. {{{example}}}.") from None
+    except (ValueError, RecursionError) as error:  # an integer of over 4300 digits; nesting deeper than the stack
+      raise DataError(
+          f"{path} line {lines.number(index)} is JSON that Python cannot read ({str(error).splitlines()[0][:120]}). "
+          "Fix: store the text as a JSON string, without huge numbers or deep nesting.") from None
     if not isinstance(record, dict) or any(field not in record for field in fields):
       present = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
       raise DataError(
@@ -210,6 +217,13 @@ def _jsonl_records(lines: Lines, fields: tuple[str, ...]) -> Iterator[tuple[int,
       raise DataError(
           f"{path} line {lines.number(index)}: field {fields[0]!r} is {type(record[fields[0]]).__name__}, "
           "not a string. Fix: store the text as a JSON string.")
+    if "\\u" in line:  # only an escape can hold half of a UTF-16 surrogate pair, which is not text
+      for field in fields:
+        if isinstance(record[field], str) and _SURROGATE.search(record[field]):
+          raise DataError(
+              f"{path} line {lines.number(index)}: field {field!r} holds an unpaired surrogate escape "
+              "(\\ud800-\\udfff), which is no character. Fix: write the text as UTF-8, or escape each "
+              "character outside the BMP as its full surrogate pair.")
     yield index, record
 
 

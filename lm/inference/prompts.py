@@ -34,6 +34,7 @@ from lm.models.transformer import TransformerLM
 
 PROMPT_FILE_TYPES = (".txt", ".jsonl")
 _ESCAPES = {"n": "\n", "t": "\t", "\\": "\\"}
+_SURROGATE = re.compile("[\ud800-\udfff]")  # half of a UTF-16 pair: only a .jsonl escape can hold one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,9 +108,15 @@ def read_prompts_file(path: str) -> list[Prompt]:
       except json.JSONDecodeError as error:
         raise ConfigError(f"{path} line {number} is not valid JSON ({error.msg}, column {error.colno}). Fix: "
                           'write one object per line, e.g. {"prompt": "ROMEO:"}.') from None
+      except (ValueError, RecursionError):  # an integer of over 4300 digits; nesting deeper than the stack
+        raise ConfigError(f"{path} line {number} is JSON that Python cannot read (a huge number or deep nesting). "
+                          'Fix: write one object per line, e.g. {"prompt": "ROMEO:"}.') from None
       if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
         raise ConfigError(f'{path} line {number} has no string "prompt" field (got {line[:80]!r}). Fix: write one '
                           'object per line, e.g. {"prompt": "ROMEO:"}.')
+      if _SURROGATE.search(record["prompt"]):
+        raise ConfigError(f"{path} line {number}: the prompt holds an unpaired surrogate escape (\\ud800-\\udfff), "
+                          "which is no character. Fix: write the prompt as UTF-8 text.")
       prompts.append(Prompt(record["prompt"], where))
   if not prompts:
     raise ConfigError(f"config.sample.prompts_file={path!r} holds no prompts (it is empty or blank). {_FILE_FIX}")

@@ -65,7 +65,11 @@ def model_config(directory: str | os.PathLike, *, max_len: int | None = None, **
   """The TransformerConfig of `directory`'s model; `overrides` set the run's own fields (dtype, scan_layers, ...)."""
   fields = model_fields(directory, max_len)
   fields.update(overrides)
-  return TransformerConfig(**fields)
+  try:
+    return TransformerConfig(**fields)
+  except ValueError as error:
+    raise HFError(f"The model of {Path(directory) / CONFIG_FILE} cannot be built: {error} Fix: restore the model's "
+                  "original config.json, or pass other overrides.") from None
 
 
 @functools.lru_cache(maxsize=8)
@@ -238,9 +242,12 @@ def _special_ids(path: Path, tokenizer: tokenizers_lib.HFTokenizer) -> tuple[int
   if settings_path.is_file():
     try:
       settings = json.loads(settings_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-      raise HFError(f"{settings_path} is not valid JSON ({error}). Fix: restore the model's original file, "
-                    "or delete it.") from None
+    except (ValueError, RecursionError) as error:  # also UTF-8 and JSON errors, huge integers, deep nesting
+      raise HFError(f"{settings_path} is not valid JSON ({' '.join(str(error).split())[:160]}). Fix: restore the "
+                    "model's original file, or delete it.") from None
+    if not isinstance(settings, dict):
+      raise HFError(f"{settings_path} holds a {type(settings).__name__}, not a JSON object. Fix: restore the model's "
+                    "original file, or delete it.")
 
   def token_id(entry: Any) -> int | None:
     text = entry.get("content") if isinstance(entry, dict) else entry

@@ -38,6 +38,12 @@ _CONVERT_COMMAND = (
 
 
 
+def _first_line(error: BaseException) -> str:
+  """An exception's message on one line, shortened (for an HFError's message)."""
+  text = " ".join(str(error).split())
+  return text if len(text) <= 160 else text[:157] + "..."
+
+
 def check_directory(directory: str | os.PathLike) -> Path:
   """The directory as a Path; HFError if it is empty, does not exist or is not a directory."""
   if not str(directory).strip():  # Path("") would quietly mean the current directory
@@ -61,8 +67,9 @@ def read_config(directory: str | os.PathLike) -> dict[str, Any]:
                   "model's config.json beside its weights (save_pretrained writes both).")
   try:
     config = json.loads(path.read_text(encoding="utf-8"))
-  except (json.JSONDecodeError, UnicodeDecodeError) as error:
-    raise HFError(f"{path} is not valid JSON ({error}). Fix: restore the model's original config.json.") from None
+  except (ValueError, RecursionError) as error:  # also UTF-8 and JSON errors, huge integers, deep nesting
+    raise HFError(f"{path} is not valid JSON ({_first_line(error)}). Fix: restore the model's original "
+                  "config.json.") from None
   if not isinstance(config, dict):
     raise HFError(f"{path} holds a {type(config).__name__}, not a JSON object. Fix: restore the model's config.json.")
   return config
@@ -76,9 +83,9 @@ def _weight_files(directory: Path) -> tuple[dict[str, Path] | None, list[Path], 
       weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
       if not isinstance(weight_map, dict):
         raise TypeError("weight_map is not an object")
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
-      raise HFError(f"{index_path} is not a safetensors index ({error}). Fix: restore the index save_pretrained "
-                    "wrote, or delete it if the weights are one model.safetensors.") from None
+    except (ValueError, RecursionError, KeyError, TypeError) as error:  # ValueError: also UTF-8 and JSON errors
+      raise HFError(f"{index_path} is not a safetensors index ({_first_line(error)}). Fix: restore the index "
+                    "save_pretrained wrote, or delete it if the weights are one model.safetensors.") from None
     shards = {name: directory / str(shard) for name, shard in weight_map.items()}
     files = sorted(set(shards.values()))
     for file in files:
@@ -121,8 +128,8 @@ class WeightFiles:
         try:
           handle = self._stack.enter_context(safe_open(str(file), framework="np"))
         except Exception as error:  # safetensors raises its own error types for a corrupt header
-          raise HFError(f"{file} is not a readable safetensors file ({error}). Fix: re-download or re-save "
-                        "the weights.") from None
+          raise HFError(f"{file} is not a readable safetensors file ({_first_line(error)}). Fix: re-download or "
+                        "re-save the weights.") from None
         self._handles[file] = handle
         for name in handle.keys():
           if shards is None or shards.get(name) == file:

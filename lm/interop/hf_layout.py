@@ -67,6 +67,9 @@ def layout_of(model_type: str) -> str:
   return "gpt2" if model_type == "gpt2" else "llama"
 
 
+_MISSING = object()
+
+
 def _required(hf: dict[str, Any], key: str, path: Path, *alternatives: str) -> Any:
   value = first_of(hf.get(name) for name in (key,) + alternatives)
   if value is None:
@@ -75,15 +78,51 @@ def _required(hf: dict[str, Any], key: str, path: Path, *alternatives: str) -> A
   return value
 
 
+def _malformed(path: Path, key: str, value: Any, wanted: str) -> HFError:
+  shown = repr(value)
+  shown = shown if len(shown) <= 80 else shown[:77] + "..."
+  return HFError(f"{path}: {key}={shown} is not {wanted}. Fix: restore the model's original config.json.")
+
+
+def _integer(hf: dict[str, Any], key: str, path: Path, *alternatives: str, default: Any = _MISSING,
+             minimum: int = 1) -> int:
+  """An integer field of config.json (the first of `key`, `alternatives` that is set), >= `minimum`."""
+  name = next((name for name in (key,) + alternatives if hf.get(name) is not None), key)
+  value = hf.get(name)
+  if value is None and default is not _MISSING:
+    return default
+  value = _required(hf, key, path, *alternatives)
+  if isinstance(value, float) and value.is_integer():
+    value = int(value)
+  if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value < 2**31:
+    raise _malformed(path, name, value, f"an integer from {minimum} to 2**31 - 1")
+  return value
+
+
+def _real(hf: dict[str, Any], key: str, path: Path, default: float, *, positive: bool = False) -> float:
+  """A number of config.json (`default` when unset), finite (and > 0 with `positive`)."""
+  value = first_of((hf.get(key), default))
+  try:
+    number = float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+  except OverflowError:  # an integer too large for a float
+    number = None
+  if number is None or not np.isfinite(number) or (positive and number <= 0):
+    raise _malformed(path, key, value, "a positive number" if positive else "a finite number")
+  return number
+
+
 def model_type_of(hf: dict[str, Any], path: Path) -> str:
   """The config's model_type after checking it and its architectures are ones lm reads."""
   model_type = hf.get("model_type")
-  if model_type not in ARCHITECTURES:
+  if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
     hint = _HINTS.get(str(model_type), "")
     raise HFError(f"{path}: model_type {model_type!r} is not supported{' (' + hint + ')' if hint else ''}. lm "
                   f"reads {', '.join(ARCHITECTURES)} (Mistral as Llama's architecture). Fix: use a GPT-2 or "
                   "Llama-family checkpoint.")
-  others = [name for name in hf.get("architectures") or () if name not in ARCHITECTURES[model_type]]
+  architectures = hf.get("architectures") or []
+  if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+    raise _malformed(path, "architectures", architectures, "a list of class names (e.g. [\"LlamaForCausalLM\"])")
+  others = [name for name in architectures if name not in ARCHITECTURES[model_type]]
   if others:
     raise HFError(f"{path}: architecture {others[0]!r} is not a causal language model lm reads; for model_type "
                   f"{model_type!r} it reads {', '.join(ARCHITECTURES[model_type])}. Fix: save the causal LM "
@@ -104,9 +143,16 @@ def model_fields(hf: dict[str, Any], path: Path, max_len: int | None = None) -> 
     HFError: an unsupported model type, architecture or option, naming the key and the fix.
   """
   model_type = model_type_of(hf, path)
-  if model_type == "gpt2":
-    return _gpt2_fields(hf, path, max_len)
-  return _llama_fields(hf, path, max_len, model_type)
+  fields = _gpt2_fields(hf, path, max_len) if model_type == "gpt2" else _llama_fields(hf, path, max_len, model_type)
+  heads, kv_heads, width = fields["num_heads"], fields["num_kv_heads"], fields["width"]
+  if width % heads or heads % kv_heads:
+    raise HFError(f"{path}: a width of {width} with {heads} attention heads and {kv_heads} key/value heads does not "
+                  "split into whole heads (width must be a multiple of the heads, the heads of the key/value "
+                  "heads). Fix: restore the model's original config.json.")
+  if fields["position"] == "rope" and (width // heads) % 2:
+    raise HFError(f"{path}: RoPE needs an even head dimension, and {width} / {heads} heads = {width // heads}. Fix: "
+                  "restore the model's original config.json.")
+  return fields
 
 
 def _refuse(path: Path, key: str, value: Any, why: str) -> None:
@@ -114,13 +160,13 @@ def _refuse(path: Path, key: str, value: Any, why: str) -> None:
 
 
 def _gpt2_fields(hf: dict[str, Any], path: Path, max_len: int | None) -> dict[str, Any]:
-  width, heads = int(_required(hf, "n_embd", path)), int(_required(hf, "n_head", path))
-  positions = int(_required(hf, "n_positions", path, "n_ctx"))
+  width, heads = _integer(hf, "n_embd", path), _integer(hf, "n_head", path)
+  positions = _integer(hf, "n_positions", path, "n_ctx")
   if max_len not in (None, positions):
     raise HFError(f"{path}: n_positions={positions} is the size of GPT-2's learned position table, so the model "
                   f"runs at most {positions} positions (asked for {max_len}). Fix: use seq_len <= {positions}.")
   activation = hf.get("activation_function", "gelu_new")
-  if activation not in GPT2_ACTIVATIONS:
+  if not isinstance(activation, str) or activation not in GPT2_ACTIVATIONS:
     _refuse(path, "activation_function", activation, f"lm's GPT-2 MLP computes GELU ({', '.join(GPT2_ACTIVATIONS)})")
   if not hf.get("scale_attn_weights", True):
     _refuse(path, "scale_attn_weights", False, "lm scales attention logits by 1/sqrt(head_dim)")
@@ -128,18 +174,18 @@ def _gpt2_fields(hf: dict[str, Any], path: Path, max_len: int | None) -> dict[st
     _refuse(path, "scale_attn_by_inverse_layer_idx", True, "lm scales every layer's attention alike")
   if hf.get("add_cross_attention", False):
     _refuse(path, "add_cross_attention", True, "lm's model is decoder-only")
-  return dict(variant="gpt2", num_layers=int(_required(hf, "n_layer", path)), num_heads=heads, num_kv_heads=heads,
-              width=width, mlp_dim=int(hf.get("n_inner") or 4 * width),
-              vocab_size=int(_required(hf, "vocab_size", path)),
+  return dict(variant="gpt2", num_layers=_integer(hf, "n_layer", path), num_heads=heads, num_kv_heads=heads,
+              width=width, mlp_dim=_integer(hf, "n_inner", path, default=None, minimum=0) or 4 * width,
+              vocab_size=_integer(hf, "vocab_size", path),
               max_len=positions, position="learned", norm="layernorm", mlp="gelu", use_bias=True,
               tie_embeddings=bool(hf.get("tie_word_embeddings", True)),
-              norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)), rope_theta=10_000.0,
+              norm_eps=_real(hf, "layer_norm_epsilon", path, 1e-5), rope_theta=10_000.0,
               gelu_approximate=GPT2_ACTIVATIONS[activation])
 
 
 def _llama_fields(hf: dict[str, Any], path: Path, max_len: int | None, model_type: str) -> dict[str, Any]:
-  width, heads = int(_required(hf, "hidden_size", path)), int(_required(hf, "num_attention_heads", path))
-  positions = int(_required(hf, "max_position_embeddings", path))
+  width, heads = _integer(hf, "hidden_size", path), _integer(hf, "num_attention_heads", path)
+  positions = _integer(hf, "max_position_embeddings", path)
   max_len = max_len or positions
   if hf.get("hidden_act", "silu") != "silu":
     _refuse(path, "hidden_act", hf["hidden_act"], "lm's SwiGLU MLP gates with SiLU")
@@ -150,23 +196,27 @@ def _llama_fields(hf: dict[str, Any], path: Path, max_len: int | None, model_typ
     _refuse(path, "head_dim", hf["head_dim"], f"lm's head dimension is hidden_size / num_attention_heads = "
             f"{width // heads}")
   rope = hf.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here
+  if not isinstance(rope, dict):
+    raise _malformed(path, "rope_parameters", rope, "an object (e.g. {\"rope_type\": \"default\"})")
   if hf.get("rope_scaling"):
     _refuse(path, "rope_scaling", hf["rope_scaling"], "lm's RoPE has no frequency scaling")
   if rope.get("rope_type", "default") != "default":
     _refuse(path, "rope_parameters.rope_type", rope["rope_type"], "lm's RoPE has no frequency scaling")
   if rope.get("partial_rotary_factor", 1.0) != 1.0:
     _refuse(path, "rope_parameters.partial_rotary_factor", rope["partial_rotary_factor"], "lm rotates whole heads")
-  window = hf.get("sliding_window")
-  if window is not None and hf.get("use_sliding_window", True) and int(window) < max_len:
+  window = _integer(hf, "sliding_window", path, default=None, minimum=0)
+  if window is not None and hf.get("use_sliding_window", True) and window < max_len:
     _refuse(path, "sliding_window", window, f"lm attends to all {max_len} positions, so the logits would differ "
             f"past {window} tokens (a checkpoint with sliding_window null, or seq_len/max_len <= {window}, loads)")
-  return dict(variant="llama", num_layers=int(_required(hf, "num_hidden_layers", path)), num_heads=heads,
-              num_kv_heads=int(hf.get("num_key_value_heads") or heads), width=width,
-              mlp_dim=int(_required(hf, "intermediate_size", path)), vocab_size=int(_required(hf, "vocab_size", path)),
+  theta_key = "rope_theta" if hf.get("rope_theta") is not None else "rope_parameters.rope_theta"
+  return dict(variant="llama", num_layers=_integer(hf, "num_hidden_layers", path), num_heads=heads,
+              num_kv_heads=_integer(hf, "num_key_value_heads", path, default=None, minimum=0) or heads, width=width,
+              mlp_dim=_integer(hf, "intermediate_size", path), vocab_size=_integer(hf, "vocab_size", path),
               max_len=max_len, position="rope", norm="rmsnorm", mlp="swiglu", use_bias=False,
               tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-              norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-              rope_theta=float(first_of((hf.get("rope_theta"), rope.get("rope_theta"), 10_000.0))),
+              norm_eps=_real(hf, "rms_norm_eps", path, 1e-6),
+              rope_theta=_real({theta_key: first_of((hf.get("rope_theta"), rope.get("rope_theta")))}, theta_key, path,
+                               10_000.0, positive=True),
               gelu_approximate=False)
 
 

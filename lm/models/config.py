@@ -191,6 +191,9 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     require(value is None or value in allowed, f"config.model.{key}={value!r} is not one of {allowed}.")
   require(model.width % model.num_heads == 0,
           f"config.model.width={model.width} must be divisible by config.model.num_heads={model.num_heads}.")
+  for key in ("num_kv_heads", "mlp_dim", "vocab_size", "max_len"):
+    require(model[key] is None or model[key] >= 1,
+            f"config.model.{key}={model[key]!r} must be a positive integer (or unset: None).")
   if model.num_kv_heads:
     require(model.num_heads % model.num_kv_heads == 0,
             f"config.model.num_heads={model.num_heads} must be a multiple of "

@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections.config_dict import placeholder
 
 from lm.core.configs import ConfigPart, require
+from lm.core.errors import ConfigError
 from lm.train import sharding
 
 OPTIM_SCHEDULES = ("cosine", "linear", "constant")
@@ -109,6 +110,13 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
   require(config.mesh.preset in ("", *sharding.PRESETS),
           f"config.mesh.preset={config.mesh.preset!r} is not one of 'dp', 'fsdp', 'fsdp_tp' "
           "(or empty to use mesh.data/fsdp/tensor/rules as set).")
+  if not config.mesh.preset:
+    try:
+      sharding.normalize_rules(config.mesh.rules)
+    except (TypeError, ValueError) as error:
+      problem = str(error) if isinstance(error, ValueError) else "its entries must be (logical_axis, mesh_axes) pairs."
+      raise ConfigError(f"config.mesh.rules={config.mesh.rules!r:.120} is malformed: {problem} Fix: leave it at its "
+                        "default, or set config.mesh.preset to 'dp', 'fsdp' or 'fsdp_tp'.") from None
   bench = config.bench
   batches = bench.decode_batches
   require(isinstance(batches, tuple) and len(batches) > 0 and all(isinstance(b, int) and b >= 1 for b in batches)
