@@ -21,7 +21,7 @@ ARGS ?=
 # module-scoped fixtures (trained runs) are built once (tests/conftest.py hands out the long files first).
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install train prepare test bench bench-memory bench-gpt2 bench-fast-path bench-data eval sample clean
+.PHONY: install train prepare test test-faults bench bench-memory bench-gpt2 bench-fast-path bench-data eval sample clean
 
 install: $(STAMP)
 
@@ -46,7 +46,12 @@ sample: install
 	$(PY) -m lm.main --config $(CONFIG) --workdir $(WORKDIR) --mode sample $(ARGS)
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS) tests
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not faults" tests
+
+# The end-to-end fault-injection runs (signals to some processes of a job, seeded kills, a full disk, a second
+# run on a locked workdir: docs/reliability.md), about 2 minutes; CI runs them after `make test`.
+test-faults: install
+	$(PY) -m pytest $(PYTEST_ARGS) -m faults tests
 
 # The JAX step and its PyTorch eager peer, same shapes, same machine, same run;
 # then memory per device of GPT-2 small under each sharding preset.

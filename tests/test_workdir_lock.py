@@ -201,6 +201,7 @@ def finished(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_multi_process_job_takes_one_lock_over_a_stale_one(finished):
   workdir, pid, result = finished
   assert result.returncode == 0, result.stdout[-4000:]  # process 1 was not refused by process 0's lock
@@ -211,6 +212,7 @@ def test_a_multi_process_job_takes_one_lock_over_a_stale_one(finished):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_second_run_stops_at_once_and_changes_nothing(finished):
   workdir = finished[0]
   with held(workdir) as holder:
@@ -227,6 +229,7 @@ def test_a_second_run_stops_at_once_and_changes_nothing(finished):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_eval_reads_a_locked_workdir(finished):
   workdir = finished[0]
   with held(workdir):
@@ -236,6 +239,7 @@ def test_eval_reads_a_locked_workdir(finished):
 
 
 @pytest.mark.slow
+@pytest.mark.faults
 def test_a_multi_process_job_on_a_locked_workdir_stops_on_every_process(finished):
   workdir = finished[0]
   with held(workdir) as holder:

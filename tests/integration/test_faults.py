@@ -19,6 +19,8 @@ import pytest
 from lm.train import checkpoint as checkpoint_lib
 from tests.helpers import cli_args, device_env, run_cli, run_launcher, train_losses
 
+pytestmark = pytest.mark.faults  # make test-faults (CI runs it after make test)
+
 CONFIG = ("--config", "experiments/shakespeare_char.py")
 STEPS = 12
 
@@ -85,42 +87,34 @@ def test_signals_to_some_processes_stop_all_of_them_at_one_step_and_the_run_resu
 
 
 @pytest.mark.slow
-def test_a_kill_during_an_asynchronous_save_leaves_the_previous_checkpoint_to_resume_from(tmp_path, reference):
-  workdir = tmp_path / "run"
-  every_4 = args(checkpoint_every=4)
-  # Killed (SIGKILL) while step 8's files are being written in the background: step 4 is the last complete one.
-  result = run_cli(*CONFIG, "--workdir", str(workdir), *every_4, env={**device_env(4), **faults("checkpoint/save@8=SIGKILL")})
-  assert result.returncode == -9, result.stderr[-3000:]
-  assert finished_steps(workdir) == [4]
-  assert [name.split(".")[0] for name in partial_saves(workdir)] == ["8"]  # the kill landed mid-save
-  assert checkpoint_lib.latest_step(str(workdir)) == 4
-  # Resumed: the partial step is never read, step 4 is, and the losses are the uninterrupted run's.
-  run_cli(*CONFIG, "--workdir", str(workdir), *every_4, env=device_env(4), check=True)
-  assert finished_steps(workdir) == [4, 8, 12] and not partial_saves(workdir)
-  assert_same_losses(workdir, reference)
-
-
-@pytest.mark.slow
-def test_sigkill_at_seeded_instants_of_a_training_run_resumes_it_exactly(tmp_path, reference):
-  # Five kills, each at an instant drawn (seed 16) from its own stretch of the run, after the checkpoint the
-  # previous kill left: mid-step (a step dispatched, not computed), mid-save (an asynchronous save's files half
-  # written) and mid-evaluation. 12 steps, a checkpoint every 2, an evaluation every 3.
+def test_sigterm_then_sigkill_at_seeded_instants_of_a_training_run_resumes_it_exactly(tmp_path, reference):
+  # One process: SIGTERM during step 2 saves step 2 and exits 0. Then five kills (SIGKILL), each at an instant
+  # drawn (seed 16) from its own stretch of the run, after the checkpoint the previous kill left: mid-step (a
+  # step dispatched, not computed), mid-save (an asynchronous save's files half written) and mid-evaluation.
+  # 12 steps, a checkpoint every 2, an evaluation every 3; every save asynchronous.
   rng = random.Random(16)
   workdir = tmp_path / "run"
   run_args = args(checkpoint_every=2, eval_every=3, eval_batches=8)
+  run = lambda plan: run_cli(*CONFIG, "--workdir", str(workdir), *run_args,  # noqa: E731
+                             env={**device_env(4), **faults(plan)})
+  result = run("train/step@2=SIGTERM")
+  assert result.returncode == 0 and finished_steps(workdir) == [2], result.stderr[-3000:]
+  assert "SIGTERM received: saved step 2" in result.stderr
   instants = []
-  for kind, low, high in (("train/step", 1, 3), ("checkpoint/save", 4, 6), ("train/eval", 0, 0),
+  for kind, low, high in (("train/step", 3, 4), ("checkpoint/save", 4, 6), ("train/eval", 0, 0),
                           ("train/step", 7, 10), ("checkpoint/save", 9, 12)):
-    resume = checkpoint_lib.latest_step(str(workdir)) or 0
+    resume = checkpoint_lib.latest_step(str(workdir))
     if kind == "train/eval":
       index = 1  # this process's first evaluation: the first multiple of 3 after `resume`
     else:
       every = 2 if kind == "checkpoint/save" else 1
       candidates = [step for step in range(resume + 1, STEPS + 1) if step % every == 0]
       index = rng.choice([step for step in candidates if low <= step <= high] or candidates[:1])
-    result = run_cli(*CONFIG, "--workdir", str(workdir), *run_args,
-                     env={**device_env(4), **faults(f"{kind}@{index}=SIGKILL")})
+    result = run(f"{kind}@{index}=SIGKILL")
     assert result.returncode == -9, (kind, index, result.stderr[-3000:])  # the kill landed
+    if kind == "checkpoint/save":  # mid-save: the step is a temporary folder, never read; the one before is
+      assert str(index) in [name.split(".")[0] for name in partial_saves(workdir)], partial_saves(workdir)
+      assert checkpoint_lib.latest_step(str(workdir)) == index - 2
     instants.append((resume, kind, index))
   steps = [index for _, kind, index in instants if kind != "train/eval"]
   assert max(steps) - min(steps) >= 6, instants  # spread over the run

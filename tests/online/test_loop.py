@@ -123,6 +123,7 @@ def _run_online_cli(workdir: Path, pretrained: Path, stream: Path, **extra):
           *[f"--config.{key}={value}" for key, value in overrides.items()]]
 
 
+@pytest.mark.faults
 def test_sigkill_at_seeded_instants_resumes_with_nothing_trained_twice_or_skipped(pretrained, tmp_path):
   # Six kills (SIGKILL, at points of the code named by LM_FAULTS: lm.core.faults), each at an instant drawn
   # (seed 16) after the checkpoint the previous kill left: mid-clean, mid-step, mid-save, mid-evaluation and
