@@ -49,7 +49,7 @@ test: install
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not faults" tests
 
 # The end-to-end fault-injection runs (signals to some processes of a job, seeded kills, a full disk, a second
-# run on a locked workdir: docs/reliability.md), about 2 minutes; CI runs them after `make test`.
+# run on a locked workdir: docs/reliability.md); CI runs them after `make test`.
 test-faults: install
 	$(PY) -m pytest $(PYTEST_ARGS) -m faults tests
 
