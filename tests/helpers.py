@@ -87,3 +87,13 @@ def train_losses(workdir: Path) -> dict[int, float]:
       if "train/loss" in row:
         losses[row["step"]] = row["train/loss"]
   return losses
+
+
+def metric_rows(workdir: Path) -> dict[int, dict]:
+  """step -> every figure metrics.jsonl logged for it (a resumed run's rows update earlier ones)."""
+  import json  # pylint: disable=g-import-not-at-top
+  rows: dict[int, dict] = {}
+  for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+    row = json.loads(line)
+    rows.setdefault(row["step"], {}).update(row)
+  return rows

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import os
@@ -35,6 +34,7 @@ from typing import Any, Iterable, Iterator, Mapping
 import numpy as np
 from etils import epath
 
+from lm.core import files
 from lm.core.errors import DataError
 from lm.data import corpus, sources, token_cache
 from lm.data import tokenizers as tokenizers_lib
@@ -172,12 +172,6 @@ def _clear(directory: epath.Path) -> None:
     path.unlink()
 
 
-def _disk_full(error: BaseException | str) -> bool:
-  if isinstance(error, OSError):
-    return error.errno in (errno.ENOSPC, errno.EDQUOT)
-  return "No space left on device" in str(error) or "Disk quota exceeded" in str(error)
-
-
 def _disk_full_message(directory: Any, error: Any) -> str:
   return (f"The disk holding the token cache {directory} is full ({error}). Fix: free space there, or set "
           "data.cache_dir to a folder on a larger disk. Nothing was cached (no manifest); the next run prepares "
@@ -208,7 +202,7 @@ class _EncodeUnits:
       yield "failure", str(error)
       return
     except OSError as error:
-      if not _disk_full(error):
+      if not files.disk_full(error):
         raise
       yield "failure", _disk_full_message(self.directory, error)
       return
@@ -294,7 +288,7 @@ def prepare(split: corpus.Split, tokenizer: tokenizers_lib.Tokenizer, directory:
            | "Gather" >> beam.combiners.ToList()
            | "Manifest" >> beam.Map(finish))
   except Exception as error:  # pylint: disable=broad-except  (a runner's errors come wrapped in its own types)
-    if _disk_full(error):
+    if files.disk_full(error):
       _clear_quietly(directory)
       raise DataError(_disk_full_message(directory, "No space left on device")) from None
     raise

@@ -118,18 +118,8 @@ class OnlineCheckpointer:
     except Exception as error:  # pylint: disable=broad-except  (Orbax/TensorStore wrap OSError in their own types)
       if not (isinstance(error, OSError) or files.disk_full(error)):
         raise
-      self._discard_partial(step)
-      previous = [s for s in self._manager.all_steps() if s != step]
-      kept = (f"The checkpoint of step {max(previous)} is intact and will be resumed from" if previous else
-              "No earlier checkpoint exists")
       cause = "is full (No space left on device)" if files.disk_full(error) else f"failed ({error})"
-      raise checkpoint_lib.CheckpointError(
-          f"The disk holding {self.directory} {cause}: the checkpoint of step {step} was not written. {kept}: "
-          "free space on that disk (or point --workdir at a larger one) and rerun the same command.") from None
-
-  def _discard_partial(self, step: int) -> None:
-    for path in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
-      shutil.rmtree(path, ignore_errors=True)
+      raise checkpoint_lib.disk_full_error(self.directory, step, cause) from None
 
   def restore_latest(self, abstract_state: TrainState, abstract_current: Any) -> Restored | None:
     """The newest readable checkpoint (a `Restored`), or None if there is none.

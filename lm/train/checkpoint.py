@@ -176,16 +176,7 @@ class Checkpointer:
     self._failed = True
     if not files.disk_full(error):
       return
-    step = self._writing
-    for partial in epath.Path(self.directory).glob(f"{step}.orbax-checkpoint-tmp*"):
-      shutil.rmtree(partial, ignore_errors=True)
-    previous = [s for s in ocp.utils.checkpoint_steps(epath.Path(self.directory)) if s != step]
-    kept = (f"The checkpoint of step {max(previous)} is intact: free space on that disk (or point --workdir at a "
-            "larger one) and rerun the same command to resume from it." if previous else
-            "No earlier checkpoint exists: free space on that disk (or point --workdir at a larger one) and rerun "
-            "the same command.")
-    raise CheckpointError(f"The disk holding {self.directory} is full (No space left on device): the checkpoint "
-                          f"of step {step} was not written. {kept}") from None
+    raise disk_full_error(self.directory, self._writing)
 
   def close(self) -> None:
     try:
@@ -193,6 +184,21 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       if not self._failed:
         raise  # after a failed save the manager's own cleanup may fail the same way; the first error was raised
+
+
+def disk_full_error(directory: str, step: int | None, cause: str = "is full (No space left on device)"
+                    ) -> CheckpointError:
+  """The error of a save of `step` into `directory` that failed for its disk, after removing the step's partial
+  (temporary) folder: names the disk, the step and the checkpoint the same command resumes from."""
+  for partial in epath.Path(directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+    shutil.rmtree(partial, ignore_errors=True)
+  previous = [s for s in ocp.utils.checkpoint_steps(epath.Path(directory)) if s != step]
+  kept = (f"The checkpoint of step {max(previous)} is intact: free space on that disk (or point --workdir at a "
+          "larger one) and rerun the same command to resume from it." if previous else
+          "No earlier checkpoint exists: free space on that disk (or point --workdir at a larger one) and rerun "
+          "the same command.")
+  return CheckpointError(f"The disk holding {directory} {cause}: the checkpoint of step {step} was not written. "
+                         f"{kept}")
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from tests.helpers import ROOT, SHARED, run_cli, tiny_overrides
+from tests.helpers import ROOT, SHARED, metric_rows, run_cli, tiny_overrides
 
 SST2 = SHARED / "data" / "sst2"
 
@@ -30,14 +30,6 @@ def test_prepare_then_train_reads_the_prepared_caches(tmp_path):
   assert json.loads(trained.stdout.splitlines()[-1])["step"] == 4
   again = run_cli(*args(tmp_path / "run", **{"data.source": str(SST2)}), "--mode", "prepare", env=env, check=True)
   assert all(json.loads(line)["reused"] for line in again.stdout.splitlines())
-
-
-def metric_rows(workdir) -> dict[int, dict]:
-  rows = {}
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
-    rows.setdefault(row["step"], {}).update(row)
-  return rows
 
 
 def test_a_document_masked_mixture_trains_reports_each_source_and_resumes_exactly(tmp_path):

@@ -17,7 +17,7 @@ from lm.train import checkpoint as checkpoint_lib
 from lm.app import train as train_mode
 from lm.experiment import build_experiment
 from lm.app.sample import sample_checkpoint
-from tests.helpers import ROOT, SHARED, device_env, run_cli, snapshot, tiny_overrides
+from tests.helpers import ROOT, SHARED, device_env, metric_rows, run_cli, snapshot, tiny_overrides
 
 SENTENCES = {
     "data.source": str(SHARED / "data" / "sst2"), "data.text_field": "sentence", "data.format": "sentences",
@@ -44,14 +44,6 @@ def cli(workdir, name: str, **extra):
   args = [f"--config.{key}={value}" for key, value in overrides(name, **extra).items()]
   return run_cli("--config", "experiments/shakespeare_char.py", "--workdir", str(workdir), *args,
                  env=device_env(8), timeout=600)
-
-
-def metric_rows(workdir) -> dict[int, dict]:
-  rows = {}
-  for line in (workdir / "metrics.jsonl").read_text().splitlines():
-    row = json.loads(line)
-    rows.setdefault(row["step"], {}).update(row)
-  return rows
 
 
 @pytest.fixture(scope="module")
