@@ -13,7 +13,8 @@ committed. For each size it measures:
     tokenizer (8,000 pieces trained on a 10 MB sample): --repeats runs of each,
     alternating, the corpus read into the page cache before each, the caches
     written to a tmpfs (--prepare_dir) so the figure is the workers' and not the
-    disk's (the disk's own write rate is measured and printed beside it): the
+    disk's (the disk's own write rate is measured and printed beside it), as much
+    tmpfs memory as a cache holds touched before each (see touch_memory): the
     median seconds, every run, the speed-up and MB/s per worker;
   * start-up: `python -m lm.main` of experiments/shakespeare_byte.py on the
     prepared corpus for 1 step (tokenizer, cache, model, compile, the step, one
@@ -87,6 +88,19 @@ def warm(path: Path) -> None:
       pass
 
 
+def touch_memory(folder: Path, megabytes: int) -> None:
+  """Writes and deletes `megabytes` of zeros in `folder` (the tmpfs the caches go to). On a VM the first touch
+  of memory the host has not backed yet is slow and erratic (here the first 2 GB `dd` into /dev/shm took
+  8.6 s, the next 1.3 s), which would land on whichever preparation came first; touching as much as a cache
+  holds before each preparation gives every run the same, already backed, memory."""
+  folder.mkdir(parents=True, exist_ok=True)
+  path, block = folder / "memory-touch", np.zeros(1 << 20, np.uint8).tobytes()
+  with open(path, "wb") as file:
+    for _ in range(megabytes):
+      file.write(block)
+  path.unlink()
+
+
 def disk_write_mb_s(folder: Path, megabytes: int = 1000) -> float:
   """This disk's sustained write rate (MB/s, `megabytes` written and fsync'ed): the floor of a preparation
   whose cache is on it."""
@@ -116,6 +130,7 @@ def measure_preparation(folder: Path, tokenizer, label: str, cache_root: Path, r
       cache = cache_root / f"{label}-{workers}"
       shutil.rmtree(cache, ignore_errors=True)
       warm(folder / "train.txt")
+      touch_memory(cache_root, int(size_mb * 2.5))  # a byte cache holds 2 bytes per byte of text, plus slack
       options = prepare.PrepareOptions(cache_dir=str(cache), workers=workers)
       started = time.perf_counter()
       directory = prepare.ensure_prepared(split, tokenizer, options)

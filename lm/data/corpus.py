@@ -179,6 +179,18 @@ class Split:
     for first in range(unit.start, unit.end, 1024):
       yield from opened.__getitems__(range(first, min(unit.end, first + 1024)))
 
+  def read_batches(self, unit: Unit) -> Iterator[list[str]]:
+    """`read(unit)`'s documents in lists (what a token cache's workers encode, many documents at a time)."""
+    if unit.path is not None:
+      path = Path(unit.path)
+      header = local_files.tsv_header(path) if path.suffix.lower() == ".tsv" and unit.start > 0 else None
+      yield from local_files.read_document_batches(path, unit.start, unit.end, text_field=self.text_field,
+                                                   header=header)
+      return
+    opened = self.open()
+    for first in range(unit.start, unit.end, 1024):
+      yield opened.__getitems__(range(first, min(unit.end, first + 1024)))
+
   def sample(self, max_bytes: int) -> list[str]:
     """Evenly spaced documents, about `max_bytes` of them in all (every document of a smaller split, in
     order): the same documents on every call."""

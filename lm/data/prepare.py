@@ -190,13 +190,13 @@ class _EncodeUnits:
     try:
       has_text = False
 
-      def documents():
+      def batches():
         nonlocal has_text
-        for document in self.split.read(unit):
-          has_text = has_text or bool(document.strip())
-          yield document
+        for documents in self.split.read_batches(unit):
+          has_text = has_text or any(document and not document.isspace() for document in documents)
+          yield documents
 
-      info = token_cache.write_shard(self.directory, unit.index, self.count, documents(), self.tokenizer,
+      info = token_cache.write_shard(self.directory, unit.index, self.count, batches(), self.tokenizer,
                                      separator, separator_chars, np.dtype(self.dtype))
     except DataError as error:
       yield "failure", str(error)

@@ -31,12 +31,13 @@ import datetime
 import hashlib
 import json
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 from etils import epath
 
 from lm.core.errors import DataError
+from lm.data import local_files
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -76,66 +77,91 @@ class ShardInfo:
   texts: tuple[str, ...] = ()  # the files (or "documents a..b") it read: which had text (an empty file is an error)
 
 
+def with_separators(ids: np.ndarray, lengths: np.ndarray, separator: np.ndarray, dtype: Any
+                    ) -> tuple[np.ndarray, np.ndarray]:
+  """(tokens [sum(lengths) + len(lengths) * len(separator)] of `dtype`, document starts [len(lengths)]):
+  the documents' ids (`encode_batch`'s output) each followed by `separator`, laid out with no Python loop.
+  ValueError if an id does not fit `dtype`."""
+  dtype = np.dtype(dtype)
+  _check_fits(ids, dtype)
+  _check_fits(np.asarray(separator), dtype)
+  width = len(separator)
+  ends = np.cumsum(lengths + width)
+  starts = ends - lengths - width
+  tokens = np.empty(int(ends[-1]) if len(ends) else 0, dtype)
+  if not width:
+    tokens[:] = ids
+    return tokens, starts
+  places = (starts + lengths)[:, None] + np.arange(width)  # [documents, width]: where the separators go
+  text = np.ones(len(tokens), bool)
+  text[places.ravel()] = False
+  tokens[text] = ids
+  tokens[places] = separator
+  return tokens, starts
+
+
+def _check_fits(ids: np.ndarray, dtype: np.dtype) -> None:
+  if np.issubdtype(dtype, np.integer) and len(ids) and not np.can_cast(ids.dtype, dtype, "safe"):
+    limit = np.iinfo(dtype)
+    if int(ids.max()) > limit.max or int(ids.min()) < limit.min:
+      raise ValueError(f"a token id of the tokenizer does not fit {dtype} (range {limit.min}..{limit.max})")
+
+
 def encode_documents(documents: Iterable[str], tokenizer: Any, separator: np.ndarray, separator_chars: int,
                      dtype: Any = np.int64) -> tuple[np.ndarray, np.ndarray, int]:
   """(tokens [n] of `dtype`, document starts [d] int64, characters) of documents, each followed by
   `separator`."""
   pieces, starts, position, chars = [], [], 0, 0
-  separator = np.asarray(separator, dtype)
-  for document in documents:
-    ids = np.asarray(tokenizer.encode(document), dtype)
-    starts.append(position)
-    pieces.append(ids)
-    pieces.append(separator)
-    position += len(ids) + len(separator)
-    chars += len(document) + separator_chars
-  tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype)
-  return tokens, np.asarray(starts, np.int64), chars
+  for batch in local_files.batched(documents):
+    ids, lengths = tokenizer.encode_batch(batch)
+    tokens, batch_starts = with_separators(ids, lengths, np.asarray(separator), dtype)
+    pieces.append(tokens)
+    starts.append(batch_starts + position)
+    position += len(tokens)
+    chars += sum(map(len, batch)) + len(batch) * separator_chars
+  if not pieces:
+    return np.zeros(0, dtype), np.zeros(0, np.int64), 0
+  return np.concatenate(pieces), np.concatenate(starts).astype(np.int64), chars
 
 
-# A shard is encoded and written through one reused buffer of this many tokens, so a worker holds a few MB
-# whatever the shard's size and allocates nothing per shard (one 64 MB shard held whole as int64 ids was 1 GB
-# of fresh pages per shard per worker, and the page faults were half of a worker's time).
-_WRITE_TOKENS = 1 << 20
+_BATCH_CHARS = 1 << 20
 
 
-def write_shard(directory: epath.PathLike, index: int, count: int, documents: Iterable[str], tokenizer: Any,
-                separator: np.ndarray, separator_chars: int, dtype: np.dtype) -> ShardInfo:
-  """Encodes `documents` into one shard's .tokens and .docs files, streaming (overwriting a partial shard of a
-  killed preparation); returns its counts. ValueError if an id does not fit `dtype`."""
+def _slices(batch: Sequence[str]) -> Iterator[Sequence[str]]:
+  """`batch` cut into runs of about _BATCH_CHARS characters (a run holds at least one document)."""
+  max_chars = _BATCH_CHARS
+  ends = np.cumsum(np.fromiter(map(len, batch), np.int64, len(batch)))
+  first = 0
+  while first < len(batch):
+    before = int(ends[first - 1]) if first else 0
+    last = max(first + 1, int(np.searchsorted(ends, before + max_chars, side="right")))
+    yield batch[first:last]
+    first = last
+
+
+def write_shard(directory: epath.PathLike, index: int, count: int, batches: Iterable[Sequence[str]],
+                tokenizer: Any, separator: np.ndarray, separator_chars: int, dtype: np.dtype) -> ShardInfo:
+  """Encodes documents, given in lists (`local_files.read_document_batches`), into one shard's .tokens and
+  .docs files, through the tokenizer's `encode_batch` about a million characters at a time (so a worker holds
+  a few MB whatever the shard's size), overwriting a partial shard of a killed preparation; returns its
+  counts. ValueError if an id does not fit `dtype`."""
   directory = epath.Path(directory)
   name = shard_name(index, count)
-  dtype = np.dtype(dtype)
-  limit = np.iinfo(dtype).max
-  separator = np.asarray(separator, np.int64)
-  buffer = np.empty(_WRITE_TOKENS, np.int64)  # ids as the tokenizer gives them, range-checked when written
-  starts: list[int] = []
-  filled = position = chars = 0
-
-  def write(out, ids: np.ndarray) -> None:
-    if len(ids) and (int(ids.max()) > limit or int(ids.min()) < 0):
-      raise ValueError(f"a token id of the tokenizer does not fit {dtype} (range 0..{limit})")
-    out.write(memoryview(ids.astype(dtype)))
-
+  separator = np.asarray(separator)
+  starts: list[np.ndarray] = []
+  position = chars = documents_written = 0
   with (directory / f"{name}.tokens").open("wb") as out:
-    for document in documents:
-      ids = tokenizer.encode(document)
-      size = len(ids)
-      starts.append(position)
-      if filled + size + len(separator) > _WRITE_TOKENS:
-        write(out, buffer[:filled])
-        filled = 0
-      if size + len(separator) > _WRITE_TOKENS:  # a document longer than the buffer goes straight out
-        write(out, np.concatenate([np.asarray(ids, np.int64), separator]))
-      else:
-        buffer[filled:filled + size] = ids
-        buffer[filled + size:filled + size + len(separator)] = separator
-        filled += size + len(separator)
-      position += size + len(separator)
-      chars += len(document) + separator_chars
-    write(out, buffer[:filled])
-  (directory / f"{name}.docs").write_bytes(np.asarray(starts, "<i8").tobytes())
-  return ShardInfo(index, name, position, len(starts), chars)
+    for batch in (run for documents in batches for run in _slices(documents)):
+      ids, lengths = tokenizer.encode_batch(batch)
+      tokens, batch_starts = with_separators(ids, lengths, separator, dtype)
+      out.write(memoryview(tokens))
+      starts.append(batch_starts + position)
+      position += len(tokens)
+      documents_written += len(batch)
+      chars += sum(map(len, batch)) + len(batch) * separator_chars
+  index_bytes = np.concatenate(starts).astype("<i8").tobytes() if starts else b""
+  (directory / f"{name}.docs").write_bytes(index_bytes)
+  return ShardInfo(index, name, position, documents_written, chars)
 
 
 def write_manifest(directory: epath.PathLike, manifest: Mapping[str, Any]) -> None:

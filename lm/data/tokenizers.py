@@ -18,9 +18,10 @@ from __future__ import annotations
 import abc
 import hashlib
 import io
+import itertools
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ class Tokenizer(abc.ABC):
   @abc.abstractmethod
   def encode(self, text: str) -> np.ndarray:
     """``text`` -> ids [num_tokens] (int32), no end-of-document id appended."""
+
+  def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Many texts at once: (their ids one after another [sum of lengths], each text's length [len(texts)]
+    int64), the same ids as ``encode`` of each. Tokenizers override it to encode a batch in one call (a
+    token cache's workers encode millions of short documents; a Python call each was most of their time).
+    The ids' dtype may be narrower than int32 (bytes: uint8)."""
+    encoded = [np.asarray(self.encode(text), np.int32).reshape(-1) for text in texts]
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    return (np.concatenate(encoded) if encoded else np.zeros(0, np.int32)), lengths
 
   @abc.abstractmethod
   def decode(self, ids: Any) -> str:
@@ -136,6 +146,10 @@ class CharTokenizer(Tokenizer):
     known = self._sorted_codepoints[positions] == codepoints
     return np.where(known, self._sorted_ids[positions], self.unk_id).astype(np.int32)
 
+  def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    # One id per code point, so the joined text's ids split at the texts' lengths.
+    return self.encode("".join(texts)), np.fromiter(map(len, texts), np.int64, len(texts))
+
   def decode(self, ids: Any) -> str:
     ids = _id_array(ids)
     ids = ids[(ids >= 0) & (ids < len(self.chars))]
@@ -156,6 +170,18 @@ class ByteTokenizer(Tokenizer):
 
   def encode(self, text: str) -> np.ndarray:
     return np.frombuffer(text.encode("utf-8", errors="surrogatepass"), np.uint8).astype(np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    # UTF-8 encodes each code point on its own (a lone surrogate too, with surrogatepass), so the joined
+    # text's bytes are the texts' bytes one after another; ASCII text has one byte per character.
+    joined = "".join(texts)
+    data = joined.encode("utf-8", errors="surrogatepass")
+    if len(data) == len(joined):
+      lengths = np.fromiter(map(len, texts), np.int64, len(texts))
+    else:
+      lengths = np.fromiter((len(text.encode("utf-8", errors="surrogatepass")) for text in texts), np.int64,
+                            len(texts))
+    return np.frombuffer(data, np.uint8), lengths
 
   def decode(self, ids: Any) -> str:
     ids = _id_array(ids)
@@ -190,6 +216,12 @@ class SentencePieceTokenizer(Tokenizer):
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._processor.encode(text, out_type=int), np.int32).reshape(-1)
+
+  def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    # One call into SentencePiece's C++ for the batch, on one thread (a token cache runs a worker per core).
+    encoded = self._processor.encode(list(texts), out_type=int, num_threads=1)
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    return np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum())), lengths
 
   def decode(self, ids: Any) -> str:
     ids = _id_array(ids)
@@ -305,6 +337,11 @@ class HFTokenizer(Tokenizer):
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._tokenizer.encode(text, add_special_tokens=False).ids, np.int32).reshape(-1)
+
+  def encode_batch(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    encoded = [encoding.ids for encoding in self._tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+    lengths = np.fromiter(map(len, encoded), np.int64, len(encoded))
+    return np.fromiter(itertools.chain.from_iterable(encoded), np.int32, int(lengths.sum())), lengths
 
   def decode(self, ids: Any) -> str:
     ids = _id_array(ids)

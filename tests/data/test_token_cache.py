@@ -275,17 +275,26 @@ def test_txt_paragraphs_are_found_the_same_whatever_the_blocks_and_line_endings(
           list(local_files.read_documents(path))
         continue
       assert list(local_files.read_documents(path)) == expected, (text, block)
+      size = path.stat().st_size
+      batches = list(local_files.read_document_batches(path, 0, size))
+      assert all(batches) and [document for batch in batches for document in batch] == expected, (text, block)
 
 
-def test_a_shard_is_written_through_a_small_buffer_exactly(tmp_path, monkeypatch):
-  monkeypatch.setattr(token_cache, "_WRITE_TOKENS", 16)  # documents shorter and longer than the buffer
-  documents = ["ab", "x" * 40, "", "hello world", "y" * 15, "z"]
-  tokenizer = tokenizers.ByteTokenizer()
-  separator = np.array([tokenizer.eos_id])
-  info = token_cache.write_shard(tmp_path, 0, 1, iter(documents), tokenizer, separator, 0, np.dtype("<u2"))
-  tokens, starts, chars = token_cache.encode_documents(documents, tokenizer, separator, 0)
-  np.testing.assert_array_equal(np.fromfile(tmp_path / f"{info.name}.tokens", "<u2"), tokens)
-  np.testing.assert_array_equal(np.fromfile(tmp_path / f"{info.name}.docs", "<i8"), starts)
-  assert (info.tokens, info.documents, info.chars) == (len(tokens), len(documents), chars)
+def test_a_shard_is_written_a_small_batch_at_a_time_exactly(tmp_path, monkeypatch):
+  monkeypatch.setattr(token_cache, "_BATCH_CHARS", 16)  # documents shorter and longer than a batch
+  documents = ["ab", "x" * 40, "", "hello world", "y" * 15, "z", "é\ud800!"]
+  for tokenizer in (tokenizers.ByteTokenizer(), tokenizers.build_tokenizer("char", ["abxyz h\nelowrd"])):
+    separator, separator_chars, _ = prepare.separator_of(tokenizer)  # one id (byte), several (char)
+    info = token_cache.write_shard(tmp_path, 0, 1, [documents[:3], documents[3:]], tokenizer, separator,
+                                   separator_chars, np.dtype("<u2"))
+    expected = [np.concatenate([tokenizer.encode(document), separator]) for document in documents]
+    np.testing.assert_array_equal(np.fromfile(tmp_path / f"{info.name}.tokens", "<u2"), np.concatenate(expected))
+    np.testing.assert_array_equal(np.fromfile(tmp_path / f"{info.name}.docs", "<i8"),
+                                  np.cumsum([0] + [len(piece) for piece in expected[:-1]]))
+    tokens, starts, chars = token_cache.encode_documents(documents, tokenizer, separator, separator_chars)
+    np.testing.assert_array_equal(tokens, np.concatenate(expected))
+    assert (info.tokens, info.documents, info.chars) == (len(tokens), len(documents), chars)
+    assert chars == sum(len(document) + separator_chars for document in documents)
   with pytest.raises(ValueError, match="does not fit"):  # ids beyond the cache's dtype are refused, not wrapped
-    token_cache.write_shard(tmp_path, 0, 1, iter(["ab"]), tokenizer, separator, 0, np.dtype("u1"))
+    token_cache.write_shard(tmp_path, 0, 1, [["ab"]], tokenizers.ByteTokenizer(), np.array([256]), 0,
+                            np.dtype("u1"))

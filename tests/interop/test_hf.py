@@ -339,6 +339,15 @@ def _hf_tokenizer_json() -> str:
   return tokenizer.to_str()
 
 
+def test_hf_tokenizer_encodes_a_batch_as_each_text():
+  tokenizer = tokenizers.HFTokenizer(_hf_tokenizer_json(), eos_id=2, unk_id=0)
+  texts = ["hello world", "", "abc", "zz top?"]
+  ids, lengths = tokenizer.encode_batch(texts)
+  alone = [tokenizer.encode(text) for text in texts]
+  assert lengths.tolist() == [len(one) for one in alone]
+  np.testing.assert_array_equal(ids, np.concatenate(alone))
+
+
 def test_hf_tokenizer_from_a_model_directory_and_back(tmp_path):
   directory = tmp_path / "model"
   directory.mkdir()
