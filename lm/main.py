@@ -26,7 +26,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics.jsonl, tokenizer, config.")
 # The modes: each is the module lm.app.<mode>, whose run(config, workdir, report) the CLI calls.
-MODES = ("train", "prepare", "online", "eval", "sample", "bench", "crossval", "ab", "export")
+MODES = ("train", "prepare", "online", "eval", "sample", "serve", "bench", "crossval", "ab", "export")
 _MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do.")
 flags.mark_flags_as_required(["config"])
 

@@ -5,6 +5,7 @@
   online    run_online(config, workdir): keep training on streamed chunks, gate, promote (lm.online)
   eval      evaluate_checkpoint: a trained run on any split (sliding windows, bits per byte, the task's report)
   sample    sample_checkpoint: text from a trained run
+  serve     start_server: the current model behind an OpenAI-compatible API, hot-swapping, learning from feedback
   bench     benchmark / compile_memory: step time, tokens/s, MFU, memory per device, decoding
   crossval  crossval: K models on stratified folds, mean ± std
   ab        ab_test: two runs on the same examples, paired bootstrap (and McNemar)

@@ -22,6 +22,7 @@ on twice or skipped, and a resumed chunk keeps the anchor it started with.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import json
 import logging as py_logging
 import math
@@ -394,6 +395,7 @@ class OnlineLoop:
                        confidence=float(gate.confidence), num_samples=int(gate.bootstrap_samples),
                        seed=stable_seed(self.config.seed, chunk.id, "gate"))
     record = {"chunk": chunk.id, "step": int(state.step), "promoted": decision.promote, "reasons": decision.reasons,
+              "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "comparisons": decision.to_json().get("comparisons")}
     run.gate_history.append(record)
     if decision.promote:

@@ -103,7 +103,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
             f"real sources (got data.format={data.format!r}, data.source={data.source!r}).")
     require(not data.clean_train, "config.data.clean_train cleans one training split; with config.data.mixture "
             "clean each source beforehand, or set data.clean_train=False.")
-    require(mode in ("train", "prepare", "bench", "sample", "export"),
+    require(mode in ("train", "prepare", "bench", "sample", "export", "serve"),
             f"--mode {mode} reads one source, and config.data.mixture names several: set data.mixture=() and "
             "data.source (or eval.source for --mode eval) to the source to use; a mixture run logs each "
             "source's eval/<source>/loss while it trains.")

@@ -35,6 +35,9 @@ from lm.data.stream_base import Chunk, ChunkError, Stream, StreamError, as_set
 # hidden/private names (.DS_Store, _SUCCESS, editor swap files).
 _IGNORED_PREFIXES = (".", "_")
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
+# Preference pairs the server exports beside its text chunks (lm.serve.feedback): not text to train the
+# language model on, so left in the folder, neither read nor quarantined, for preference tuning.
+PREFERENCE_SUFFIX = ".preferences.jsonl"
 _TFDS_INFO_FILE = "dataset_info.json"
 _TFDS_RECORD_MARKERS = (".array_record", ".tfrecord")
 _TFDS_VERSION_RE = re.compile(r"^\d+\.\d+\.\d+$")
@@ -60,7 +63,8 @@ class DirectoryStream(Stream):
     (``1.0.0``) that does. Every split is read, in the dataset's split order.
   * Ignored: names starting with "." or "_", names ending in .tmp, .part,
     .partial, .crdownload or "~" (write such a name, then rename it when
-    complete), and folders that are not finished TFDS folders.
+    complete), names ending in ``PREFERENCE_SUFFIX`` (preference pairs, not
+    text), and folders that are not finished TFDS folders.
   * A file is taken only once its size and mtime have stayed the same for
     ``settle_seconds`` across polls, measured with ``clock``. The stream remembers
     what each poll saw, so an entry seen for the first time (including after a
@@ -171,7 +175,7 @@ class DirectoryStream(Stream):
 
 
 def _is_ignored(name: str) -> bool:
-  return name.startswith(_IGNORED_PREFIXES) or name.lower().endswith(_IGNORED_SUFFIXES)
+  return name.startswith(_IGNORED_PREFIXES) or name.lower().endswith((*_IGNORED_SUFFIXES, PREFERENCE_SUFFIX))
 
 
 def _signature(path: Path) -> tuple[tuple | None, int]:

@@ -12,6 +12,7 @@ with its default and a comment, by the package that reads it (`PARTS`):
   lm.experiment.registry  head; each task's group: vae.*, gan.*, classifier.*
   lm.online          online.*
   lm.inference       sample.*
+  lm.serve           serve.*
   lm.stats.ab        ab.*
   lm.interop         export.*
   lm.distributed     distributed.*
@@ -35,6 +36,7 @@ from lm.inference import config as inference_config
 from lm.interop import config as interop_config
 from lm.models import config as model_config
 from lm.online import config as online_config
+from lm.serve import config as serve_config
 from lm.stats import ab as ab_stats
 from lm.train import config as train_config
 
@@ -47,6 +49,7 @@ PARTS: tuple[configs.ConfigPart, ...] = (
     *TASK_CONFIGS,
     online_config.CONFIG,
     inference_config.CONFIG,
+    serve_config.CONFIG,
     ab_stats.CONFIG,
     interop_config.CONFIG,
     distributed.CONFIG,

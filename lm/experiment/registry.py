@@ -68,6 +68,11 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
     require(cls.supports_online and data.format == "windows", "--mode online trains a language model on token "
             f"windows: it needs {_heads(tasks_with('supports_online'))} and data.format='windows' (this is "
             f"config.head={cls.name!r}, data.format={data.format!r}).")
+  if mode == "serve":
+    require(cls.continues_prompts and data.format == "windows", "--mode serve continues prompts with a language "
+            f"model trained on token windows: it needs {_heads(tasks_with('continues_prompts'))} and "
+            f"data.format='windows' (this is config.head={cls.name!r}, data.format={data.format!r}). Fix: serve "
+            "the run of a language model, e.g. experiments/shakespeare_char.py.")
   if mode == "sample":
     kind_tasks = tuple(name for name, other in TASKS.items() if sample.kind in other.sample_kinds)
     require(sample.kind in cls.sample_kinds, f"config.sample.kind={sample.kind!r} is not what config.head="

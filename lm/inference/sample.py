@@ -38,14 +38,28 @@ def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float = 1.0) -> jax.
     kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
   if top_p < 1.0:
-    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-    cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    # Keep the smallest set whose mass reaches top_p: a token stays if the
-    # mass before it is still below top_p.
-    keep_sorted = (cumulative - jax.nn.softmax(sorted_logits, axis=-1)) < top_p
-    threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
-    logits = jnp.where(logits < threshold, -jnp.inf, logits)
+    logits = _nucleus(logits, top_p)
   return logits
+
+
+def _nucleus(logits: jax.Array, top_p: Any) -> jax.Array:
+  """Masks logits [batch, vocab] outside the top-p nucleus; top_p a float or [batch, 1]."""
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  probabilities = jax.nn.softmax(sorted_logits, axis=-1)
+  # Keep the smallest set whose mass reaches top_p: a token stays if the mass before it is still below top_p.
+  keep_sorted = (jnp.cumsum(probabilities, axis=-1) - probabilities) < top_p
+  threshold = jnp.min(jnp.where(keep_sorted, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def filter_logits_per_row(logits: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """`filter_logits` with each row's own top_k [batch] (0: off) and top_p [batch] (1: off), as arrays, so rows
+  of different requests share one compiled step (the server's continuous batching)."""
+  vocab = logits.shape[-1]
+  sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+  kth = jnp.take_along_axis(sorted_logits, jnp.clip(top_k - 1, 0, vocab - 1)[:, None], axis=-1)
+  logits = jnp.where(((top_k > 0) & (top_k < vocab))[:, None] & (logits < kth), -jnp.inf, logits)
+  return jnp.where((top_p < 1.0)[:, None], _nucleus(logits, top_p[:, None]), logits)
 
 
 def choose_tokens(logits: jax.Array, rng: jax.Array, temperature: float, top_k: int, top_p: float) -> jax.Array:
@@ -54,6 +68,17 @@ def choose_tokens(logits: jax.Array, rng: jax.Array, temperature: float, top_k: 
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
   logits = filter_logits(logits / temperature, top_k, top_p)
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
+
+
+def choose_tokens_per_row(logits: jax.Array, rngs: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                          top_p: jax.Array) -> jax.Array:
+  """`choose_tokens` with each row's own settings: logits [batch, vocab], rngs [batch] keys, temperature
+  [batch] (0: greedy, the argmax as `choose_tokens` takes it), top_k [batch], top_p [batch] -> ids [batch]."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  filtered = filter_logits_per_row(scaled, top_k, top_p)
+  sampled = jax.vmap(lambda rng, row: jax.random.categorical(rng, row))(rngs, filtered).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled, greedy)
 
 
 # -- argument checks (shapes are static, so these also run at trace time) ---

@@ -240,12 +240,17 @@ class LMTask(Task):
   def _sample_text(self, prompt: Any, prompt_ids: np.ndarray, new: np.ndarray, stops: Sequence[str]) -> str:
     """The prompt + its continuation's text, cut before the first stop string (looked for in the continuation)."""
     body = prompt_ids[1:] if self.sentences else prompt_ids
-    head = self.decode_text(body)
+    continuation = self.continuation_text(body, new)
+    return (self.decode_text(body) if self.sentences else prompt.text) + prompts_lib.cut_at_stop_strings(
+        continuation, stops)
+
+  def continuation_text(self, prompt_ids: np.ndarray, new: np.ndarray) -> str:
+    """The text of new ids [n] after prompt ids [p] (what `--mode sample` and the server append to a prompt)."""
+    head = self.decode_text(prompt_ids)
     # Decoding the new ids together with the prompt's keeps what a subword tokenizer drops at the start of a
     # text (SentencePiece's leading space); the prompt's own text is then taken off again.
-    full = self.decode_text(np.concatenate([body, new]).astype(np.int32))
-    continuation = full[len(head):] if full.startswith(head) else self.decode_text(new)
-    return (head if self.sentences else prompt.text) + prompts_lib.cut_at_stop_strings(continuation, stops)
+    full = self.decode_text(np.concatenate([prompt_ids, new]).astype(np.int32))
+    return full[len(head):] if full.startswith(head) else self.decode_text(new)
 
   # -- sentences, for the reports of the tasks built on an LM (a GAN's MLE baseline and judge) -----------
   def sample_sentences(self, params: Any, count: int, *, seed: int, temperature: float) -> list[str]:

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests import helpers
-from lm.data import sources, stream
+from lm.data import sources, stream, watch
+from lm.serve import feedback
 from lm.core.errors import DataError
 
 SST2_TRAIN = helpers.SHARED / "data" / "sst2" / "train.tsv"
@@ -119,6 +120,17 @@ def test_directory_ignores_partial_and_hidden_names_until_renamed(watched, clock
   clock.advance()
   assert directory.next_chunk(set()).id == "b.txt"
   assert directory.next_chunk({"b.txt"}) is None
+
+
+def test_directory_leaves_the_servers_preference_files_in_place(watched, clock):
+  # The server exports text and preference pairs side by side (lm.serve.feedback); only the text is trained on.
+  assert watch.PREFERENCE_SUFFIX == feedback.PREFERENCE_SUFFIX
+  pairs = write(watched / "feedback-0a1b2c3d-000001.preferences.jsonl",
+                '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', mtime=100)
+  write(watched / "feedback-0a1b2c3d-000001.jsonl", '{"text": "p a"}\n', mtime=200)
+  directory = settled(watched, clock)
+  assert [(chunk.id, chunk.documents) for chunk in drain(directory)] == [("feedback-0a1b2c3d-000001.jsonl", ["p a"])]
+  assert pairs.is_file()  # neither consumed nor quarantined
 
 
 def test_directory_orders_by_mtime_then_name_and_skips_consumed(watched, clock):
