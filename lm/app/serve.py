@@ -28,7 +28,9 @@ import errno
 import json
 import logging
 import os
+import signal
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -62,6 +64,7 @@ class RunningServer:
   exporter: Any
   uvicorn_server: Any
   thread: threading.Thread | None = None
+  interrupted: bool = False  # stopped by SIGINT (the CLI exits 130, as for Ctrl-C)
 
   def stop(self) -> None:
     self.uvicorn_server.should_exit = True
@@ -226,12 +229,22 @@ def start_server(config: ml_collections.ConfigDict, workdir: str, *, block: bool
   exporter.start()
   report(f"Serving {service.model_name} ({service.version.id}) on {url} (playground: {url}/); feedback chunks go "
          f"to {exporter.folder}.")
+  sys.stdout.flush()  # the address, for whoever started this process with a pipe
   if block:
+    # uvicorn drains on SIGINT / SIGTERM, then raises the signal again for the handler it found: this one
+    # notes it, so the feedback is exported and the engine stopped before the process exits.
+    received: list[int] = []
+    main = threading.current_thread() is threading.main_thread()  # only it may set signal handlers
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
       server.run(sockets=[sock])
     finally:
+      for sig, handler in previous.items():
+        signal.signal(sig, handler)
       exporter.export()
       running.close()
+    running.interrupted = signal.SIGINT in received
     return running
   running.thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="lm-serve-http",
                                     daemon=True)
@@ -243,6 +256,5 @@ def start_server(config: ml_collections.ConfigDict, workdir: str, *, block: bool
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, report: Any = print) -> int:
-  """The CLI's --mode serve: serves until SIGINT / SIGTERM."""
-  start_server(config, workdir, block=True, report=report)
-  return 0
+  """The CLI's --mode serve: serves until SIGINT (exit 130) or SIGTERM (exit 0), finishing what is in flight."""
+  return 130 if start_server(config, workdir, block=True, report=report).interrupted else 0

@@ -16,7 +16,10 @@ Points: train/step (a step dispatched, its result not yet computed), train/eval
 (an evaluation half done), checkpoint/save (a checkpoint's files being
 written, not yet committed), online/clean (a chunk being cleaned),
 online/eval (a chunk's evaluation half done), online/between_chunks (a
-chunk's last checkpoint written, the next chunk not yet read).
+chunk's last checkpoint written, the next chunk not yet read),
+serve/feedback_assigned and serve/feedback_written (a feedback chunk's
+records given its number / its files renamed into place, not yet marked
+written; both count chunk numbers).
 """
 
 from __future__ import annotations

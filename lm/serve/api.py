@@ -240,6 +240,10 @@ def create_app(service: Service) -> fastapi.FastAPI:
     service.metrics.queue_depth.set(service.engine.queue_depth)
     return responses.Response(service.metrics.render(), media_type=metrics_lib.CONTENT_TYPE_LATEST)
 
+  @app.get("/favicon.ico", include_in_schema=False)
+  async def favicon():
+    return responses.Response(status_code=204)
+
   @app.get("/", include_in_schema=False)
   async def playground():
     return responses.FileResponse(_STATIC / "index.html", media_type="text/html")
