@@ -21,7 +21,7 @@ ARGS ?=
 # module-scoped fixtures (trained runs) are built once (tests/conftest.py hands out the long files first).
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: install train prepare test test-faults bench bench-memory bench-gpt2 bench-fast-path bench-data eval sample clean
+.PHONY: install train prepare test test-faults bench bench-memory bench-gpt2 bench-fast-path bench-data bench-serve eval sample serve online clean
 
 install: $(STAMP)
 
@@ -44,6 +44,18 @@ eval: install
 
 sample: install
 	$(PY) -m lm.main --config $(CONFIG) --workdir $(WORKDIR) --mode sample $(ARGS)
+
+# The run's model behind an OpenAI-compatible API on 127.0.0.1:8000 (playground at /), hot-swapping to each newer
+# checkpoint; feedback goes to WORKDIR/serve/chunks (docs/serving.md).
+serve: install
+	$(PY) -m lm.main --config $(CONFIG) --workdir $(WORKDIR) --mode serve $(ARGS)
+
+# Keeps training the served run on the feedback chunks `make serve` writes (a second shell beside it): each chunk
+# is trained, gated and, if promoted, served (docs/serving.md, "The loop").
+ONLINE_WORKDIR ?= runs/online
+online: install
+	$(PY) -m lm.main --config experiments/online_shakespeare.py --workdir $(ONLINE_WORKDIR) --mode online \
+	    --config.online.stream=dir:$(ONLINE_WORKDIR)/serve/chunks $(ARGS)
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS) -m "not faults" tests
@@ -74,6 +86,10 @@ bench-fast-path: install
 # loader's tokens/s. Generates its corpora from ../shared under /tmp/lm-bench-data (several GB of disk).
 bench-data: install
 	$(PY) benchmarks/data.py $(ARGS)
+
+# The server under 1, 8 and 32 streaming clients against --mode bench's decoding, and a hot swap under load.
+bench-serve: install
+	$(PY) benchmarks/serve.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) *.egg-info runs .pytest_cache

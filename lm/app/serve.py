@@ -180,7 +180,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> tuple[api_lib.Serv
   engine = engine_lib.Engine(task.model, params, version, max_batch=serve.max_batch, max_queue=serve.max_queue,
                              text_of=text_of, token_text=lambda token: task.decode_text(np.asarray([token])),
                              end_ids=() if eos is None else (eos,), context=experiment.steps.context,
-                             on_step=on_step)
+                             on_step=on_step, block=serve.decode_block)
   if serve.warmup:
     started = time.perf_counter()
     engine.warm_up()

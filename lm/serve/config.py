@@ -14,6 +14,7 @@ FIELDS = {
     "serve.api_key": "",  # clients send `Authorization: Bearer KEY`; required off loopback; never logged
     "serve.model_name": "",  # the id /v1/models lists; empty: the workdir's name
     "serve.max_batch": 32,  # decode slots (sequences decoded together)
+    "serve.decode_block": 32,  # decode steps per call between admissions (fewer Python round trips per token)
     "serve.max_queue": 256,  # requests waiting for a slot; beyond it: 429 with Retry-After
     "serve.max_body_bytes": 1_000_000,  # request body; larger: 413
     "serve.max_tokens": 256,  # the most a request may ask for (also capped by the context)
@@ -47,7 +48,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
             "127.0.0.1.")
   require(isinstance(serve.port, int) and 0 <= serve.port <= 65535,
           f"config.serve.port={serve.port!r} must be a port number 0..65535 (0: any free port).")
-  for field in ("max_batch", "max_queue", "max_body_bytes", "max_tokens", "max_n", "feedback_chunk_size"):
+  for field in ("max_batch", "decode_block", "max_queue", "max_body_bytes", "max_tokens", "max_n", "feedback_chunk_size"):
     value = serve[field]
     require(isinstance(value, int) and value >= 1, f"config.serve.{field}={value!r} must be an integer >= 1.")
   require(isinstance(serve.max_stop, int) and serve.max_stop >= 0, "config.serve.max_stop must be >= 0.")

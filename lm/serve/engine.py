@@ -117,6 +117,10 @@ class _Sequence:
     self.sent = ""  # text already handed to the listener
     self.sent_tokens = 0
 
+  def remaining(self, max_len: int) -> int:
+    """Tokens it may still make: up to max_tokens, and within the context (the last one is not fed back)."""
+    return min(self.request.settings.max_tokens, max_len + 1 - len(self.prompt_ids)) - len(self.tokens)
+
   def add(self, token: int, logprob: float, end_ids: Sequence[int], max_len: int) -> str | None:
     """Records a new token; returns the finish reason if the sequence ends here (else None)."""
     settings = self.request.settings
@@ -156,18 +160,22 @@ class _Sequence:
 class SlotModel:
   """The jitted functions of continuous batching over one model architecture (any parameters of it)."""
 
-  def __init__(self, model: TransformerLM, max_batch: int, buckets: Sequence[int]):
-    self.model, self.max_batch = model, max_batch
+  def __init__(self, model: TransformerLM, max_batch: int, buckets: Sequence[int], block: int = 32):
+    self.model, self.max_batch, self.block = model, max_batch, block
     self.buckets = tuple(sorted(set(int(bucket) for bucket in buckets)))
+    self.widths = tuple(w for w in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if w < max_batch) + (max_batch,)
     single = jax.eval_shape(lambda: model.init_cache(1))
-    self._empty = lambda: jax.tree.map(lambda leaf: jnp.zeros((max_batch,) + leaf.shape, leaf.dtype), single)
+    # Made by jit, like every later version of the slots, so the jitted functions see one kind of array.
+    self.empty_slots = jax.jit(lambda: jax.tree.map(lambda leaf: jnp.zeros((max_batch,) + leaf.shape, leaf.dtype),
+                                                    single))
     self.prefill = jax.jit(self._prefill)
     self.choose = jax.jit(self._choose)
     self.insert = jax.jit(self._insert, donate_argnums=0)
-    self.step = jax.jit(self._step, donate_argnums=1)
+    self.step = jax.jit(self._step, donate_argnums=1, static_argnames=("width",))
 
-  def empty_slots(self) -> Any:
-    return self._empty()
+  def width(self, busy_up_to: int) -> int:
+    """The fewest leading slots a step computes to cover slots 0 .. busy_up_to - 1."""
+    return next(width for width in self.widths if width >= busy_up_to)
 
   def bucket(self, length: int) -> int:
     for bucket in self.buckets:
@@ -204,20 +212,34 @@ class SlotModel:
                         slots, single)
 
   def _step(self, params: Any, slots: Any, tokens: jax.Array, keys: jax.Array, counters: jax.Array,
-            temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
-    """One cached step of every slot: tokens [slots] -> (caches, next tokens [slots], their log-probs). A
-    slot's key for its t-th token is fold_in(its sequence's key, t)."""
+            temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, steps: jax.Array, *, width: int
+            ) -> tuple[Any, jax.Array, jax.Array]:
+    """`steps` (<= block) cached steps of the first `width` slots, in one call: tokens [max_batch] (each slot's
+    last token) -> (caches, new tokens [block, width], their log-probs; rows past `steps` unused). A slot's
+    key for the token made at `counters[slot] + t` is fold_in(its sequence's key, counters[slot] + t)."""
 
     def one(cache, token):
       logits, variables = self.model.apply({"params": params, "cache": cache}, token[None, None], decode=True,
                                            mutable=["cache"])
       return variables["cache"], logits[0, -1]
 
-    slots, logits = jax.vmap(one)(slots, tokens)
-    keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), counters)
-    chosen = sample_lib.choose_tokens_per_row(logits, keys, temperature, top_k, top_p)
-    logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], axis=-1)[:, 0]
-    return slots, chosen, logprobs
+    head = jax.tree.map(lambda leaf: leaf[:width], slots)
+    base = jax.random.wrap_key_data(keys[:width])
+    settings = temperature[:width], top_k[:width], top_p[:width]
+
+    def body(carry):
+      index, cache, last, out_tokens, out_logprobs = carry
+      cache, logits = jax.vmap(one)(cache, last)
+      step_keys = jax.vmap(jax.random.fold_in)(base, counters[:width] + index)
+      chosen = sample_lib.choose_tokens_per_row(logits, step_keys, *settings)
+      logprobs = jnp.take_along_axis(jax.nn.log_softmax(logits), chosen[:, None], axis=-1)[:, 0]
+      return (index + 1, cache, chosen, out_tokens.at[index].set(chosen), out_logprobs.at[index].set(logprobs))
+
+    carry = (jnp.asarray(0, jnp.int32), head, tokens[:width], jnp.zeros((self.block, width), jnp.int32),
+             jnp.zeros((self.block, width), jnp.float32))
+    _, head, _, out_tokens, out_logprobs = jax.lax.while_loop(lambda carry: carry[0] < steps, body, carry)
+    slots = jax.tree.map(lambda full, part: jax.lax.dynamic_update_slice_in_dim(full, part, 0, axis=0), slots, head)
+    return slots, out_tokens, out_logprobs
 
   def compile_counts(self) -> dict[str, int]:
     """How many programs each jitted function has compiled (constant after warm-up)."""
@@ -239,8 +261,9 @@ class Engine:
   def __init__(self, model: TransformerLM, params: Any, version: Any, *, max_batch: int, max_queue: int,
                text_of: Callable[[np.ndarray, np.ndarray], str], token_text: Callable[[int], str],
                end_ids: Sequence[int] = (), buckets: Sequence[int] | None = None,
-               context: Callable[[], Any] | None = None, on_step: Callable[[dict[str, Any]], None] | None = None):
-    self.slots_model = SlotModel(model, max_batch, buckets or length_buckets(model.config.max_len))
+               context: Callable[[], Any] | None = None, on_step: Callable[[dict[str, Any]], None] | None = None,
+               block: int = 32):
+    self.slots_model = SlotModel(model, max_batch, buckets or length_buckets(model.config.max_len), block)
     self.max_len = model.config.max_len
     self.max_batch, self.max_queue = max_batch, max_queue
     self.params, self.version = params, version
@@ -317,9 +340,9 @@ class Engine:
         cache, logits = self.slots_model.prefill(self.params, jnp.zeros((1, bucket), jnp.int32),
                                                  jnp.asarray(1, jnp.int32))
         self.slots_model.choose(logits, jax.random.key(0), jnp.float32(0), jnp.int32(0), jnp.float32(1))
-      for _ in range(2):  # fresh slots, then slots a step returned (jit tells the two kinds of array apart)
-        slots = self.slots_model.insert(slots, cache, jnp.asarray(0, jnp.int32))
-        slots = self._step_all(slots)[0]
+      slots = self.slots_model.insert(slots, cache, jnp.asarray(0, jnp.int32))
+      for width in self.slots_model.widths:
+        slots = self._step_all(slots, width, 1)[0]
       jax.block_until_ready(slots)
 
   # -- the engine thread ------------------------------------------------------------------------------------
@@ -390,35 +413,42 @@ class Engine:
         slots = self.slots_model.insert(slots, cache, jnp.asarray(slot, jnp.int32))
         self._sequences[slot] = _Sequence(request, prompt, choice, self.text_of, self.token_text)
         self._settings.set(slot, key, settings)
-        self._take(slot, int(token), float(logprob))
+        self._take(slot, [int(token)], [float(logprob)])
     return slots
 
-  def _step_all(self, slots: Any) -> tuple[Any, jax.Array, jax.Array]:
+  def _step_all(self, slots: Any, width: int, steps: int) -> tuple[Any, jax.Array, jax.Array]:
     settings = self._settings
     return self.slots_model.step(self.params, slots, settings.last, settings.keys, settings.counters,
-                                 settings.temperature, settings.top_k, settings.top_p)
+                                 settings.temperature, settings.top_k, settings.top_p, np.int32(steps), width=width)
 
   def _decode(self, slots: Any) -> Any:
+    """One block: as many steps as the nearest sequence to its end still needs (at most the block), over the
+    fewest leading slots that hold every busy one; then each sequence takes its new tokens."""
     started = time.perf_counter()
-    busy = self.busy_slots
-    slots, tokens, logprobs = self._step_all(slots)
-    tokens, logprobs = np.asarray(tokens), np.asarray(logprobs)
-    self._settings.counters += 1
-    for slot, sequence in enumerate(self._sequences):
-      if sequence is not None:
-        self._take(slot, int(tokens[slot]), float(logprobs[slot]))
-    self.on_step({"busy": busy, "seconds": time.perf_counter() - started, "queue": len(self._queue)})
+    busy = [slot for slot, sequence in enumerate(self._sequences) if sequence is not None]
+    steps = min(min(self._sequences[slot].remaining(self.max_len) for slot in busy), self.slots_model.block)
+    slots, tokens, logprobs = self._step_all(slots, self.slots_model.width(busy[-1] + 1), max(steps, 1))
+    tokens, logprobs = np.asarray(tokens)[:steps], np.asarray(logprobs)[:steps]
+    self._settings.counters[:tokens.shape[1]] += steps
+    for slot in busy:
+      self._take(slot, tokens[:, slot].tolist(), logprobs[:, slot].tolist())
+    self.on_step({"busy": len(busy), "steps": steps, "seconds": time.perf_counter() - started,
+                  "queue": len(self._queue)})
     return slots
 
-  def _take(self, slot: int, token: int, logprob: float) -> None:
-    """Gives slot's sequence its new token; ends it (and frees the slot) if it stopped or was cancelled."""
+  def _take(self, slot: int, tokens: Sequence[int], logprobs: Sequence[float]) -> None:
+    """Gives slot's sequence its new tokens; ends it (and frees the slot) if it stopped or was cancelled."""
     sequence = self._sequences[slot]
     request = sequence.request
     if request.cancelled:
       self._sequences[slot] = None
       return
-    reason = sequence.add(token, logprob, self.end_ids, self.max_len)
-    self._settings.last[slot] = token
+    reason = None
+    for token, logprob in zip(tokens, logprobs):
+      reason = sequence.add(int(token), float(logprob), self.end_ids, self.max_len)
+      self._settings.last[slot] = token
+      if reason is not None:
+        break
     sequence.flush(finished=reason is not None)
     if reason is None:
       return

@@ -44,9 +44,9 @@ def loaded(trained_run):
   return config, experiment, noisy
 
 
-def _engine(experiment, params, max_batch):
+def _engine(experiment, params, max_batch, block=4):
   task = experiment.task
-  return engine_lib.Engine(task.model, params, "v", max_batch=max_batch, max_queue=64,
+  return engine_lib.Engine(task.model, params, "v", max_batch=max_batch, max_queue=64, block=block,
                            text_of=task.continuation_text,
                            token_text=lambda token: task.decode_text(np.asarray([token])),
                            context=experiment.steps.context)

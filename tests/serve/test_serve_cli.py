@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -66,7 +67,7 @@ def test_start_up_errors_are_one_line_and_exit_2(trained_run, tmp_path):
 
 def test_acknowledged_feedback_survives_sigkill_and_lands_in_exactly_one_chunk(trained_run, tmp_path):
   workdir = tmp_path / "shakespeare"
-  workdir.symlink_to(trained_run, target_is_directory=True)
+  shutil.copytree(trained_run, workdir)  # the server writes WORKDIR/serve/: not into the shared run
   chunks = tmp_path / "chunks"
   overrides = serve_overrides(**{"serve.warmup": False, "serve.feedback_dir": str(chunks),
                                  "serve.feedback_chunk_size": 1, "serve.feedback_interval": 3600.0})
