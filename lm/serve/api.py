@@ -455,12 +455,11 @@ async def _stream(service: Service, request: engine_lib.Request, queue: asyncio.
         service.metrics.latency.labels("/v1/completions").observe(time.perf_counter() - arrived)
         return
   except asyncio.TimeoutError:
-    request.cancelled = True
     error = _timeout_error(service.config)
     yield "data: " + json.dumps({"error": {"message": error.message, "type": error.kind, "param": None,
                                            "code": error.code}}) + "\n\n"
-  except asyncio.CancelledError:  # the client went away
-    request.cancelled = True
-    raise
   finally:
+    # Ended early (a time limit, an error, or the client went away: the stream is cancelled or closed): the
+    # engine frees the request's slots at its next step. After "done" this changes nothing.
+    request.cancelled = True
     del http_request

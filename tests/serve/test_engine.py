@@ -120,3 +120,35 @@ def test_a_held_engine_queues_and_a_full_queue_refuses(loaded):
   finally:
     engine.stop()
   assert sum(event.kind == "done" for event in events) == 2
+
+
+def test_a_cancelled_request_frees_its_slots_at_the_next_step(loaded):
+  # What the API does when a client goes away mid-stream or a request passes its time limit.
+  _, experiment, params = loaded
+  engine = _engine(experiment, params, 4, block=1)  # a step per call: the cancel lands mid-sequence
+  events = []
+  request = None
+
+  def listener(event):
+    events.append(event)
+    if event.kind == "text":
+      request.cancelled = True
+
+  ids = np.asarray(experiment.task.tokenizer.encode("ROMEO:"), np.int32)
+  request = engine_lib.Request(ids, engine_lib.Settings(max_tokens=20, temperature=0.0, n=2), listener)
+  engine.start()
+  try:
+    engine.submit(request)
+    for _ in range(1000):
+      if events and engine.busy_slots == 0:
+        break
+      threading.Event().wait(0.01)
+    assert engine.busy_slots == 0
+    texts = [event for event in events if event.kind == "text"]
+    assert 1 <= len(texts) <= 2 and not [event for event in events if event.kind in ("finish", "done")]
+    done = threading.Event()
+    engine.submit(engine_lib.Request(ids, engine_lib.Settings(max_tokens=3),
+                                     lambda event: event.kind == "done" and done.set()))
+    assert done.wait(60)  # the freed slots serve the next request
+  finally:
+    engine.stop()
