@@ -137,6 +137,7 @@ class _Exporter:
     return written
 
   def _run(self) -> None:
+    self.export()  # at once: records left pending by the previous server (a restart, a kill) go out first
     while not self._stop.wait(min(5.0, self.interval)):
       self.export()
 

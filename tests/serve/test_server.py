@@ -163,14 +163,15 @@ def test_feedback_is_stored_before_the_answer_and_exported_once_as_chunks(served
                {"choice": 1, "rating": -1}):  # 4 records: two chunks of 2
     response = httpx.post(server.url + "/v1/feedback", json={"id": first["id"], **body}, timeout=30)
     assert response.status_code == 200, response.text
-  written = server.exporter.export()  # the exporter thread does this every few seconds; here, now
+  server.exporter.export()  # the exporter thread does this every few seconds (it may have already); here, now
   chunks = workdir / "serve" / "chunks"
   texts = [json.loads(line)["text"] for path in sorted(chunks.glob("*.jsonl"))
            if not path.name.endswith(".preferences.jsonl") for line in path.read_text().splitlines()]
   assert "ROMEO:" + first["choices"][0]["text"] in texts and "ROMEO:\nGood morrow." in texts
   pairs = [json.loads(line) for path in chunks.glob("*.preferences.jsonl") for line in path.read_text().splitlines()]
   assert {"prompt": "ROMEO:", "chosen": first["choices"][1]["text"], "rejected": first["choices"][0]["text"]} in pairs
-  assert written and server.exporter.export() == []  # each record in exactly one chunk
+  assert texts.count("ROMEO:\nGood morrow.") == 1 and len(pairs) == 3  # preferred, correction, +1 vs -1
+  assert server.exporter.export() == []  # each record in exactly one chunk: nothing is left to write
 
 
 def test_metrics_count_requests_tokens_and_the_model(served):
