@@ -169,18 +169,11 @@ class Split:
 
   def read(self, unit: Unit) -> Iterator[str]:
     """The documents of one unit, in order."""
-    if unit.path is not None:
-      path = Path(unit.path)
-      header = local_files.tsv_header(path) if path.suffix.lower() == ".tsv" and unit.start > 0 else None
-      yield from local_files.read_document_range(path, unit.start, unit.end, text_field=self.text_field,
-                                                 header=header)
-      return
-    opened = self.open()
-    for first in range(unit.start, unit.end, 1024):
-      yield from opened.__getitems__(range(first, min(unit.end, first + 1024)))
+    for documents in self.read_batches(unit):
+      yield from documents
 
   def read_batches(self, unit: Unit) -> Iterator[list[str]]:
-    """`read(unit)`'s documents in lists (what a token cache's workers encode, many documents at a time)."""
+    """The documents of one unit, in order, in lists (what a token cache's workers encode, many at a time)."""
     if unit.path is not None:
       path = Path(unit.path)
       header = local_files.tsv_header(path) if path.suffix.lower() == ".tsv" and unit.start > 0 else None

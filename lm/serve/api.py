@@ -368,19 +368,28 @@ def _timeout_error(config: Any) -> ApiError:
                   code="timeout")
 
 
+async def _events(service: Service, queue: asyncio.Queue, deadline: float, arrived: float):
+  """A request's engine events until its "done" or "error" (TimeoutError past the deadline), recording its
+  time to first token."""
+  first = True
+  while True:
+    event = await _next_event(queue, deadline)
+    if event.kind == "text" and first:
+      service.metrics.time_to_first_token.observe(time.perf_counter() - arrived)
+      first = False
+    yield event
+    if event.kind in ("done", "error"):
+      return
+
+
 async def _collect(service: Service, request: engine_lib.Request, queue: asyncio.Queue, deadline: float,
                    arrived: float):
   count = len(request.prompts) * request.settings.n
   texts, tokens, logprobs = [""] * count, [[] for _ in range(count)], [[] for _ in range(count)]
   reasons: list[str | None] = [None] * count
-  first = True
   try:
-    while True:
-      event = await _next_event(queue, deadline)
+    async for event in _events(service, queue, deadline, arrived):
       if event.kind == "text":
-        if first:
-          service.metrics.time_to_first_token.observe(time.perf_counter() - arrived)
-          first = False
         texts[event.choice] += event.text
         tokens[event.choice].extend(event.tokens)
         logprobs[event.choice].extend(event.logprobs)
@@ -388,8 +397,7 @@ async def _collect(service: Service, request: engine_lib.Request, queue: asyncio
         reasons[event.choice] = event.finish_reason
       elif event.kind == "error":
         raise ApiError(500, f"The server failed on this request: {event.text}.", kind="server_error")
-      elif event.kind == "done":
-        return texts, tokens, logprobs, reasons
+    return texts, tokens, logprobs, reasons
   except asyncio.TimeoutError:
     request.cancelled = True
     raise _timeout_error(service.config) from None
@@ -417,7 +425,7 @@ async def _stream(service: Service, request: engine_lib.Request, queue: asyncio.
   """Server-sent events: a chunk per piece of text, a chunk per finished choice, then `data: [DONE]`."""
   count = len(prompts) * request.settings.n
   texts = [""] * count
-  first, generated = True, 0
+  generated = 0
 
   def chunk(choice: int, text: str, reason: str | None, event: engine_lib.Event | None = None) -> str:
     logprobs = ({"tokens": list(event.tokens), "token_logprobs": list(event.logprobs)}
@@ -430,12 +438,8 @@ async def _stream(service: Service, request: engine_lib.Request, queue: asyncio.
                      "feedback": _feedback_address(completion_id, prompts, request.settings.n, choice)}]}) + "\n\n"
 
   try:
-    while True:
-      event = await _next_event(queue, deadline)
+    async for event in _events(service, queue, deadline, arrived):
       if event.kind == "text":
-        if first:
-          service.metrics.time_to_first_token.observe(time.perf_counter() - arrived)
-          first = False
         texts[event.choice] += event.text
         generated += len(event.tokens) if event.tokens else 0
         yield chunk(event.choice, event.text, None, event)
