@@ -14,6 +14,7 @@ Saves are asynchronous; `keep` latest steps and the `keep_best` by
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
@@ -124,6 +125,7 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(directory, item_names=ITEMS, options=options)
     self._writing: int | None = None  # the step being saved (in the background when asynchronous)
     self._failed = False
+    self._failed_step: int | None = None  # the step whose save failed for a full disk
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -176,6 +178,7 @@ class Checkpointer:
     self._failed = True
     if not files.disk_full(error):
       return
+    self._failed_step = self._writing
     raise disk_full_error(self.directory, self._writing)
 
   def close(self) -> None:
@@ -184,14 +187,28 @@ class Checkpointer:
     except Exception:  # pylint: disable=broad-except
       if not self._failed:
         raise  # after a failed save the manager's own cleanup may fail the same way; the first error was raised
+    finally:
+      if self._failed_step is not None:
+        remove_partial_step(self.directory, self._failed_step)
+
+
+def remove_partial_step(directory: str, step: int | None) -> None:
+  """Removes the temporary folder(s) of a save of `step` that did not finish."""
+  for partial in epath.Path(directory).glob(f"{step}.orbax-checkpoint-tmp*"):
+    shutil.rmtree(partial, ignore_errors=True)
 
 
 def disk_full_error(directory: str, step: int | None, cause: str = "is full (No space left on device)"
                     ) -> CheckpointError:
   """The error of a save of `step` into `directory` that failed for its disk, after removing the step's partial
-  (temporary) folder: names the disk, the step and the checkpoint the same command resumes from."""
-  for partial in epath.Path(directory).glob(f"{step}.orbax-checkpoint-tmp*"):
-    shutil.rmtree(partial, ignore_errors=True)
+  (temporary) folder: names the disk, the step and the checkpoint the same command resumes from.
+
+  Orbax creates a step's item folders on its event loop's worker threads and closes that loop without waiting
+  for them, so a folder of the step may still appear after the error: the partial step is removed now (to free
+  the space), again by Checkpointer.close(), and once more at exit, when Python has joined those threads.
+  """
+  remove_partial_step(directory, step)
+  atexit.register(remove_partial_step, directory, step)
   previous = [s for s in ocp.utils.checkpoint_steps(epath.Path(directory)) if s != step]
   kept = (f"The checkpoint of step {max(previous)} is intact: free space on that disk (or point --workdir at a "
           "larger one) and rerun the same command to resume from it." if previous else
