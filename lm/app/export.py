@@ -44,6 +44,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[s
         f"--mode export writes language models; {workdir} holds a head={written_by!r} run (config.head="
         f"{config.head!r}). Export a head='lm' run, with --config.head=lm.")
   experiment, params, step = load_trained(config, workdir, "export")
+  params = experiment.task.lm_params(params)  # a DPO run's policy
   model_config = experiment.model_config
   model_type = interop.export_layout(model_config)  # refuses a model of neither layout before gathering weights
   if jax.process_count() > 1:

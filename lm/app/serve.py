@@ -178,7 +178,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> tuple[api_lib.Serv
     metrics.queue_depth.set(stats["queue"])
 
   eos = task.tokenizer.eos_id
-  engine = engine_lib.Engine(task.model, params, version, max_batch=serve.max_batch, max_queue=serve.max_queue,
+  engine = engine_lib.Engine(task.model, task.lm_params(params), version, max_batch=serve.max_batch, max_queue=serve.max_queue,
                              text_of=text_of, token_text=lambda token: task.decode_text(np.asarray([token])),
                              end_ids=() if eos is None else (eos,), context=experiment.steps.context,
                              on_step=on_step, block=serve.decode_block)
@@ -196,7 +196,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> tuple[api_lib.Serv
 
   def load(found: versions.Version) -> Any:
     item = "current" if found.kind == "online" else "state"
-    return checkpoint_lib.restore_params(workdir, abstract, step=found.checkpoint, item_name=item)[0]
+    return task.lm_params(checkpoint_lib.restore_params(workdir, abstract, step=found.checkpoint, item_name=item)[0])
 
   def swap(new_params: Any, new_version: versions.Version) -> None:
     engine.swap(new_params, new_version)

@@ -430,3 +430,46 @@ def document_ranges(path: str | os.PathLike, target_bytes: int) -> list[tuple[in
       cuts.append(cut)
   cuts.append(size)
   return [(start, end) for start, end in zip(cuts, cuts[1:]) if end > start] or [(0, size)]
+
+
+def read_records(path: str | os.PathLike, fields: tuple[str, ...]) -> Iterator[tuple[dict[str, str], str]]:
+  """Streams (record, "file:line") of a .jsonl file (objects holding `fields`, each a string) or a .tsv file
+  (a header naming `fields` as columns), checking each as it goes: what SFT and preference data are made of.
+
+  Raises:
+    DataError: another file type, a missing field or column, a field that is not a string; each names the file,
+      the line and the fix.
+  """
+  path = Path(path)
+  suffix = path.suffix.lower()
+  wanted = ", ".join(repr(field) for field in fields)
+  if suffix == ".jsonl":
+    lines = _lines(path)
+    for index, record in _jsonl_records(lines, fields):
+      line_number = lines.number(index)
+      for field in fields:
+        if not isinstance(record[field], str):
+          raise DataError(f"{path} line {line_number}: field {field!r} is {type(record[field]).__name__}, not a "
+                          "string. Fix: store it as a JSON string.")
+      yield {field: record[field] for field in fields}, f"{path}:{line_number}"
+  elif suffix == ".tsv":
+    lines = _lines(path)
+    rows = iter(lines)
+    columns = next(rows, (0, ""))[1].split("\t")
+    missing = [field for field in fields if field not in columns]
+    if missing:
+      raise DataError(f"{path} has no column {', '.join(map(repr, missing))}: its header has columns "
+                      f"{columns[:10]}. Fix: make the first line a header naming {wanted}, tab-separated.")
+    where = [columns.index(field) for field in fields]
+    for index, line in rows:
+      if not line:
+        continue
+      row = line.split("\t")
+      if len(row) != len(columns):
+        raise DataError(
+            f"{path} line {lines.number(index)} has {len(row)} tab-separated columns; the header has "
+            f"{len(columns)}. Fix: give every row the header's columns (tabs inside the text must go).")
+      yield {field: row[column] for field, column in zip(fields, where)}, f"{path}:{lines.number(index)}"
+  else:
+    raise DataError(f"{path} holds no records: SFT and preference data are .jsonl files (one object with {wanted} "
+                    f"per line) or .tsv files (a header naming {wanted}).")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -31,7 +32,7 @@ from lm.data import pipeline, sources
 from lm.data import tokenizers as tokenizers_lib
 from lm.experiment.config import validate
 from lm.experiment.registry import make_task, saved_task, task_class
-from lm.experiment.model import model_config_for, resolve_tokenizer, settle_attention, tokenizer_identity
+from lm.experiment.model import TOKENIZER_DIR, model_config_for, resolve_tokenizer, settle_attention, tokenizer_identity
 from lm.experiment.splits import cleaned_documents, open_train_split
 from lm.models.config import TransformerConfig
 from lm.tasks.base import Task
@@ -113,7 +114,10 @@ class Experiment:
       metrics.update({"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0))})
       return metrics
     sums, rows = evaluate(self.steps, params, examples, num_batches=num_batches)
-    return self.task.summarize(sums, rows, examples.chars_per_token(self.tokenizer))
+    metrics = self.task.summarize(sums, rows, examples.chars_per_token(self.tokenizer))
+    with self.steps.context():
+      metrics.update(self.task.sampled_metrics(params))
+    return metrics
 
   def evaluate_rows(self, params: Any, examples: Any, num_batches: int | None = None) -> dict[str, Any]:
     """The eval step's per-row outputs ("rows/..." keys, gathered in example order), all batches by default."""
@@ -162,6 +166,24 @@ def check_checkpoint_fits(directory: str, model_config: TransformerConfig, task:
         "to start a different model from these weights is not possible, but init_from works for the same shapes.")
 
 
+def check_frozen_fits(directory: str, part: str, model_config: TransformerConfig, task: Task,
+                      tokenizer: tokenizers_lib.Tokenizer) -> None:
+  """Raises CheckpointError if the run `directory`, named to fill `part` of the params (`Task.frozen_weights`),
+  has no checkpoint, is of a task that cannot, has other shapes, or another tokenizer."""
+  if not checkpoint_lib.has_checkpoint(directory):
+    raise CheckpointError(f"{directory!r} (the weights of the params' {part!r} part) holds no checkpoint. Fix: "
+                          "point it at the workdir of a finished run. Nothing was written.")
+  task.check_frozen(part, directory, saved_task(checkpoint_lib.read_metadata(directory)))
+  check_checkpoint_fits(directory, model_config)
+  tokenizer_dir = os.path.join(directory, TOKENIZER_DIR)
+  theirs = tokenizers_lib.load_tokenizer(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
+  if theirs is None or tokenizer_identity(theirs) != tokenizer_identity(tokenizer):
+    raise CheckpointError(
+        f"{directory!r} (the weights of the params' {part!r} part) was trained with another tokenizer than this "
+        "run's (its init_from run's): the same ids would mean other text. Fix: name a run trained with the same "
+        "tokenizer. Nothing was written.")
+
+
 def hf_source_task(task: Task) -> str | None:
   """The task among `task.init_from_tasks` whose model a Hugging Face folder holds (the LM), or None."""
   return next((name for name in task.init_from_tasks if task_class(name).exports_hf), None)
@@ -208,6 +230,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
                                                              "init_from")):
     if directory:
       check_checkpoint_fits(directory, model_config, task, how)
+  for part, directory in task.frozen_weights().items():
+    check_frozen_fits(directory, part, model_config, task, tokenizer)
   if hf_dir is not None:  # a Hugging Face folder, not a checkpoint
     if hf_source_task(task) is None:
       raise ConfigError(

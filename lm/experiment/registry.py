@@ -17,8 +17,10 @@ from lm.models.config import TransformerConfig
 from lm.tasks.base import Task
 from lm.tasks.classifier import ClassifierTask
 from lm.tasks.denoise import DenoiseTask
+from lm.tasks.dpo import DPOTask
 from lm.tasks.gan import GANTask
 from lm.tasks.lm import LMTask
+from lm.tasks.sft import SFTTask
 from lm.tasks.vae import VAETask
 
 TASKS: dict[str, type[Task]] = {
@@ -27,6 +29,8 @@ TASKS: dict[str, type[Task]] = {
     "gan": GANTask,
     "classifier": ClassifierTask,
     "denoise": DenoiseTask,
+    "sft": SFTTask,
+    "dpo": DPOTask,
 }
 
 
@@ -34,7 +38,8 @@ def task_class(name: str) -> type[Task]:
   """The task `config.head` names; ConfigError listing the names otherwise."""
   require(name in TASKS, f"config.head={name!r} is not one of {tuple(TASKS)}: 'lm' trains the language model, "
           "'vae' a sentence VAE (config.vae), 'gan' a text GAN (config.gan), 'classifier' a sequence classifier "
-          "(config.classifier), 'denoise' a language model on corrupted inputs (config.denoise).")
+          "(config.classifier), 'denoise' a language model on corrupted inputs (config.denoise), 'sft' a language model "
+          "fine-tuned on prompt-response records, 'dpo' one tuned on preference records (config.dpo).")
   return TASKS[name]
 
 
@@ -89,8 +94,8 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
   cls.validate_config(config, mode)
 
 
-# What is trained on the Transformer: lm | vae | gan | classifier | denoise (TASKS); each task's own group
-# (config.vae, config.gan, config.classifier, config.denoise) comes with it.
+# What is trained on the Transformer: lm | vae | gan | classifier | denoise | sft | dpo (TASKS); each task's own group
+# (config.vae, config.gan, config.classifier, config.denoise, config.dpo) comes with it.
 CONFIG = ConfigPart("lm.experiment.registry", {"head": "lm"}, validate)
 TASK_CONFIGS: tuple[ConfigPart, ...] = tuple(cls.CONFIG for cls in TASKS.values() if cls.CONFIG is not None)
 

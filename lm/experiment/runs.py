@@ -46,14 +46,27 @@ def initial_state(experiment: Experiment) -> tuple[TrainState, dict[str, Any] | 
     target, merge = task.init_from_target(experiment.abstract_state.params, hf_source_task(task))
     state = state.replace(params=merge(state.params, interop.load_sharded_params(hf_dir, experiment.model_config,
                                                                                   target)))
-    return state, None, f"initialized weights from {config.init_from}"
+    return _with_frozen_weights(experiment, state, f"initialized weights from {config.init_from}")
+  how = "initialized from scratch"
   if config.init_from:
     source_task = saved_task(checkpoint_lib.read_metadata(config.init_from))
     target, merge = task.init_from_target(experiment.abstract_state.params, source_task)
+    source = task_class(source_task)
+    if source.lm_part and source_task != task.name:  # e.g. a DPO run: its policy is the language model
+      target, merge = source.lm_part_target(target, merge)
     restored, step = checkpoint_lib.restore_params(config.init_from, target)
     state = state.replace(params=merge(state.params, restored))
-    return state, None, f"initialized weights from {config.init_from} step {step} (a head={source_task!r} run)"
-  return state, None, "initialized from scratch"
+    how = f"initialized weights from {config.init_from} step {step} (a head={source_task!r} run)"
+  return _with_frozen_weights(experiment, state, how)
+
+
+def _with_frozen_weights(experiment: Experiment, state: TrainState, how: str) -> tuple[TrainState, None, str]:
+  """The parts of the params the task fills from other runs (`Task.frozen_weights`: a DPO reference)."""
+  for part, directory in experiment.task.frozen_weights().items():
+    restored, step = checkpoint_lib.restore_params(directory, experiment.abstract_state.params[part])
+    state = state.replace(params=dict(state.params, **{part: restored}))
+    how += f"; {part} from {directory} step {step}"
+  return state, None, how
 
 
 def load_trained(config: ml_collections.ConfigDict, workdir: str, mode: str) -> tuple[Experiment, Any, int]:

@@ -140,6 +140,30 @@ class Task:
     del source_task
     return abstract_params, lambda params, restored: restored
 
+  # A task whose params hold a language model as one part of them beside others (a DPO run's policy beside its
+  # reference) names that part: a task that starts from a language model can start from its runs too.
+  lm_part: ClassVar[str] = ""
+
+  @classmethod
+  def lm_part_target(cls, target: Any, merge: Callable[[Any, Any], Any]) -> tuple[Any, Callable[[Any, Any], Any]]:
+    """(what of a checkpoint of this task to restore, merge) for another task whose `init_from_target` wants a
+    language model's params (`target`, `merge`): this task's params, of which `lm_part` is used."""
+    raise NotImplementedError
+
+  def frozen_weights(self) -> dict[str, str]:
+    """{part of the params: a run's workdir} whose weights fill that part at the start, after init_from
+    (a DPO reference named by dpo.reference). The builder checks each run's shapes and tokenizer."""
+    return {}
+
+  def check_frozen(self, part: str, directory: str, written_by: str) -> None:
+    """Raises CheckpointError if a `written_by` run cannot fill `part` (see `frozen_weights`)."""
+    del part, directory, written_by
+
+  @staticmethod
+  def lm_params(params: Any) -> Any:
+    """The language model's params in this task's (a DPO run's policy); what sampling, serving and export use."""
+    return params
+
   # -- the loss, for the engine (lm.train.step) ------------------------------------------------------
   def updates(self) -> Sequence[step_lib.Update]:
     """The step's updates: loss functions and the parts of the params they train."""
@@ -178,6 +202,12 @@ class Task:
                 ) -> dict[str, float]:
     """Eval sums (and rows) over a split -> "eval/..." metrics."""
     raise NotImplementedError
+
+  def sampled_metrics(self, params: Any) -> dict[str, float]:
+    """"eval/..." figures that need generation, computed at every eval after the eval step's (a DPO run's
+    sampled KL to its reference); call under the mesh context."""
+    del params
+    return {}
 
   def selection(self, metrics: Mapping[str, float]) -> float:
     """The figure (lower is better) that picks the best checkpoint(s) kept by config.keep_best."""

@@ -108,7 +108,7 @@ class LMTask(Task):
 
   name = "lm"
   data_formats = ("windows", "sentences")
-  init_from_tasks = ("lm",)
+  init_from_tasks = ("lm", "sft", "dpo")  # a tuned model's weights are a language model's (a DPO run's policy)
   counts_lm_flops = True
   supports_online = True
   continues_prompts = True
