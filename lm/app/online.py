@@ -12,6 +12,14 @@
       by more than `gate.max_regression` (paired bootstrap over sequences)
     checkpoint everything (weights, current, cursor, replay, dedup, R) at once
 
+A preference chunk (records with "chosen" and "rejected": the server's feedback
+export, or any such file in the watched folder) trains DPO steps against the
+current (served) model as the reference, with replayed text mixed in
+(online.replay_fraction), from fresh AdamW moments; a deterministic share of its pairs is held out, and
+from then on every gate also refuses a candidate whose accuracy on the held-out
+pairs (log p(chosen) > log p(rejected)) falls below the current model's by more
+than gate.max_preference_drop. Text and preference chunks alternate freely.
+
 A kill at any moment resumes from the last checkpoint: mid-chunk checkpoints
 record the chunk and the step within it (and, with a regularizer on, its
 anchor and EWC Fisher), and the chunk is re-read and re-cleaned identically
@@ -43,15 +51,17 @@ from lm.app.lock import run_lock
 from lm.app.train import write_run_files
 from lm.core import faults
 from lm.core.configs import apply_overrides
-from lm.core.errors import CheckpointError, ConfigError
+from lm.core.errors import CheckpointError, ConfigError, DataError
 from lm.data import clean as clean_lib
+from lm.data import pairs as pairs_lib
 from lm.data import pipeline, sources
 from lm.data import stream as stream_lib
 from lm.experiment import Experiment, build_experiment, open_eval_split, open_train_split
 from lm.online import regularizers
 from lm.online import replay as replay_lib
 from lm.online.run_state import OnlineRun, is_heldout, stable_seed, tokens_of, windows_of
-from lm.online.step import Regularization, chunk_learning_rate, make_online_step, make_sequence_losses
+from lm.online.step import (Regularization, chunk_learning_rate, make_online_preference_step, make_online_step,
+                            make_preference_margins, make_sequence_losses)
 from lm.online.store import OnlineCheckpointer, is_online_checkpoint
 from lm.stats import ab
 from lm.stats.continual import ContinualMatrix
@@ -120,9 +130,19 @@ class OnlineLoop:
     self.step_fn = jax.jit(make_online_step(experiment.model, self.direction, self.reg,
                                             grad_accum_steps=int(self.config.grad_accum_steps)),
                            donate_argnums=0, out_shardings=(state_shardings, sharding_lib.replicated(experiment.mesh)))
+    dpo = self.config.dpo
+    self.preference_step_fn = jax.jit(
+        make_online_preference_step(experiment.model, self.direction, beta=float(dpo.beta),
+                                    label_smoothing=float(dpo.label_smoothing), kind=str(dpo.loss),
+                                    grad_accum_steps=int(self.config.grad_accum_steps)),
+        donate_argnums=0, out_shardings=(state_shardings, sharding_lib.replicated(experiment.mesh)))
     # Replicated output: every process reads all per-sequence losses (the gate pairs them).
     self.sequence_losses = jax.jit(make_sequence_losses(experiment.model),
                                    out_shardings=sharding_lib.replicated(experiment.mesh))
+    self.preference_margins = jax.jit(make_preference_margins(experiment.model),
+                                      out_shardings=sharding_lib.replicated(experiment.mesh))
+    self.chunk_pairs: tuple[str, pairs_lib.PreferenceExamples] | None = None  # the preference chunk read last
+    self.current_margins: np.ndarray | None = None  # the current model's, on the held-out pairs (cached)
     self.checkpointer = OnlineCheckpointer(experiment.checkpoint_dir, keep=int(self.config.keep_checkpoints))
     self.run_state = OnlineRun(experiment.config)
     self.writer = MetricWriter(workdir)
@@ -145,12 +165,16 @@ class OnlineLoop:
     abstract_opt = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed_opt), opt_shardings)
     return experiment.abstract_state.replace(opt_state=abstract_opt)
 
+  def fresh_opt_state(self, params: Any) -> Any:
+    """The update direction's initial state (zero moments) for `params`, sharded like the state's."""
+    opt_shardings = jax.tree.map(lambda leaf: leaf.sharding, self.abstract_state.opt_state)
+    return jax.jit(self.direction.init, out_shardings=opt_shardings)(params)
+
   def _fresh_state(self, abstract: TrainState) -> tuple[TrainState, Any]:
     experiment = self.experiment
     params, step = checkpoint_lib.restore_params(self.config.init_from, experiment.abstract_state.params)
     logging.info("Online run starts from %s (step %d).", self.config.init_from, step)
-    opt_shardings = jax.tree.map(lambda leaf: leaf.sharding, abstract.opt_state)
-    opt_state = jax.jit(self.direction.init, out_shardings=opt_shardings)(params)
+    opt_state = self.fresh_opt_state(params)
     place = lambda value, leaf: jax.device_put(value, leaf.sharding)  # noqa: E731
     state = TrainState(step=place(np.zeros((), np.int32), abstract.step), params=params, opt_state=opt_state,
                        rng=place(jax.random.key_data(jax.random.key(self.config.seed)), abstract.rng))
@@ -211,7 +235,10 @@ class OnlineLoop:
     run = self.run_state
     while True:
       try:
-        return self.stream.next_chunk(run.consumed)
+        chunk = self.stream.next_chunk(run.consumed)
+        if chunk is not None and chunk.preferences is not None:
+          self._pairs_of(chunk)
+        return chunk
       except stream_lib.ChunkError as error:
         moved = stream_lib.quarantine(error.path, self.workdir, str(error)) if error.path else None
         logging.warning("Chunk %s quarantined (%s): %s", error.chunk_id, moved, error)
@@ -236,6 +263,8 @@ class OnlineLoop:
 
   def run_chunk(self, state: TrainState, current: Any, chunk: stream_lib.Chunk, stop: StopSignal):
     """Trains on one chunk (from its recorded step if resuming). Returns (state, current, finished)."""
+    if chunk.preferences is not None:
+      return self.run_preference_chunk(state, current, chunk, stop)
     run = self.run_state
     windows, train_docs, heldout_docs, dropped = self._prepare(chunk)
     if windows is None:
@@ -373,9 +402,11 @@ class OnlineLoop:
   def _evaluate_and_gate(self, state: TrainState, current: Any, chunk: stream_lib.Chunk):
     run = self.run_state
     domain = chunk.domain
-    # Old domains: every domain known before this chunk (the chunk's own counts if trained before).
+    trains_text = chunk.preferences is None
+    # Old domains: every domain known before this chunk (the chunk's own counts if trained before); a
+    # preference chunk trains on no domain's text, so every domain is old.
     trained_before = any(domain in row for row in run.matrix.trained)
-    old_domains = [d for d in run.matrix.domains if d != domain or trained_before]
+    old_domains = [d for d in run.matrix.domains if d != domain or trained_before or not trains_text]
     candidate, baseline = {}, {}
     per_domain = {}
     for name in run.matrix.domains:
@@ -388,32 +419,169 @@ class OnlineLoop:
       baseline[name] = cached
       per_domain[name] = (baseline[name], candidate[name])
     # A domain whose held-out share was too short for one window has no column (yet).
-    trained = [domain] if domain in run.matrix.domains else []
+    trained = [domain] if domain in run.matrix.domains and trains_text else []
     run.matrix.add_row(chunk.id, trained, {name: float(np.mean(v)) for name, v in candidate.items()})
     gate = self.online.gate
     decision = ab.gate(per_domain, old_domains=old_domains, max_regression=float(gate.max_regression),
                        confidence=float(gate.confidence), num_samples=int(gate.bootstrap_samples),
                        seed=stable_seed(self.config.seed, chunk.id, "gate"))
-    record = {"chunk": chunk.id, "step": int(state.step), "promoted": decision.promote, "reasons": decision.reasons,
+    promote, reasons = decision.promote, list(decision.reasons)
+    preference = self._preference_gate(state.params, current)
+    if preference is not None and not preference["passed"]:
+      promote = False
+      reasons.append(preference["reason"])
+    record = {"chunk": chunk.id, "step": int(state.step), "promoted": promote, "reasons": reasons,
               "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "comparisons": decision.to_json().get("comparisons")}
+    if preference is not None:
+      record["preferences"] = {key: value for key, value in preference.items() if key != "margins"}
     run.gate_history.append(record)
-    if decision.promote:
+    if promote:
       current = jax.tree.map(lambda x: x.copy(), state.params)
       self.current_losses = dict(candidate)  # the candidate's losses are now the current model's
+      self.current_margins = None if preference is None else preference["margins"]
       logging.info("Chunk %s: promoted the new weights to current.", chunk.id)
     else:
-      logging.warning("Chunk %s: kept the previous current model: %s", chunk.id, "; ".join(decision.reasons))
+      logging.warning("Chunk %s: kept the previous current model: %s", chunk.id, "; ".join(reasons))
     metrics = run.matrix.metrics()
     row = {f"online/{name}/loss": float(np.mean(v)) for name, v in candidate.items()}
+    if preference is not None:
+      row["online/preference_accuracy"] = preference["candidate_accuracy"]
+      row["gate/preference_accuracy_current"] = preference["current_accuracy"]
     row.update({f"continual/{key}": float(metrics[key]) for key in ("avg_loss", "forgetting", "bwt", "fwt")
                 if metrics.get(key) is not None})
-    row["gate/promoted"] = float(decision.promote)
+    row["gate/promoted"] = float(promote)
     self.chunk_row = row
     if jax.process_index() == 0:
       run.matrix.write(self.workdir)
       run.matrix.heatmap(os.path.join(self.workdir, HEATMAP_FILE))
     return current
+
+  # -- preference chunks ---------------------------------------------------------------------------
+  def _pairs_of(self, chunk: stream_lib.Chunk) -> pairs_lib.PreferenceExamples:
+    """The chunk's pairs encoded for this model (cached for the chunk read last); ChunkError if one cannot be
+    (a prompt that leaves no room in the context), so the chunk is quarantined like an unreadable one."""
+    if self.chunk_pairs is None or self.chunk_pairs[0] != chunk.id:
+      try:
+        examples = pairs_lib.PreferenceExamples(chunk.preferences, self.experiment.tokenizer, self.config.seq_len,
+                                                sentences=False, name=chunk.id)
+      except DataError as error:
+        raise stream_lib.ChunkError(f"Chunk {chunk.id!r} cannot be trained on: {error}", chunk_id=chunk.id,
+                                    path=chunk.path) from None
+      self.chunk_pairs = (chunk.id, examples)
+    return self.chunk_pairs[1]
+
+  def _split_pairs(self, chunk: stream_lib.Chunk) -> tuple[np.ndarray, np.ndarray]:
+    """(training pair indices, held-out pair indices) of a preference chunk, by a hash of each record."""
+    fraction = float(self.online.heldout_fraction)
+    held = np.asarray([is_heldout(json.dumps(record, sort_keys=True), fraction) for record, _ in chunk.preferences])
+    return np.flatnonzero(~held), np.flatnonzero(held)
+
+  def run_preference_chunk(self, state: TrainState, current: Any, chunk: stream_lib.Chunk, stop: StopSignal):
+    """DPO steps on a preference chunk against the current model, with replayed text; then the gate."""
+    run = self.run_state
+    examples = self._pairs_of(chunk)
+    train, heldout = self._split_pairs(chunk)
+    pair_rows = lambda indices: {key: np.stack([examples[int(i)][key] for i in indices])  # noqa: E731
+                                 for key in pairs_lib.PREFERENCE_BATCH_RANKS if key != "index"}
+    config = self.config
+    replay = run.replay if self.online.replay_fraction > 0 and len(run.replay) else None
+    per_batch = config.batch_size - replay_lib.replay_rows(config.batch_size, float(self.online.replay_fraction),
+                                                           replay)
+    steps = (max(1, math.ceil(self.online.epochs_per_chunk * len(train) / per_batch))
+             if self.online.epochs_per_chunk > 0 else int(self.online.steps_per_chunk))
+    index = len(run.matrix.chunks) - 1 if run.matrix else 0
+    progress = run.in_progress if run.in_progress and run.in_progress["id"] == chunk.id else {
+        "id": chunk.id, "step_in_chunk": 0, "steps": steps, "index": index}
+    run.in_progress = progress
+    if progress["step_in_chunk"] == 0:
+      if len(heldout):
+        run.add_preference_heldout(pair_rows(heldout), int(self.online.heldout_max_windows))
+        self.current_margins = None  # the held-out set grew
+      # Fresh AdamW moments: the previous chunk's (another objective's gradients, or the opposite preference)
+      # would carry its first steps along (b1=0.9 remembers ~10 steps). A resumed chunk keeps its saved ones.
+      state = state.replace(opt_state=self.fresh_opt_state(state.params))
+    if not len(train):
+      logging.warning("Chunk %s has %d preference pairs, all held out: nothing to train on.", chunk.id,
+                      len(chunk.preferences))
+      self._finish_chunk_bookkeeping(chunk, [], [], Counter())
+      return state, current, True
+    self.resumed = None  # preference steps take no regularizer anchor
+    seed = stable_seed(config.seed, chunk.id)
+    sharding = self.experiment.steps.batch_sharding
+    row_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
+    rows = self.experiment.process_rows
+    seq_len = config.seq_len
+
+    def batch_at(k: int) -> dict[str, jax.Array]:
+      order, replayed = replay_lib.mixed_rows(len(train), replay, batch_size=config.batch_size,
+                                              replay_fraction=float(self.online.replay_fraction), step=k, seed=seed,
+                                              window=seq_len + 1)
+      local = pair_rows(train[order])
+      if len(replayed):  # a replayed window is a pair's chosen side, its whole window scored; no rejected side
+        text = {"chosen_inputs": replayed[:, :-1], "chosen_targets": replayed[:, 1:],
+                "chosen_mask": np.ones((len(replayed), seq_len), np.int32)}
+        local = {key: np.concatenate([value, text.get(key, np.zeros((len(replayed), seq_len), np.int32))])
+                 for key, value in local.items()}
+      local["is_replay"] = np.arange(config.batch_size) >= len(order)
+      return {name: pipeline.to_global(value[rows.start:rows.stop], row_sharding if name == "is_replay" else sharding,
+                                       config.batch_size) for name, value in local.items()}
+
+    def inputs_at(k: int) -> dict[str, Any]:
+      lr = chunk_learning_rate(k, progress["steps"], progress["index"], lr=float(config.optim.lr),
+                               min_lr=float(config.optim.min_lr), warmup_steps=int(config.optim.warmup_steps),
+                               schedule=self.online.lr_schedule)
+      return {"lr": np.float32(lr), "reference": current}
+
+    def save(loop: Loop) -> None:
+      loop.check_finite()
+      self._save(loop.state, current)
+
+    hooks = [_ChunkProgress(progress),
+             LogHook(config.log_every, config.batch_size * seq_len, extra={"online/chunk": progress["index"] + 1}),
+             MetricsHook(self.writer),
+             CheckpointHook(int(self.online.checkpoint_every), save, at_last=False, save_on_stop=True)]
+    with self.experiment.steps.context():
+      loop = fit(state, self.preference_step_fn, batch_at, first=progress["step_in_chunk"], last=progress["steps"],
+                 hooks=hooks, inputs_at=inputs_at, stop=stop)
+    state = loop.state
+    if stop.agreed:
+      return state, current, False
+    self.last_step = int(state.step)
+    current = self._evaluate_and_gate(state, current, chunk)
+    self._finish_chunk_bookkeeping(chunk, [], [], Counter())
+    self._save(state, current)
+    faults.point("online/between_chunks", len(run.consumed))
+    return state, current, True
+
+  def _margins(self, params: Any) -> np.ndarray:
+    """log p(chosen) - log p(rejected) [n] of every held-out preference pair under `params`."""
+    held = self.run_state.preference_heldout
+    batch_size, count = self.config.batch_size, self.run_state.preference_pairs
+    rows_of_process = self.experiment.process_rows
+    out = []
+    with self.experiment.steps.context():
+      for start in range(0, count, batch_size):
+        batch = {}
+        for key, value in held.items():
+          rows = value[start:start + batch_size]
+          rows = np.concatenate([rows, np.repeat(rows[-1:], batch_size - len(rows), axis=0)]) if (
+              len(rows) < batch_size) else rows
+          batch[key] = pipeline.to_global(rows[rows_of_process.start:rows_of_process.stop],
+                                          self.experiment.steps.batch_sharding, batch_size)
+        out.append(np.asarray(self.preference_margins(params, batch))[:min(batch_size, count - start)])
+    return np.concatenate(out) if out else np.zeros(0, np.float32)
+
+  def _preference_gate(self, candidate: Any, current: Any) -> dict[str, Any] | None:
+    """The held-out preference accuracy of the candidate and the current model; None without held-out pairs."""
+    if not self.run_state.preference_pairs:
+      return None
+    margins = self._margins(candidate)
+    if self.current_margins is None or len(self.current_margins) != len(margins):
+      self.current_margins = self._margins(current)
+    decision = ab.preference_gate(margins, self.current_margins,
+                                  max_drop=float(self.online.gate.max_preference_drop))
+    return {**decision, "margins": margins}
 
   def _finish_chunk_bookkeeping(self, chunk, train_docs, heldout_docs, dropped, windows=None) -> None:
     run = self.run_state

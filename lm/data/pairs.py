@@ -38,7 +38,7 @@ from lm.data.tokenizers import Tokenizer
 
 SFT_FIELDS = ("prompt", "response")
 PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
-SEQUENCE_KEYS = ("inputs", "targets", "mask")
+SEQUENCE_KEYS = ("inputs", "targets", "mask")  # lm.models.preference.SEQUENCE_KEYS
 SFT_BATCH_RANKS = {"inputs": 2, "targets": 2, "mask": 2, "index": 1}
 PREFERENCE_BATCH_RANKS = {f"{side}_{key}": 2 for side in ("chosen", "rejected") for key in SEQUENCE_KEYS} | {"index": 1}
 

@@ -23,6 +23,8 @@ class Chunk:
   domain: str  # the stream's domain name
   documents: list[str]
   path: str | None = None  # the file or folder it came from (directory streams), for quarantine
+  # A preference chunk (records with "chosen" and "rejected"): its (record, "file:line") pairs; documents is empty.
+  preferences: list[tuple[dict[str, str], str]] | None = None
 
 
 class ChunkError(DataError):

@@ -28,15 +28,15 @@ from pathlib import Path
 import tensorflow_datasets as tfds
 
 from lm.core.errors import DataError
-from lm.data import local_files, sources
+from lm.data import local_files, pairs, sources
 from lm.data.stream_base import Chunk, ChunkError, Stream, StreamError, as_set
 
 # Names that writers use while a file is still being written (then renamed), and
 # hidden/private names (.DS_Store, _SUCCESS, editor swap files).
 _IGNORED_PREFIXES = (".", "_")
 _IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", "~")
-# Preference pairs the server exports beside its text chunks (lm.serve.feedback): not text to train the
-# language model on, so left in the folder, neither read nor quarantined, for preference tuning.
+# Preference pairs the server exports beside its text chunks (lm.serve.feedback); any .jsonl or .tsv file whose
+# records have "chosen" and "rejected" is a preference chunk too (`lm.data.pairs`).
 PREFERENCE_SUFFIX = ".preferences.jsonl"
 _TFDS_INFO_FILE = "dataset_info.json"
 _TFDS_RECORD_MARKERS = (".array_record", ".tfrecord")
@@ -61,10 +61,13 @@ class DirectoryStream(Stream):
   * TFDS folders (e.g. written by ``tfds build``): a folder holding
     ``dataset_info.json`` and record files, or holding one ``VERSION`` folder
     (``1.0.0``) that does. Every split is read, in the dataset's split order.
+  * Preference chunks: a ``.jsonl`` file whose first record has "chosen" and
+    "rejected" fields, or a ``.tsv`` file whose header names them (the server's
+    ``*.preferences.jsonl`` exports), is read as {"prompt", "chosen", "rejected"}
+    records (``lm.data.pairs``): ``Chunk.preferences``.
   * Ignored: names starting with "." or "_", names ending in .tmp, .part,
     .partial, .crdownload or "~" (write such a name, then rename it when
-    complete), names ending in ``PREFERENCE_SUFFIX`` (preference pairs, not
-    text), and folders that are not finished TFDS folders.
+    complete), and folders that are not finished TFDS folders.
   * A file is taken only once its size and mtime have stayed the same for
     ``settle_seconds`` across polls, measured with ``clock``. The stream remembers
     what each poll saw, so an entry seen for the first time (including after a
@@ -148,6 +151,9 @@ class DirectoryStream(Stream):
     try:
       if path.is_dir():
         documents = _read_tfds_folder(path, self.text_field)
+      elif _holds_preferences(path):
+        return Chunk(id=name, domain=self.domain, documents=[], path=str(path),
+                     preferences=pairs.read_records([path], pairs.PREFERENCE_FIELDS))
       else:
         documents = self._read_file(path)
     except FileNotFoundError:
@@ -175,7 +181,28 @@ class DirectoryStream(Stream):
 
 
 def _is_ignored(name: str) -> bool:
-  return name.startswith(_IGNORED_PREFIXES) or name.lower().endswith((*_IGNORED_SUFFIXES, PREFERENCE_SUFFIX))
+  return name.startswith(_IGNORED_PREFIXES) or name.lower().endswith(_IGNORED_SUFFIXES)
+
+
+def _holds_preferences(path: Path) -> bool:
+  """Whether a file's first record (.jsonl) or header (.tsv) has the "chosen" and "rejected" fields."""
+  suffix = path.suffix.lower()
+  if path.name.lower().endswith(PREFERENCE_SUFFIX):
+    return True
+  if suffix not in (".jsonl", ".tsv"):
+    return False
+  with path.open("rb") as file:
+    for line in file:
+      if not line.strip():
+        continue
+      if suffix == ".tsv":
+        return {"chosen", "rejected"} <= set(line.decode("utf-8", "replace").rstrip("\r\n").split("\t"))
+      try:
+        record = json.loads(line)
+      except (ValueError, RecursionError):
+        return False  # the text reader reports it, with the line
+      return isinstance(record, dict) and "chosen" in record and "rejected" in record
+  return False
 
 
 def _signature(path: Path) -> tuple[tuple | None, int]:

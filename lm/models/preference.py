@@ -18,7 +18,7 @@ the reference every h is 0 and the sigmoid loss is log 2.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import flax.linen as nn
 import jax
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from lm.models.losses import lm_token_losses
 
 LOSSES = ("sigmoid", "ipo")
+SEQUENCE_KEYS = ("inputs", "targets", "mask")  # of each side of a pair: chosen_inputs, ..., rejected_mask
 
 
 def sequence_logprobs(model: nn.Module, params: Any, inputs: jax.Array, targets: jax.Array, mask: jax.Array
@@ -53,3 +54,16 @@ def preference_loss(policy_chosen: jax.Array, policy_rejected: jax.Array, refere
   chosen_reward, rejected_reward = beta * chosen_ratio, beta * rejected_ratio
   return losses, {"chosen_reward": chosen_reward, "rejected_reward": rejected_reward,
                   "margin": chosen_reward - rejected_reward, "correct": (h > 0).astype(jnp.float32)}
+
+
+def pair_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
+  """[batch] 1 for a row holding a pair, 0 for a padding row (no chosen response)."""
+  return jnp.any(batch["chosen_mask"] > 0, axis=-1).astype(jnp.float32)
+
+
+def pair_logprobs(model: nn.Module, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  """Chosen and rejected sequence log-probabilities [batch] each, in one forward pass of 2 x batch rows."""
+  rows = batch["chosen_inputs"].shape[0]
+  both = {key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0) for key in SEQUENCE_KEYS}
+  logprobs = sequence_logprobs(model, params, both["inputs"], both["targets"], both["mask"])
+  return logprobs[:rows], logprobs[rows:]

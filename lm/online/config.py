@@ -38,6 +38,9 @@ FIELDS = {
     "online.gate.max_regression": 0.02,  # relative loss increase allowed on any old domain
     "online.gate.confidence": 0.95,
     "online.gate.bootstrap_samples": 1000,
+    # Once preference chunks have held out pairs: the largest fall of the candidate's accuracy on them (the share
+    # of pairs it gives the chosen response the higher likelihood) below the current model's that is promoted.
+    "online.gate.max_preference_drop": 0.0,
 }
 
 
@@ -59,6 +62,8 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
           "config.online.l2_init, ewc and distill must be >= 0 and distill_temperature > 0.")
   require(online.replay_capacity >= 1 and online.ewc_batches >= 1, "config.online.replay_capacity and "
           "ewc_batches must be >= 1.")
+  require(0 <= online.gate.max_preference_drop <= 1, "config.online.gate.max_preference_drop must be in [0, 1] "
+          f"(a fall of held-out preference accuracy; got {online.gate.max_preference_drop}).")
   require(online.gate.max_regression >= 0 and 0.5 <= online.gate.confidence < 1,
           "config.online.gate.max_regression must be >= 0 and gate.confidence in [0.5, 1).")
 

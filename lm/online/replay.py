@@ -321,26 +321,42 @@ def mixed_batch(new_windows: WindowSource, replay: ReplayBuffer | None, *, batch
                      "only, and some rows of every batch must be new data.")
   if step < 0 or seed < 0:
     raise ValueError(f"step ({step}) and seed ({seed}) must be >= 0; pass the (non-negative) training step and seed.")
-  num_replay = replay_rows(batch_size, replay_fraction, replay)
-  num_new = batch_size - num_replay
-  if num_new == 0:
-    raise ValueError(f"replay_fraction {replay_fraction} of a batch of {batch_size} rounds to {num_replay} replay "
-                     "rows, leaving none for the new data; lower replay_fraction or raise batch_size.")
   size = len(new_windows)
   if size == 0:
     raise ValueError("the new chunk has no windows; skip empty chunks, or give them at least seq_len + 1 tokens.")
   window = replay.window if replay is not None else len(np.asarray(new_windows[0]))
-  positions = step * num_new + np.arange(num_new)
-  epochs, offsets = np.divmod(positions, size)
-  order = np.empty(num_new, np.int64)
-  for epoch in np.unique(epochs):
-    in_epoch = epochs == epoch
-    order[in_epoch] = _epoch_permutation(int(seed), int(epoch), size)[offsets[in_epoch]]
+  order, replayed = mixed_rows(size, replay, batch_size=batch_size, replay_fraction=replay_fraction, step=step,
+                               seed=seed, window=window)
+  num_new = len(order)
   new_rows = _gather(new_windows, order, window)
-  replayed = replay.sample(num_replay, step=step, seed=seed) if num_replay else np.zeros((0, window), np.int32)
   rows = np.concatenate([new_rows, replayed])
   return {
       "inputs": rows[:, :-1],
       "targets": rows[:, 1:],
       "is_replay": np.arange(batch_size) >= num_new,
   }
+
+
+def mixed_rows(size: int, replay: ReplayBuffer | None, *, batch_size: int, replay_fraction: float, step: int,
+               seed: int, window: int) -> tuple[np.ndarray, np.ndarray]:
+  """Which of `size` new items fill the new rows of batch `step`, and the replayed windows of the rest.
+
+  Returns (positions of the new items [num_new] int64, replayed windows [num_replay, window] int32), as
+  `mixed_batch` lays them out (its doc): every new item once per epoch, in a fresh permutation each epoch.
+  Items need not be windows: the online loop's preference chunks take pairs by these positions.
+  """
+  if size == 0:
+    raise ValueError("the new chunk has no items; skip empty chunks.")
+  num_replay = replay_rows(batch_size, replay_fraction, replay)
+  num_new = batch_size - num_replay
+  if num_new == 0:
+    raise ValueError(f"replay_fraction {replay_fraction} of a batch of {batch_size} rounds to {num_replay} replay "
+                     "rows, leaving none for the new data; lower replay_fraction or raise batch_size.")
+  positions = step * num_new + np.arange(num_new)
+  epochs, offsets = np.divmod(positions, size)
+  order = np.empty(num_new, np.int64)
+  for epoch in np.unique(epochs):
+    in_epoch = epochs == epoch
+    order[in_epoch] = _epoch_permutation(int(seed), int(epoch), size)[offsets[in_epoch]]
+  replayed = replay.sample(num_replay, step=step, seed=seed) if num_replay else np.zeros((0, window), np.int32)
+  return order, replayed

@@ -50,6 +50,8 @@ class OnlineRun:
     self.clean_counts: Counter = Counter()
     self.quarantined: list[dict[str, str]] = []
     self.heldout: dict[str, np.ndarray] = {}  # domain -> [n, seq_len + 1] windows
+    # Held-out preference pairs of every preference chunk so far, encoded (lm.data.pairs keys -> [n, seq_len]).
+    self.preference_heldout: dict[str, np.ndarray] = {}
     self.cleaner = clean_lib.Cleaner(clean_lib.CleanConfig.from_mapping(self.config.clean.to_dict()))
     seq_len = self.config.seq_len
     self.replay = replay_lib.ReplayBuffer(int(self.online.replay_capacity), seq_len + 1, seed=int(self.config.seed))
@@ -67,6 +69,7 @@ class OnlineRun:
     out["heldout/domains"] = np.frombuffer(json.dumps(names).encode(), np.uint8).copy()
     for index, name in enumerate(names):
       out[f"heldout/{index}"] = self.heldout[name]
+    out.update({f"preference_heldout/{key}": value for key, value in self.preference_heldout.items()})
     return out
 
   def load(self, online: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
@@ -81,6 +84,21 @@ class OnlineRun:
     self.cleaner = clean_lib.Cleaner(self.cleaner.config, clean_lib.DedupIndex.from_arrays(group("dedup/")))
     names = json.loads(arrays["heldout/domains"].tobytes().decode())
     self.heldout = {name: arrays[f"heldout/{index}"] for index, name in enumerate(names)}
+    self.preference_heldout = group("preference_heldout/")  # none in checkpoints from before preference chunks
+
+  @property
+  def preference_pairs(self) -> int:
+    return len(self.preference_heldout.get("chosen_mask", ()))
+
+  def add_preference_heldout(self, rows: dict[str, np.ndarray], limit: int) -> None:
+    """Appends held-out pairs (each key [n, seq_len]), keeping at most `limit` in all."""
+    room = limit - self.preference_pairs
+    if room <= 0 or not len(rows["chosen_mask"]):
+      return
+    for key, value in rows.items():
+      kept = value[:room]
+      self.preference_heldout[key] = (np.concatenate([self.preference_heldout[key], kept])
+                                      if key in self.preference_heldout else kept)
 
 
 class Documents(list):

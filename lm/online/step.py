@@ -9,6 +9,11 @@ regularizers pull toward `anchor`, the weights before the chunk:
        + l2_init * 0.5 * |params - anchor|^2                  (L2-init)
        + ewc * 0.5 * sum fisher * (params - anchor)^2          (EWC)
        + distill * KL(anchor's predictions || params') on replay rows  (LwF)
+
+A preference chunk's step (`make_online_preference_step`) is DPO against the
+served model, plus the language model's loss on replayed text:
+
+  loss = DPO(pairs; reference = the served model) + cross-entropy(replayed windows)
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from lm.models.losses import cross_entropy, lm_loss_sum
+from lm.models.preference import pair_logprobs, pair_weights, preference_loss
 from lm.online import regularizers
 from lm.train import step as step_lib
 
@@ -95,6 +101,58 @@ def make_online_step(model: nn.Module, direction: optax.GradientTransformation, 
   """`step(state, batch, {"lr", "anchor", "fisher"}) -> (state, metrics)`: the engine's step with the online loss."""
   return step_lib.make_train_step(step_lib.Update(make_online_loss(model, reg), loss_name="total_loss"), direction,
                                   lr_from_inputs=True, grad_accum_steps=grad_accum_steps, loss_totals=loss_totals)
+
+
+def make_online_preference_loss(model: nn.Module, *, beta: float, label_smoothing: float, kind: str
+                                ) -> step_lib.LossFn:
+  """The loss of a preference chunk's step (`lm.models.preference`), against the served model, with replay.
+
+  The step is called with inputs {"lr", "reference"} (the served model's params, frozen for the chunk) and
+  a batch of pair rows and replayed rows, each as a pair (`lm.data.pairs`' keys) plus 'is_replay' [batch]:
+  a replayed window is its chosen side (mask all 1) with an empty rejected side. The loss is the DPO loss's
+  mean over the pair rows plus the language model's mean token loss over the replayed rows (what keeps the
+  model's text knowledge while it learns preferences), both exact over micro-batches.
+  """
+
+  def loss_fn(params, batch, ctx):
+    replay = batch["is_replay"].astype(jnp.float32)
+    pairs = pair_weights(batch) * (1.0 - replay)
+    policy_chosen, policy_rejected = pair_logprobs(model, params, batch)
+    reference_chosen, reference_rejected = jax.lax.stop_gradient(pair_logprobs(model, ctx.inputs["reference"], batch))
+    losses, figures = preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, beta=beta,
+                                      label_smoothing=label_smoothing, kind=kind)
+    mean = lambda values: ctx.mean(jnp.sum(values * pairs), "pairs")  # noqa: E731
+    dpo = mean(losses)
+    replay_loss = ctx.mean(-jnp.sum(policy_chosen * replay), "replay_tokens")
+    return dpo + replay_loss, {"loss": dpo, "replay_loss": replay_loss, "accuracy": mean(figures["correct"]),
+                               "margin": mean(figures["margin"]), "replay_rows": jnp.sum(replay)}
+
+  return loss_fn
+
+
+def preference_loss_totals(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  """A preference batch's pair rows and replayed target tokens."""
+  replay = batch["is_replay"].astype(jnp.float32)
+  return {"pairs": jnp.sum(pair_weights(batch) * (1.0 - replay)),
+          "replay_tokens": jnp.sum(jnp.sum(batch["chosen_mask"].astype(jnp.float32), axis=-1) * replay)}
+
+
+def make_online_preference_step(model: nn.Module, direction: optax.GradientTransformation, *, beta: float,
+                                label_smoothing: float, kind: str, grad_accum_steps: int = 1) -> Callable:
+  """`step(state, batch, {"lr", "reference"}) -> (state, metrics)`: the engine's step with the preference loss."""
+  loss_fn = make_online_preference_loss(model, beta=beta, label_smoothing=label_smoothing, kind=kind)
+  return step_lib.make_train_step(step_lib.Update(loss_fn, loss_name="total_loss"), direction, lr_from_inputs=True,
+                                  grad_accum_steps=grad_accum_steps, loss_totals=preference_loss_totals)
+
+
+def make_preference_margins(model: nn.Module) -> Callable[[Any, Batch], jax.Array]:
+  """`margins(params, batch) -> [batch]`: log p(chosen) - log p(rejected) of each pair (the model's own ranking)."""
+
+  def margins(params: Any, batch: Batch) -> jax.Array:
+    chosen, rejected = pair_logprobs(model, params, batch)
+    return chosen - rejected
+
+  return margins
 
 
 def make_sequence_losses(model: nn.Module) -> Callable[[Any, Batch], jax.Array]:

@@ -235,3 +235,25 @@ def validate_config(config: Any, mode: str) -> None:
 
 
 CONFIG = ConfigPart("lm.stats.ab", CONFIG_FIELDS, validate_config)
+
+
+def preference_gate(candidate_margins: np.ndarray, current_margins: np.ndarray, *, max_drop: float
+                    ) -> dict[str, Any]:
+  """The online gate's preference check: refuses a candidate whose accuracy on held-out preference pairs (the
+  share of pairs whose chosen response it finds likelier: margin log p(chosen) - log p(rejected) > 0) is below
+  the current model's by more than `max_drop`.
+
+  Returns {"passed", "candidate_accuracy", "current_accuracy", "pairs", "reason"} (reason: why it would fail).
+  """
+  candidate_margins, current_margins = np.asarray(candidate_margins), np.asarray(current_margins)
+  if candidate_margins.shape != current_margins.shape or not len(candidate_margins):
+    raise ValueError(f"preference_gate needs the margins of the same non-empty set of pairs; got "
+                     f"{candidate_margins.shape} and {current_margins.shape}.")
+  if not 0 <= max_drop <= 1:
+    raise ValueError(f"max_drop={max_drop} must be in [0, 1]: a fall of an accuracy.")
+  candidate = float(np.mean(candidate_margins > 0))
+  current = float(np.mean(current_margins > 0))
+  return {"passed": candidate >= current - max_drop, "candidate_accuracy": candidate, "current_accuracy": current,
+          "pairs": int(len(candidate_margins)),
+          "reason": (f"held-out preference accuracy fell from {current:.3f} to {candidate:.3f} (allowed drop "
+                     f"{max_drop:g}) on {len(candidate_margins)} pairs")}

@@ -43,7 +43,7 @@ from lm.core.errors import CheckpointError
 from lm.data import pairs
 from lm.data import sentences as sentences_lib
 from lm.inference import prompts as prompts_lib
-from lm.models.preference import LOSSES, preference_loss, sequence_logprobs
+from lm.models.preference import LOSSES, pair_logprobs, pair_weights, preference_loss, sequence_logprobs
 from lm.models.transformer import TransformerLM
 from lm.tasks.lm import LMTask
 from lm.tasks.sft import validate_records_config
@@ -86,8 +86,8 @@ def make_preference_loss(model: TransformerLM, *, beta: float, label_smoothing: 
 
   def loss_fn(params, batch, ctx):
     valid = pair_weights(batch)
-    policy_chosen, policy_rejected = _pair_logprobs(model, params, batch)
-    reference_chosen, reference_rejected = jax.lax.stop_gradient(_pair_logprobs(model, reference_of(ctx), batch))
+    policy_chosen, policy_rejected = pair_logprobs(model, params, batch)
+    reference_chosen, reference_rejected = jax.lax.stop_gradient(pair_logprobs(model, reference_of(ctx), batch))
     losses, figures = preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
                                       beta=beta, label_smoothing=label_smoothing, kind=kind)
     mean = lambda values: ctx.mean(jnp.sum(values * valid), "pairs")  # noqa: E731
@@ -97,22 +97,8 @@ def make_preference_loss(model: TransformerLM, *, beta: float, label_smoothing: 
   return loss_fn
 
 
-def pair_weights(batch: Mapping[str, jax.Array]) -> jax.Array:
-  """[batch] 1 for a real pair, 0 for a padding row."""
-  return jnp.any(batch["chosen_mask"] > 0, axis=-1).astype(jnp.float32)
-
-
 def preference_totals(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
   return {"pairs": jnp.sum(pair_weights(batch))}
-
-
-def _pair_logprobs(model: TransformerLM, params: Any, batch: Mapping[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
-  """Chosen and rejected sequence log-probabilities [batch] each, in one forward pass of 2 x batch rows."""
-  rows = batch["chosen_inputs"].shape[0]
-  both = {key: jnp.concatenate([batch[f"chosen_{key}"], batch[f"rejected_{key}"]], axis=0)
-          for key in pairs.SEQUENCE_KEYS}
-  logprobs = sequence_logprobs(model, params, both["inputs"], both["targets"], both["mask"])
-  return logprobs[:rows], logprobs[rows:]
 
 
 def make_preference_eval_step(model: TransformerLM, *, beta: float, label_smoothing: float, kind: str,
@@ -121,8 +107,8 @@ def make_preference_eval_step(model: TransformerLM, *, beta: float, label_smooth
 
   def eval_step(params, batch):
     valid = pair_weights(batch)
-    policy = _pair_logprobs(model, policy_of(params), batch)
-    reference = _pair_logprobs(model, reference_of(params), batch)
+    policy = pair_logprobs(model, policy_of(params), batch)
+    reference = pair_logprobs(model, reference_of(params), batch)
     losses, figures = preference_loss(*policy, *reference, beta=beta, label_smoothing=label_smoothing, kind=kind)
     sums = {"loss_sum": jnp.sum(losses * valid), "pairs": jnp.sum(valid)}
     sums.update({f"{name}_sum": jnp.sum(value * valid) for name, value in figures.items()})

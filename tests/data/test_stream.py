@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -122,15 +123,35 @@ def test_directory_ignores_partial_and_hidden_names_until_renamed(watched, clock
   assert directory.next_chunk({"b.txt"}) is None
 
 
-def test_directory_leaves_the_servers_preference_files_in_place(watched, clock):
-  # The server exports text and preference pairs side by side (lm.serve.feedback); only the text is trained on.
+def test_directory_reads_the_servers_preference_files_and_any_file_of_pairs_as_preference_chunks(watched, clock):
+  # The server exports text and preference pairs side by side (lm.serve.feedback); the online loop trains the
+  # language model on the text and DPO on the pairs. A .tsv or .jsonl of pairs under any name is one too.
   assert watch.PREFERENCE_SUFFIX == feedback.PREFERENCE_SUFFIX
-  pairs = write(watched / "feedback-0a1b2c3d-000001.preferences.jsonl",
-                '{"prompt": "p", "chosen": "a", "rejected": "b"}\n', mtime=100)
+  write(watched / "feedback-0a1b2c3d-000001.preferences.jsonl", '{"prompt": "p", "chosen": "a", "rejected": "b"}\n',
+        mtime=100)
   write(watched / "feedback-0a1b2c3d-000001.jsonl", '{"text": "p a"}\n', mtime=200)
+  write(watched / "ratings.tsv", "prompt\tchosen\trejected\nq\tyes\tno\n", mtime=300)
   directory = settled(watched, clock)
-  assert [(chunk.id, chunk.documents) for chunk in drain(directory)] == [("feedback-0a1b2c3d-000001.jsonl", ["p a"])]
-  assert pairs.is_file()  # neither consumed nor quarantined
+  chunks = drain(directory)
+  assert [(chunk.id, chunk.documents) for chunk in chunks] == [("feedback-0a1b2c3d-000001.preferences.jsonl", []),
+                                                                ("feedback-0a1b2c3d-000001.jsonl", ["p a"]),
+                                                                ("ratings.tsv", [])]
+  assert [record for record, _ in chunks[0].preferences] == [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+  assert chunks[0].preferences[0][1].endswith(".preferences.jsonl:1")
+  assert [record for record, _ in chunks[2].preferences] == [{"prompt": "q", "chosen": "yes", "rejected": "no"}]
+  assert chunks[1].preferences is None
+
+
+@pytest.mark.parametrize("line, reason", [
+    ('{"prompt": "p", "chosen": "a"}', "has no field"),
+    ('{"prompt": "p", "chosen": "a", "rejected": " "}', "field 'rejected' is empty"),
+    ('{"prompt": "p", "chosen": "a", "rejected": "a"}', "'chosen' and 'rejected' are the same text"),
+])
+def test_a_preference_chunk_with_a_bad_record_is_refused_naming_the_line(watched, clock, line, reason):
+  write(watched / "x.preferences.jsonl", '{"prompt": "p", "chosen": "a", "rejected": "b"}\n' + line + "\n",
+        mtime=100)
+  with pytest.raises(stream.ChunkError, match=f"x.preferences.jsonl:2.*{re.escape(reason)}|line 2.*{reason}"):
+    settled(watched, clock).next_chunk(set())
 
 
 def test_directory_orders_by_mtime_then_name_and_skips_consumed(watched, clock):

@@ -89,6 +89,92 @@ def test_a_watched_folder_is_trained_chunk_by_chunk_and_bad_files_are_quarantine
   assert all(r["train/replay_rows"] == 2 for r in rows if "train/loss" in r)  # 25 % of 8 rows
 
 
+def preference_records(count: int, seed: int = 0) -> list[dict]:
+  """Pairs whose chosen response ends in "!" and rejected one in "?" after the same words: a preference a
+  language model can learn from a few DPO steps."""
+  rng = random.Random(seed)
+  return [{"prompt": f"{rng.choice(SENTENCES)[:12]} ", "chosen": f"so {word}!", "rejected": f"so {word}?"}
+          for word in (rng.choice(("good", "bad", "odd", "fine", "dull")) for _ in range(count))]
+
+
+def test_preference_chunks_train_dpo_against_the_served_model_between_text_chunks(pretrained, tmp_path):
+  watched = tmp_path / "incoming"
+  watched.mkdir()
+  (watched / "a.txt").write_text("\n\n".join(SENTENCES[:60]))
+  # The pretrained model ranks "?" above "!" after these words: DPO turns that around (held-out accuracy 0 -> 1).
+  (watched / "feedback-1.preferences.jsonl").write_text(
+      "\n".join(json.dumps(record) for record in preference_records(96)))
+  too_long = {"prompt": "x" * 40, "chosen": "a", "rejected": "b"}  # 40 bytes: no room in seq_len=32
+  (watched / "feedback-2.preferences.jsonl").write_text(json.dumps(too_long) + "\n")
+  (watched / "c.tsv").write_text("prompt\tchosen\trejected\n" + "\n".join(  # pairs in a .tsv, under any name
+      f"{r['prompt']}\t{r['chosen']}\t{r['rejected']}" for r in preference_records(32, seed=1)))
+  names = ("a.txt", "feedback-1.preferences.jsonl", "feedback-2.preferences.jsonl", "c.tsv")
+  for index, name in enumerate(names):
+    os.utime(watched / name, (1_000_000 + index, 1_000_000 + index))
+  workdir = tmp_path / "online"
+  per_chunk = 6
+  config = load_config(CONFIG, online_overrides(pretrained, **{
+      "online.stream": f"dir:{watched}", "online.replay_fraction": 0.25, "online.steps_per_chunk": per_chunk,
+      "online.heldout_fraction": 0.25, "online.heldout_max_windows": 64, "optim.lr": 3e-3, "dpo.beta": 0.5}))
+  result = online_loop.run_online(config, str(workdir))
+  assert result.chunks_done == 3 and result.step == 3 * per_chunk
+  continual = json.loads((workdir / "continual.json").read_text())
+  assert continual["chunks"] == ["initial", "a.txt", "feedback-1.preferences.jsonl", "c.tsv"]
+  assert continual["trained"][2:] == [[], []]  # preference chunks train no domain's text
+  reason = (workdir / "quarantine" / "feedback-2.preferences.jsonl.reason.txt").read_text()
+  assert "feedback-2.preferences.jsonl:1" in reason and "no room for a response" in reason
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  steps = {r["step"]: r for r in rows if "train/loss" in r}
+  # The second chunk's steps are DPO on the first preference chunk: the pairs (6 of 8 rows), replayed text (2 rows).
+  dpo_steps = range(per_chunk + 1, 2 * per_chunk + 1)
+  assert all(steps[k]["train/replay_rows"] == 2 and "train/accuracy" in steps[k] for k in dpo_steps)
+  assert steps[dpo_steps[0]]["train/loss"] == pytest.approx(np.log(2), abs=1e-4)  # the policy starts as its reference
+  assert steps[dpo_steps[-1]]["train/loss"] < steps[dpo_steps[0]]["train/loss"]
+  chunk_rows = [r for r in rows if "continual/avg_loss" in r]
+  assert [r["step"] for r in chunk_rows] == [per_chunk * k for k in (1, 2, 3)]
+  # Once pairs are held out, every gate reports the held-out preference accuracy of the candidate and current:
+  # the pretrained model ranked "?" first on every held-out pair, the DPO-tuned one "!" (the chosen).
+  assert "online/preference_accuracy" not in chunk_rows[0]
+  assert (chunk_rows[1]["gate/preference_accuracy_current"], chunk_rows[1]["online/preference_accuracy"]) == (0.0, 1.0)
+  assert [r["gate/promoted"] for r in chunk_rows] == [1.0, 1.0, 1.0]
+  step = checkpoint_lib.latest_step(str(workdir))
+  gate = json.loads((workdir / "checkpoints" / str(step) / "online" / "metadata").read_text())["gate"]
+  assert [record["chunk"] for record in gate] == ["a.txt", "feedback-1.preferences.jsonl", "c.tsv"]
+  assert "preferences" not in gate[0] and gate[1]["preferences"]["pairs"] > 0
+  assert gate[2]["preferences"]["pairs"] > gate[1]["preferences"]["pairs"]  # c's held-out pairs joined the set
+  assert "margins" not in gate[1]["preferences"]
+  # The served model is the DPO-tuned one: it ranks the chosen response of a held-out pair first.
+  served = load_served(config, workdir)
+  assert served["!"] > served["?"]
+
+
+def load_served(config, workdir: Path) -> dict[str, float]:
+  """The log-probabilities, under the online run's served model, of "so good" followed by "!" and by "?"."""
+  from lm.experiment import load_trained  # pylint: disable=g-import-not-at-top
+  from lm.models.preference import sequence_logprobs  # pylint: disable=g-import-not-at-top
+  experiment, params, _ = load_trained(config, str(workdir), "eval")
+  out = {}
+  for end in ("!", "?"):
+    ids = np.asarray(experiment.tokenizer.encode(f"{SENTENCES[0][:12]} so good{end}"), np.int32)
+    mask = np.zeros(len(ids) - 1, np.int32)
+    mask[-1] = 1
+    with experiment.steps.context():
+      out[end] = float(sequence_logprobs(experiment.model, params, ids[None, :-1], ids[None, 1:], mask[None])[0])
+  return out
+
+
+def test_the_gate_refuses_a_candidate_whose_held_out_preference_accuracy_falls():
+  from lm.stats import ab  # pylint: disable=g-import-not-at-top
+  current = np.array([2.0, 1.0, 0.5, -1.0])  # 3 of 4 pairs ranked right
+  assert ab.preference_gate(np.array([1.0, 0.1, -0.2, -3.0]), current, max_drop=0.0)["passed"] is False
+  assert ab.preference_gate(np.array([1.0, 0.1, -0.2, -3.0]), current, max_drop=0.25)["passed"] is True
+  rising = ab.preference_gate(np.array([1.0, 0.1, 0.2, 0.3]), current, max_drop=0.0)
+  assert rising["passed"] and (rising["current_accuracy"], rising["candidate_accuracy"]) == (0.75, 1.0)
+  assert "fell from 0.750 to 0.500" in ab.preference_gate(np.array([1, 1, -1, -1.0]), current, max_drop=0)["reason"]
+  with pytest.raises(ValueError, match="same non-empty set"):
+    ab.preference_gate(np.zeros(3), current, max_drop=0.0)
+
+
 def test_the_served_model_is_the_promoted_one(pretrained, tmp_path):
   workdir = tmp_path / "online"
   stream = stream_lib.IterableStream(SENTENCES, domain="reviews", chunk_size=40)
