@@ -56,7 +56,8 @@ _LONG_FILES_FIRST = (
     "tests/test_notebooks.py", "tests/train/test_heads.py", "tests/integration/test_multihost.py",
     "tests/train/test_sharding.py", "tests/train/test_classifier.py", "tests/online/test_loop.py",
     "tests/interop/test_hf_cli.py", "tests/train/test_grad_accum.py", "tests/integration/test_cli.py",
-    "tests/serve/test_server.py", "tests/serve/test_serve_cli.py",
+    "tests/serve/test_server.py", "tests/serve/test_serve_cli.py", "tests/train/test_preference.py",
+    "tests/integration/test_preference_cli.py",
 )
 
 

@@ -97,3 +97,42 @@ def metric_rows(workdir: Path) -> dict[int, dict]:
     row = json.loads(line)
     rows.setdefault(row["step"], {}).update(row)
   return rows
+
+
+# -- SFT and DPO records (lm.data.pairs), written by the tests that need them -----------------------------------
+TOY_LETTERS = "abcdefghijklmnoprstuvwy "  # neither "z" nor "q": a toy preference is in the last character alone
+
+
+def toy_preferences(count: int, seed: int) -> list[dict]:
+  """Preference records whose chosen response is a body + "z" and whose rejected one is the same body + "q".
+
+  The prompts all have 6 characters: DPO's sampled KL decodes its prompts in batches of one length, each length
+  a program to compile (seconds on CPU)."""
+  import random  # pylint: disable=g-import-not-at-top
+  rng = random.Random(seed)
+  text = lambda low, high: "".join(rng.choice(TOY_LETTERS) for _ in range(rng.randint(low, high)))  # noqa: E731
+  records = []
+  for _ in range(count):
+    prompt, body = text(6, 6), text(2, 6)
+    records.append({"prompt": prompt, "chosen": body + "z", "rejected": body + "q"})
+  return records
+
+
+def toy_responses(count: int, seed: int) -> list[dict]:
+  """Prompt-response records of different lengths (the response is the prompt reversed, then a period)."""
+  import random  # pylint: disable=g-import-not-at-top
+  rng = random.Random(seed)
+  records = []
+  for _ in range(count):
+    prompt = "".join(rng.choice(TOY_LETTERS) for _ in range(rng.randint(2, 12)))
+    records.append({"prompt": prompt, "response": prompt[::-1].strip() + "."})
+  return records
+
+
+def write_records(folder: Path, **splits: list[dict]) -> Path:
+  """`folder`/SPLIT.jsonl for each split (train=..., validation=...): one JSON object a line."""
+  import json  # pylint: disable=g-import-not-at-top
+  folder.mkdir(parents=True, exist_ok=True)
+  for split, records in splits.items():
+    (folder / f"{split}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
+  return folder

@@ -192,6 +192,13 @@ def hf_source_task(task: Task) -> str | None:
 def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str = "train") -> tuple[Experiment, bool]:
   """Validates and builds a run. Returns (experiment, tokenizer_is_new). Writes nothing."""
   validate(config, mode)
+  # A task that cannot start from scratch says so before its tokenizer is looked for: without init_from it would
+  # be built from the training split, which for records (SFT, DPO) has no text field, and that error would hide
+  # this one. The same starts as `initial_state`'s: resume, warm_start and init_from need none.
+  requires_init_from = task_class(config.head).requires_init_from
+  if (mode == "train" and requires_init_from and not config.init_from and not config.warm_start
+      and not (config.resume and checkpoint_lib.has_checkpoint(workdir))):
+    raise ConfigError(requires_init_from)
   tokenizer, tokenizer_is_new = resolve_tokenizer(config, workdir)
   # Processes started with different flags, data or tokenizers would train on
   # inconsistent batches or deadlock later; stop them all now instead.

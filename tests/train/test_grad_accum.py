@@ -9,7 +9,10 @@ float32. The cases use what makes a mean of micro-batch means wrong
 (sentences of different lengths, class weights) and per-row randomness
 (word and token dropout, a VAE's latent sample, a GAN's noise), all of which
 accumulation must not change. Model dropout is off: its masks are drawn per
-micro-batch by design (lm.train.step).
+micro-batch by design (lm.train.step). SFT and DPO start from a language model
+(a 1-step run of the module) and read records: SFT's responses differ in
+length; DPO's loss is normalized by pairs and its reference differs from its
+policy (rewards and accuracy that are not all zero).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import numpy as np
 import optax
 import pytest
 
+from lm.app import train as train_mode
 from lm.config import load_config
 from lm.data import pipeline
 from lm.experiment import build_experiment, open_train_split, token_windows
@@ -26,7 +30,7 @@ from lm.online.step import Regularization, make_online_step
 from lm.train import optim
 from lm.train import step as step_lib
 from lm.train.state import TrainState
-from tests.helpers import ROOT, SHARED, tiny_overrides
+from tests.helpers import ROOT, SHARED, tiny_overrides, toy_preferences, toy_responses, write_records
 
 LR = 1e-3  # small: a GAN's second critic update starts from the first's parameters
 SENTENCES = {
@@ -44,12 +48,29 @@ CASES = {
     "classifier": {**SENTENCES, "head": "classifier", "data.label_field": "label",
                    "classifier.class_weights": "balanced", "classifier.label_smoothing": 0.1,
                    "classifier.token_dropout": 0.2},
+    # data.source and init_from: the module's records and language model (`tuning`)
+    "sft": {"head": "sft"},
+    "dpo": {"head": "dpo", "dpo.beta": 0.5, "dpo.label_smoothing": 0.1},
 }
 
 
-def _build(tmp_path, case: str):
+@pytest.fixture(scope="module")
+def tuning(tmp_path_factory):
+  """{"sft"/"dpo": overrides}: the records and the language model (trained 1 step; `_run` starts from
+  init_state, so only its shapes and tokenizer matter) of the tasks that tune one."""
+  root = tmp_path_factory.mktemp("tuning")
   config = load_config(str(ROOT / "experiments" / "shakespeare_char.py"),
-                       tiny_overrides(**{"model.dropout": 0.0, **CASES[case]}))
+                       tiny_overrides(**{"model.dropout": 0.0, "steps": 1, "eval_every": 100, "checkpoint_every": 1}))
+  train_mode.train(config, str(root / "lm"))
+  records = {"sft": write_records(root / "sft", train=toy_responses(32, seed=0), validation=toy_responses(8, seed=1)),
+             "dpo": write_records(root / "dpo", train=toy_preferences(32, seed=0),
+                                  validation=toy_preferences(8, seed=1))}
+  return {name: {"init_from": str(root / "lm"), "data.source": str(folder)} for name, folder in records.items()}
+
+
+def _build(tmp_path, case: str, extra: dict | None = None):
+  config = load_config(str(ROOT / "experiments" / "shakespeare_char.py"),
+                       tiny_overrides(**{"model.dropout": 0.0, **CASES[case], **(extra or {})}))
   experiment, _ = build_experiment(config, str(tmp_path / case), "train")
   examples = token_windows(experiment, open_train_split(config), config.data.train_stride, train=True)
   dataset = pipeline.train_dataset(examples, seed=config.seed, global_batch_size=config.batch_size,
@@ -72,8 +93,12 @@ def _sgd_like(tx):
 
 
 def _run(experiment, make_step, batch, ks, inputs=None):
-  """{k: (the step's gradients, metrics)} from the same initial parameters."""
+  """{k: (the step's gradients, metrics)} from the same initial parameters (a DPO reference moved off its
+  policy, which init_state makes equal)."""
   initial = experiment.init_state()
+  if "reference" in initial.params:
+    initial = initial.replace(params={**initial.params,
+                                      "reference": jax.tree.map(lambda x: x * 0.9, initial.params["reference"])})
   sgd = _sgd_like(experiment.tx)
   out = {}
   with experiment.steps.context():
@@ -101,8 +126,9 @@ def _assert_same_step(results):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_task_accumulates_to_the_step_of_the_whole_batch(tmp_path, case):
-  experiment, batch = _build(tmp_path, case)
+def test_every_task_accumulates_to_the_step_of_the_whole_batch(tmp_path, case, request):
+  extra = request.getfixturevalue("tuning")[case] if case in ("sft", "dpo") else None  # trained only if asked for
+  experiment, batch = _build(tmp_path, case, extra)
   task = experiment.task
 
   def make_step(tx, k):
