@@ -202,8 +202,11 @@ def _txt_paragraph_batches(path: Path, text_field: str, start: int = 0, end: int
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def _jsonl_records(lines: Lines, fields: tuple[str, ...]) -> Iterator[tuple[int, dict]]:
-  """Yields (index in `lines`, record) of .jsonl lines whose records all hold `fields`, the first a string."""
+def _jsonl_records(lines: Lines, fields: tuple[str, ...], missing: tuple[str, ...] = ()) -> Iterator[tuple[int, dict]]:
+  """Yields (index in `lines`, record) of .jsonl lines whose records all hold `fields`, the first a string.
+
+  missing: fields a record must hold, named in the error for one that lacks them (records of named fields:
+  SFT and preference data), instead of the hint about data.text_field."""
   path = lines.path
   named = " and ".join(repr(field) for field in fields)
   for index, line in lines:
@@ -220,6 +223,11 @@ def _jsonl_records(lines: Lines, fields: tuple[str, ...]) -> Iterator[tuple[int,
       raise DataError(
           f"{path} line {lines.number(index)} is JSON that Python cannot read ({str(error).splitlines()[0][:120]}). "
           "Fix: store the text as a JSON string, without huge numbers or deep nesting.") from None
+    if missing and isinstance(record, dict) and any(field not in record for field in missing):
+      absent = [field for field in missing if field not in record]
+      raise DataError(
+          f"{path} line {lines.number(index)} has no field {', '.join(map(repr, absent))} (it has {sorted(record)}). "
+          f"Fix: give every record the fields {', '.join(map(repr, missing))}, or drop the record.")
     if not isinstance(record, dict) or any(field not in record for field in fields):
       present = sorted(record) if isinstance(record, dict) else f"a JSON {type(record).__name__}"
       raise DataError(
@@ -445,7 +453,7 @@ def read_records(path: str | os.PathLike, fields: tuple[str, ...]) -> Iterator[t
   wanted = ", ".join(repr(field) for field in fields)
   if suffix == ".jsonl":
     lines = _lines(path)
-    for index, record in _jsonl_records(lines, fields):
+    for index, record in _jsonl_records(lines, fields[:1], missing=fields):
       line_number = lines.number(index)
       for field in fields:
         if not isinstance(record[field], str):

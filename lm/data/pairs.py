@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+from absl import logging
 
 from lm.core.errors import DataError
 from lm.data import local_files
@@ -91,9 +92,10 @@ class SequenceEncoder:
       raise DataError(f"{where}: the prompt encodes to no tokens, and a model trained on token windows predicts a "
                       "response's first token from the prompt's last. Fix: give the prompt at least one character.")
     if len(ids) > self.seq_len:
+      longest = self.seq_len - 1 if self.vocab is not None else self.seq_len  # BOS takes a position
       raise DataError(f"{where}: the prompt has {len(ids)} tokens{' with BOS' if self.vocab is not None else ''}, "
                       f"leaving no room for a response in the model's context (seq_len={self.seq_len}). Fix: shorten "
-                      f"the prompt to at most {self.seq_len - 1} tokens, or drop the record.")
+                      f"the prompt to at most {longest} tokens, or drop the record.")
     return ids
 
   def encode(self, prompt_ids: np.ndarray, response: str) -> dict[str, np.ndarray]:
@@ -138,6 +140,13 @@ class _Examples:
     self.prompts = [self.encoder.prompt_ids(record["prompt"], where) for record, where in records]
     self.rows = [self._encode(record, prompt) for record, prompt in zip(self.records, self.prompts)]
     self.cropped = self.encoder.cropped
+    if self.cropped:
+      logging.warning("%s: %d response(s) cropped to fit the context (seq_len=%d) after their prompts.", self.name,
+                      self.cropped, seq_len)
+    self._check()
+
+  def _check(self) -> None:
+    """Warnings about rows that train nothing useful (a subclass's)."""
 
   def _encode(self, record: dict[str, str], prompt: np.ndarray) -> dict[str, np.ndarray]:
     raise NotImplementedError
@@ -173,6 +182,14 @@ class PreferenceExamples(_Examples):
   def _encode(self, record, prompt):
     return {f"{side}_{key}": value for side in ("chosen", "rejected")
             for key, value in self.encoder.encode(prompt, record[side]).items()}
+
+  def _check(self) -> None:
+    same = sum(bool(np.array_equal(row["chosen_targets"][row["chosen_mask"] > 0],
+                                   row["rejected_targets"][row["rejected_mask"] > 0])) for row in self.rows)
+    if same:
+      logging.warning("%s: %d pair(s) have the same tokens once cropped to the context (they differ only after "
+                      "seq_len=%d): they teach nothing. Raise seq_len or shorten their prompts.", self.name, same,
+                      self.encoder.seq_len)
 
   def empty_example(self, index: int) -> dict[str, np.ndarray]:
     empty = self.encoder.empty()

@@ -237,7 +237,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
                                                              "init_from")):
     if directory:
       check_checkpoint_fits(directory, model_config, task, how)
-  for part, directory in task.frozen_weights().items():
+  starts = mode == "train" and not (config.resume and checkpoint_lib.has_checkpoint(workdir)) and not config.warm_start
+  for part, directory in task.frozen_weights().items() if starts else ():  # read at a fresh start only
     check_frozen_fits(directory, part, model_config, task, tokenizer)
   if hf_dir is not None:  # a Hugging Face folder, not a checkpoint
     if hf_source_task(task) is None:
