@@ -152,6 +152,15 @@ class Continuation(NamedTuple):
   score: float | None
 
 
+def host_array(array: jax.Array) -> np.ndarray:
+  """A (possibly sharded) jax.Array on this host: on several processes, one that spans other processes'
+  devices (parameters sharded over them) is gathered, so every process reads all of it."""
+  if jax.process_count() > 1 and not array.is_fully_addressable:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    array = multihost_utils.process_allgather(array, tiled=True)
+  return np.asarray(array)
+
+
 def decode_batched(model: TransformerLM, params: Any, prompts: Sequence[np.ndarray], *, count: int,
                    rows_per_batch: int, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
                    top_p: float = 1.0, beam_size: int = 1, length_penalty: float = 0.6,
@@ -204,13 +213,13 @@ def decode_batched(model: TransformerLM, params: Any, prompts: Sequence[np.ndarr
       if beam_size > 1:
         tokens, scores = sample_lib.beam_search(model, params, batch, beam_size=beam_size, max_new_tokens=new_tokens,
                                                 length_penalty=length_penalty, stop_tokens=stops, pad_id=pad_id)
-        tokens, scores = np.asarray(tokens), np.asarray(scores)
+        tokens, scores = host_array(tokens), host_array(scores)
         for row, index in enumerate(chunk):
           results[index].extend(Continuation(sample_lib.truncate_at_stop(tokens[row, beam][None], stops)[0],
                                              float(scores[row, beam])) for beam in range(count))
       else:
         decode = sample_lib.generate_long if beyond_context else sample_lib.generate
-        tokens = np.asarray(decode(model, params, batch, jax.random.fold_in(jax.random.key(seed), batch_number),
+        tokens = host_array(decode(model, params, batch, jax.random.fold_in(jax.random.key(seed), batch_number),
                                    max_new_tokens=new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                                    stop_tokens=stops, pad_id=pad_id))
         for row, index in enumerate(chunk):

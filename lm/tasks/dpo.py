@@ -269,7 +269,7 @@ def sampled_kl(model: TransformerLM, policy: Any, reference: Any, prompts: Seque
       seed=seed)
   rows = [encoder.encode_ids(ids, outs[0].tokens) for ids, outs in zip(prompts, continuations)]
   batch = {key: jnp.asarray(np.stack([row[key] for row in rows])) for key in pairs.SEQUENCE_KEYS}
-  return np.asarray(_log_ratio(model, policy, reference, batch))
+  return prompts_lib.host_array(_log_ratio(model, policy, reference, batch))
 
 
 @functools.partial(jax.jit, static_argnums=0)
