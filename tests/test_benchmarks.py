@@ -1,5 +1,6 @@
-"""benchmarks/torch_peer.py and benchmarks/run.py: the PyTorch peer's shape, its CPU run, run.py's flags;
-benchmarks/dpo_sentiment.py's --quick study.
+"""benchmarks/torch_peer.py and benchmarks/run.py: the PyTorch peer's shape, its CPU run, run.py's flags.
+(benchmarks/dpo_sentiment.py's --quick study runs in notebooks/preference_tuning.ipynb, which tests/test_notebooks.py
+executes and which checks what it wrote.)
 
 Nothing here runs torch.compile or a GPU; the GPT-2 comparison itself is run by hand
 on a GPU machine (benchmarks/README.md).
@@ -222,14 +223,3 @@ def test_run_command_line_splits_its_own_flags_from_lm_s():
   assert runner.lm_command("c.py", 50, 10, extra)[-3:] == [
       "--config.bench.steps=50", "--config.bench.warmup_steps=10", "--config.batch_size=8"]
 
-
-def test_dpo_sentiment_quick_writes_every_figure(tmp_path):
-  """benchmarks/dpo_sentiment.py --quick: every stage runs (tiny), and the JSON holds the points and verdicts."""
-  result = _load("dpo_sentiment").main(["--quick", "--out", str(tmp_path)])
-  written = json.loads((tmp_path / "dpo_sentiment.json").read_text())
-  assert written["verdicts"] == result["verdicts"] and (tmp_path / "dpo_sentiment.png").stat().st_size > 0
-  methods = {point["method"] for point in written["points"]}
-  assert methods == {"reference", "DPO beta=0.1", "preferred-FT"}
-  assert all(math.isfinite(p["kl"]) and 0 <= p["reward"] <= 1 for p in written["points"] + written["best_of_n"])
-  assert [p["n"] for p in written["best_of_n"]] == [4, 16] and written["pairs"]["pairs"] > 0
-  assert {"dpo_dominates_preferred_ft", "dpo_vs_preferred_ft", "dpo_vs_best_of_n", "text"} <= set(written["verdicts"])
