@@ -5,10 +5,12 @@ r"""DPO's controlled sentiment generation (Rafailov et al. 2023, §6.1, Figure 2
 The whole study in one process, every run a variant of experiments/dpo_sentiment.py trained in --out with
 `lm.app.train.train` (a run that is already finished there is reused, not trained again):
 
-1. reward: the SST-2 classifier (:reward); the reward of a text is its p(positive) (class "1").
+1. reward: the SST-2 classifier (:reward); the reward of a sample is p(positive) (class "1") of the text
+   prompt + " " + the continuation's text (the sentence its preference record stands for).
 2. lm: the sentence LM of SST-2 (:lm), the reference and every policy's start.
-3. prompts: the first 2-4 words (seeded) of SST-2 sentences: train.tsv's (at least 8 words) to make the
-   preference data, dev.tsv's and test.tsv's (at least 6 words) held out for the evaluation.
+3. prompts: the first 2-4 words (seeded) of SST-2 sentences, at most 7 tokens (so 6 prompt lengths, each
+   decoding program compiled once): train.tsv's (at least 8 words) to make the preference data, dev.tsv's and
+   test.tsv's (at least 6 words) held out for the evaluation.
 4. pairs: 4 reference samples per train prompt (temperature 1, ending at EOS), scored by the reward; the best
    and the worst (different texts) make a {"prompt", "chosen", "rejected"} record, the best alone a
    {"prompt", "response"} record; 5 % of the prompts are the runs' validation split. A response is the text of
@@ -23,11 +25,14 @@ The whole study in one process, every run a variant of experiments/dpo_sentiment
    show it is an upper bound), not a sampled estimate.
 7. verdicts, computed: the frontier of a method is the upper envelope of its points and the reference point
    (the best reward reached at KL <= k, linear between its corners); DPO's (all betas together) is compared
-   with preferred-FT's at every KL of either's points where both are defined, and with each best-of-N point.
+   with preferred-FT's at every KL of either's points where both are defined (margins beyond "noise", two
+   standard errors of a difference of two points' mean rewards, counted apart), and with each best-of-N point.
 
 Writes --json (every figure: settings, runtimes, the runs' own metrics, all points, the verdicts) and --figure
-(reward against KL), by default benchmarks/figures/dpo_sentiment.{json,png}; with --quick (tiny runs, a few
-prompts: about a minute, for tests/test_benchmarks.py) both go into --out. Prints Markdown tables.
+(reward against KL), by default benchmarks/figures/dpo_sentiment.{json,png}; with --quick (tiny runs on the
+first 4,000 rows of train.tsv, a few prompts: about a minute; notebooks/preference_tuning.ipynb runs it) both go
+into --out.
+Prints Markdown tables. Fixed seeds: the same command gives the same figures (bit-identical on one machine).
 """
 
 from __future__ import annotations
@@ -493,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   total = round(time.perf_counter() - started, 1)
   result = {
       "study": "DPO controlled sentiment generation (Rafailov et al. 2023, §6.1, Figure 2 left)",
-      "command": "python benchmarks/dpo_sentiment.py " + " ".join(sys.argv[1:] if argv is None else argv),
+      "command": " ".join(["python benchmarks/dpo_sentiment.py", *(sys.argv[1:] if argv is None else argv)]),
       "quick": bool(args.quick), "settings": {**scale, "betas": list(scale["betas"]), "best_of": list(scale["best_of"]),
                                              "pair_samples": PAIR_SAMPLES,
                                              "reference_samples_per_eval_prompt": EVAL_REFERENCE_SAMPLES,
