@@ -284,15 +284,21 @@ def _tsv_rows(path: Path, text_field: str, label_field: str | None = None, start
         f"{path} has no label column {label_field!r}: its header has columns {columns[:10]}. Fix: make the first "
         f"line a header such as '{label_field}<TAB>sentence', or set config.data.label_field to its label column.")
   label_column = None if label_field is None else columns.index(label_field)
+  for index, row in _tsv_body(lines, rows, len(columns)):
+    yield lines, index, row, column, label_column
+
+
+def _tsv_body(lines: Lines, rows: Iterator[tuple[int, str]], width: int) -> Iterator[tuple[int, list[str]]]:
+  """(index, cells) of the non-empty rows after a .tsv header of `width` columns, each checked to have them."""
   for index, line in rows:
     if not line:
       continue
     row = line.split("\t")
-    if len(row) != len(columns):
+    if len(row) != width:
       raise DataError(
-          f"{path} line {lines.number(index)} has {len(row)} tab-separated columns; the header has "
-          f"{len(columns)}. Fix: give every row the header's columns (tabs inside the text must go).")
-    yield lines, index, row, column, label_column
+          f"{lines.path} line {lines.number(index)} has {len(row)} tab-separated columns; the header has "
+          f"{width}. Fix: give every row the header's columns (tabs inside the text must go).")
+    yield index, row
 
 
 def _tsv_documents(path: Path, text_field: str, start: int = 0, end: int | None = None,
@@ -469,14 +475,7 @@ def read_records(path: str | os.PathLike, fields: tuple[str, ...]) -> Iterator[t
       raise DataError(f"{path} has no column {', '.join(map(repr, missing))}: its header has columns "
                       f"{columns[:10]}. Fix: make the first line a header naming {wanted}, tab-separated.")
     where = [columns.index(field) for field in fields]
-    for index, line in rows:
-      if not line:
-        continue
-      row = line.split("\t")
-      if len(row) != len(columns):
-        raise DataError(
-            f"{path} line {lines.number(index)} has {len(row)} tab-separated columns; the header has "
-            f"{len(columns)}. Fix: give every row the header's columns (tabs inside the text must go).")
+    for index, row in _tsv_body(lines, rows, len(columns)):
       yield {field: row[column] for field, column in zip(fields, where)}, f"{path}:{lines.number(index)}"
   else:
     raise DataError(f"{path} holds no records: SFT and preference data are .jsonl files (one object with {wanted} "

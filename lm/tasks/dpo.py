@@ -163,10 +163,6 @@ class DPOTask(LMTask):
   def batch_ranks(self) -> dict[str, int]:
     return dict(pairs.PREFERENCE_BATCH_RANKS)
 
-  def example_batch(self, batch_size: int) -> dict[str, jax.Array]:
-    return {key: jnp.zeros((batch_size, self.config.seq_len)[:rank], jnp.int32)
-            for key, rank in self.batch_ranks.items()}
-
   def init_params(self, key: jax.Array) -> Any:
     micro = self.config.batch_size // self.config.grad_accum_steps
     inputs = jnp.zeros((micro, self.config.seq_len), jnp.int32)
