@@ -1,12 +1,13 @@
 r"""What each fast-path option does to a config's train step: memory per device and compile time.
 
   python benchmarks/fast_path.py [--config experiments/gpt2_124m.py] [--batch_size 32] [--platform cpu]
+      [--variants "fused loss,fused + scan"]
 
 Each variant is compiled (not run, nothing allocated: `--config.bench.compile_only=True`) in a fresh
 `python -m lm.main --mode bench` process on one device of `--platform`, so the figures are XLA's
 `memory_analysis()` of the real step: the temporaries (activations and other buffers live during the step)
 and the peak (arguments + temporaries). On a GPU add `--time` to also run and time each variant
-(tokens/s, MFU). Prints a Markdown table, then each run's JSON.
+(tokens/s, MFU). Prints each run's JSON as it is measured, then a Markdown table.
 
 Variants (on top of the config): the fused loss on and off, the remat policies, scan over layers.
 """
@@ -49,11 +50,21 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=32)
   parser.add_argument("--platform", default="cpu", help="JAX_PLATFORMS for the runs (cpu, cuda, tpu)")
   parser.add_argument("--time", action="store_true", help="run and time each variant too (on an accelerator)")
+  parser.add_argument("--variants", default="",
+                      help="comma-separated variant names to run, in this order (default: all): "
+                           + ", ".join(VARIANTS))
   parser.add_argument("extra", nargs="*", help="more --config.KEY=VALUE overrides (after --)")
   args = parser.parse_args()
+  names = [name.strip() for name in args.variants.split(",") if name.strip()] or list(VARIANTS)
+  unknown = [name for name in names if name not in VARIANTS]
+  if unknown:
+    parser.exit(2, f"error: --variants names {', '.join(map(repr, unknown))}, not a variant: pick from "
+                   f"{', '.join(VARIANTS)}\n")
   base = [f"--config.batch_size={args.batch_size}", *args.extra]
-  runs = {name: measure(args.config, [*base, *overrides], args.platform, args.time)
-          for name, overrides in VARIANTS.items()}
+  runs = {}
+  for name in names:  # each run's JSON as soon as it is measured, so a run cut short keeps the ones done
+    runs[name] = measure(args.config, [*base, *VARIANTS[name]], args.platform, args.time)
+    print(name, json.dumps(runs[name]), flush=True)
   first = next(iter(runs.values()))
   print(f"{args.config}: {first['params']:,} parameters, batch {first['batch_size']} x {first['seq_len']}, "
         f"{first['device']}, jax {first['jax']}, {first['model']['dtype']} compute\n")
@@ -67,9 +78,6 @@ def main() -> None:
     if args.time:
       row += f" {run['tokens_per_sec']:,.0f} | {run['mfu']:.1%} |"
     print(row)
-  print()
-  for name, run in runs.items():
-    print(name, json.dumps(run))
 
 
 if __name__ == "__main__":
