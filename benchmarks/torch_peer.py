@@ -384,6 +384,8 @@ def run_benchmark(
     adam_b2: float = ADAM_B2,
     fused_adamw: bool | None = None,
     peak_flops: float | None = None,
+    profile_dir: str | None = None,
+    profile_steps: int = 3,
 ) -> dict[str, Any]:
   """Times `steps` optimizer steps after `warmup` untimed ones; returns the result record.
 
@@ -398,7 +400,10 @@ def run_benchmark(
   flops_per_token * tokens_per_sec / peak_flops (None without `peak_flops`),
   peak_memory_bytes is torch.cuda.max_memory_allocated (None on the CPU), and
   other_cpu_load is the fraction of the machine's CPU that other processes used
-  during the timed steps (None where /proc/stat is missing).
+  during the timed steps (None where /proc/stat is missing). With `profile_dir`,
+  `profile_steps` more steps run under torch.profiler after the timing and their
+  Chrome trace is written to profile_dir/torch_trace.json.gz
+  (benchmarks/profile_summary.py sums its kernels).
   """
   if steps < 1:
     raise ValueError(f"steps must be at least 1, got {steps}")
@@ -449,6 +454,17 @@ def run_benchmark(
       busy_end, cpu_end, wall_end = machine_busy_seconds(), time.process_time(), time.perf_counter()
       peak_memory = int(torch.cuda.max_memory_allocated(torch_device)) if on_cuda else None
       tf32 = bool(torch.backends.cuda.matmul.allow_tf32) if on_cuda else False
+      trace_path = None
+      if profile_dir:  # after the timing, so the profiler's overhead is not in the figures
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if on_cuda:
+          activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profiler:
+          for _ in range(profile_steps):
+            timed_step()
+        os.makedirs(profile_dir, exist_ok=True)
+        trace_path = os.path.join(profile_dir, "torch_trace.json.gz")
+        profiler.export_chrome_trace(trace_path)
 
     # On a small shared CPU another process can multiply the figure (torch's spinning
     # OpenMP threads fare worst), so the record says how busy the rest of the machine was.
@@ -506,6 +522,7 @@ def run_benchmark(
         },
         "final_loss": round(final_loss, 4),
         "other_cpu_load": other_cpu_load,
+        "profile": trace_path,
     }
   finally:
     torch.set_num_threads(previous_threads)
@@ -546,6 +563,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="separate output projection (lm's baseline)")
   parser.add_argument("--peak-flops", type=float, default=None,
                       help="peak FLOP/s of the device, to report mfu (e.g. 989e12 for an H100 in bf16)")
+  parser.add_argument("--profile", default=None, metavar="DIR",
+                      help="after the timing, trace 3 more steps with torch.profiler into DIR/torch_trace.json.gz")
   return parser
 
 
@@ -583,6 +602,7 @@ def main(argv: list[str] | None = None) -> None:
       adam_b2=args.adam_b2,
       fused_adamw=args.fused_adamw,
       peak_flops=args.peak_flops,
+      profile_dir=args.profile,
   )
   result["preset"] = args.preset
   load = result["other_cpu_load"]

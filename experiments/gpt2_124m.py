@@ -19,10 +19,14 @@ Bench: tokens/s, MFU (6 N + 6 L T d FLOPs per token, lm.train.perf), step and
 compile time, memory per device, then greedy decoding with the KV cache at
 batch 1 and 64 (128 new tokens after an 897-token prompt).
 
-Expected result: GPU figures not yet measured (no GPU was lent while this was
-written; the issue's targets on one H100 are MFU >= 55 % and >= 1.0x the
-PyTorch peer's tokens/s). On a 2-core CPU (batch 1, float32 compute):
-BENCHMARKS.md, "GPT-2 124M".
+Expected result: on one NVIDIA H200 (jax 0.11.2, measured 2026-12-04,
+`bash benchmarks/gpu_figures.sh`): 69.0 ms per step, 474,618 tokens/s, MFU
+38.3 % of 989 TFLOP/s, 15.65 GB peak per device, compile 19 s; decode 1,271
+tokens/s at batch 1 and 29,351 at batch 64; 0.955x the tokens/s of the
+torch.compile peer in the same call. The issue's targets (MFU >= 55 %,
+>= 1.0x the peer) are not met yet: BENCHMARKS.md, "On one NVIDIA H200", shows
+where the time goes. On a 2-core CPU (batch 1, float32 compute): BENCHMARKS.md,
+"GPT-2 124M".
 
 Command:
   # one GPU (or TPU host): throughput, MFU, memory, decode at batch 1 and 64

@@ -9,6 +9,7 @@ on a GPU machine (benchmarks/README.md).
 from __future__ import annotations
 
 import argparse
+import gzip
 import importlib.util
 import json
 import math
@@ -223,3 +224,77 @@ def test_run_command_line_splits_its_own_flags_from_lm_s():
   assert runner.lm_command("c.py", 50, 10, extra)[-3:] == [
       "--config.bench.steps=50", "--config.bench.warmup_steps=10", "--config.batch_size=8"]
 
+
+
+# -- benchmarks/profile_summary.py: device kernels of a trace, by kind ---------------------------------------
+summary_lib = _load("profile_summary")
+
+
+def _jax_like_trace() -> list[dict]:
+  """A Perfetto trace as jax.profiler writes it on a GPU: kernels on the "Stream" threads of a /device:GPU
+  process, and XLA's op and module lines (same time, other threads) and host events, which are not kernels."""
+  meta = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+      {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7(Compute)"}},
+      {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}},
+      {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+      {"ph": "M", "name": "thread_name", "pid": 2, "tid": 1, "args": {"name": "python"}},
+  ]
+  kernels = [("nvjet_sm90_tst_128x128_64x6_2x1_v_bz_TNT", 3000.0), ("cudnn_generated_fort_native_sdpa_sm90_flash"
+             "_bprop_wgmma_f16", 1000.0), ("loop_convert_fusion", 400.0), ("input_reduce_fusion", 200.0),
+             ("MemcpyD2D", 100.0)]
+  events = [{"ph": "X", "name": name, "pid": 1, "tid": 7, "ts": 10.0 * i, "dur": dur}
+            for step in range(2) for i, (name, dur) in enumerate(kernels)]
+  events += [{"ph": "X", "name": "dot.3", "pid": 1, "tid": 8, "ts": 0.0, "dur": 9999.0},
+             {"ph": "X", "name": "train", "pid": 2, "tid": 1, "ts": 0.0, "dur": 99999.0}]
+  return meta + events
+
+
+def test_profile_summary_sums_gpu_stream_kernels_by_kind_per_step(tmp_path):
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": _jax_like_trace()}, f)
+  kernels = summary_lib.device_kernels(summary_lib.load_events(str(path)))
+  assert len(kernels) == 10  # the XLA Ops line and the host's event are not kernels
+  summary = summary_lib.summarize(kernels, steps=2, top=3)
+  assert summary["busy_ms_per_step"] == pytest.approx(4.7)
+  assert summary["kinds_ms_per_step"] == pytest.approx({"matmul": 3.0, "attention": 1.0, "other": 0.6, "copy": 0.1})
+  assert [row["name"] for row in summary["top"]][0].startswith("nvjet") and len(summary["top"]) == 3
+  assert summary["top"][0]["calls_per_step"] == 1.0
+
+
+def test_profile_summary_reads_torch_kernels_and_refuses_a_trace_without_any(tmp_path, capsys):
+  torch_trace = [{"ph": "X", "cat": "kernel", "name": "triton_per_fused__to_copy_add_native_layer_norm", "pid": 0,
+                  "tid": 7, "ts": 0, "dur": 500.0},
+                 {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy HtoD (Pageable -> Device)", "pid": 0, "tid": 7,
+                  "ts": 0, "dur": 50.0},
+                 {"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 1, "ts": 0, "dur": 900.0}]
+  (tmp_path / "torch").mkdir()
+  with open(tmp_path / "torch" / "torch_trace.json", "w") as f:
+    json.dump({"traceEvents": torch_trace}, f)
+  summary_lib.main([str(tmp_path / "torch"), "--steps", "1"])  # the folder: its trace is found
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # Inductor's "_to_copy" kernels are fused compute, not copies.
+  assert out["kinds_ms_per_step"] == pytest.approx({"other": 0.5, "copy": 0.05})
+  with open(tmp_path / "cpu.json", "w") as f:
+    json.dump({"traceEvents": torch_trace[2:]}, f)
+  with pytest.raises(SystemExit, match="error: .* holds no device kernels"):
+    summary_lib.main([str(tmp_path / "cpu.json")])
+  with pytest.raises(SystemExit, match="error: no trace file"):
+    summary_lib.main([str(tmp_path / "empty")])
+
+
+def test_tiny_peer_run_writes_its_profile(tmp_path):
+  result = peer.run_benchmark(steps=1, warmup=0, device="cpu", n_layer=1, n_head=2, n_embd=16, context=8,
+                              batch_size=1, vocab_size=32, threads=1, profile_dir=str(tmp_path), profile_steps=1)
+  assert result["profile"] == str(tmp_path / "torch_trace.json.gz")
+  events = summary_lib.load_events(result["profile"])
+  assert any(e.get("name") == "aten::mm" or str(e.get("name", "")).startswith("aten::") for e in events)
+
+
+def test_fast_path_refuses_an_unknown_variant():
+  import subprocess  # pylint: disable=g-import-not-at-top
+  result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fast_path.py"), "--variants", "fused loss,nope"],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: --variants names 'nope', not a variant: pick from logits loss")

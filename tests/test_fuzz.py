@@ -187,7 +187,7 @@ OUT_OF_RANGE = {
                                      "model.width", "model.vocab_multiple", "model.loss_chunk_len", "model.mlp_dim",
                                      "model.num_kv_heads", "model.max_len", "model.vocab_size", "data.train_stride",
                                      "data.shard_mb", "data.tokenizer_sample_bytes", "sample.max_tokens",
-                                     "sample.num_samples", "sample.beam_size", "bench.steps", "online.chunks",
+                                     "sample.num_samples", "sample.beam_size", "bench.steps", "bench.profile_steps", "online.chunks",
                                      "online.replay_capacity", "distributed.initialization_timeout",
                                      "distributed.heartbeat_timeout", "vae.latent_size", "gan.critic_steps")},
     "optim.lr": _NONPOSITIVE_FLOATS,

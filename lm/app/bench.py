@@ -189,6 +189,12 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       jax.block_until_ready(metrics)
       if index >= config.bench.warmup_steps:
         times.append(time.perf_counter() - start)
+    if config.bench.profile_dir:  # after the timing, so the trace's overhead is not in the figures
+      with jax.profiler.trace(config.bench.profile_dir, create_perfetto_trace=True):
+        for index in range(config.bench.profile_steps):
+          with jax.profiler.StepTraceAnnotation("train", step_num=index):
+            state, profiled = compiled(state, batches[index % len(batches)])
+          jax.block_until_ready(profiled)
   step_time = statistics.median(times)
   tokens = config.batch_size * config.seq_len
   num_params = perf.matmul_params(state.params, experiment.model_config)
@@ -212,6 +218,7 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       "batch_size": config.batch_size,
       "seq_len": config.seq_len,
       "steps_timed": len(times),
+      "profile_dir": config.bench.profile_dir or None,
       "final_loss": float(metrics["train/loss"]),
       "memory_per_device": {**state_bytes_per_device(state), **memory_per_device(compiled)},
       **_mesh_figures(experiment),

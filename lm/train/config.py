@@ -82,6 +82,10 @@ BENCH_FIELDS = {
     "bench.decode_tokens": 64,  # new tokens per row, after a prompt that fills the rest of the context
     # and without the cache, the whole buffer recomputed per token (at the first batch size)
     "bench.decode_uncached": True,
+    # A folder: after the timed steps, bench.profile_steps more under jax.profiler.trace (TensorBoard's profile
+    # plugin and a Perfetto trace, perfetto_trace.json.gz; benchmarks/profile_summary.py sums its kernels).
+    "bench.profile_dir": "",
+    "bench.profile_steps": 3,
 }
 
 
@@ -125,6 +129,8 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
           "--config.bench.decode_batches='(1, 64)', and bench.decode_tokens >= 1.")
   require(bench.steps > 0 and bench.warmup_steps >= 0,
           "config.bench.steps must be > 0 and config.bench.warmup_steps >= 0.")
+  require(bench.profile_steps >= 1, f"config.bench.profile_steps={bench.profile_steps} must be >= 1 (the steps "
+          "traced into bench.profile_dir).")
 
 
 CONFIG = ConfigPart("lm.train", {**RUN_FIELDS, **OPTIM_FIELDS, **MESH_FIELDS, **CPU_FIELDS, **BENCH_FIELDS}, validate)

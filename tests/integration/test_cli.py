@@ -6,6 +6,7 @@ exit non-zero, and leave the workdir exactly as it was.
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import subprocess
@@ -49,13 +50,23 @@ def test_eval_and_sample_modes(trained_workdir):
   assert result.stdout.count("--- sample") == 2 and "ROMEO:" in result.stdout
 
 
-def test_bench_mode_prints_one_json_line(tmp_path):
+def test_bench_mode_prints_one_json_line_and_profiles(tmp_path):
+  profile = tmp_path / "profile"
   result = run_cli("--config", BASELINE, "--mode", "bench",
-                   *cli_args(**{"bench.steps": 3, "bench.warmup_steps": 1}), check=True)
+                   *cli_args(**{"bench.steps": 3, "bench.warmup_steps": 1, "bench.profile_dir": str(profile),
+                                "bench.profile_steps": 2}), check=True)
   figures = json.loads(result.stdout.strip().splitlines()[-1])
   for key in ("step_time_ms", "tokens_per_sec", "mfu", "compile_time_s", "device"):
     assert key in figures
   assert figures["step_time_ms"] > 0 and 0 < figures["mfu"] < 1
+  # The profiled steps came after the timing, into a Perfetto trace that names the train steps.
+  assert figures["profile_dir"] == str(profile) and figures["steps_timed"] == 3
+  traces = list(profile.glob("plugins/profile/*/perfetto_trace.json.gz"))
+  assert len(traces) == 1
+  with gzip.open(traces[0], "rt") as f:
+    events = json.load(f)
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  assert sum(1 for e in events if e.get("ph") == "X" and e.get("name") == "train") == 2
 
 
 def test_console_script_has_the_same_flags():
