@@ -42,6 +42,30 @@ def cross_entropy(logits: jax.Array, targets: jax.Array, mask: jax.Array | None 
   return jnp.sum(losses * mask), jnp.sum(mask)
 
 
+def distillation_kl(student_logits: jax.Array, teacher_logits: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """Per token, T^2 * KL(softmax(teacher / T) || softmax(student / T)), float32 [batch, length].
+
+  The soft-target term of knowledge distillation (Hinton et al. 2015): the
+  T^2 keeps its gradient's scale independent of T. The teacher gets no
+  gradient. Classes the teacher gives probability 0 (-inf or padded logits)
+  add 0, not 0 * inf; each token's KL is clamped at 0, because two nearly
+  equal distributions computed by separately compiled passes can round its
+  sum just below, so the term is >= 0 exactly and 0 when the two agree.
+  Shared by the distillation task (`lm.tasks.distill`) and the online loop's
+  LwF regularizer (`lm.online.regularizers.distillation_loss`).
+  """
+  if temperature <= 0:
+    raise ValueError(f"temperature is {temperature}; pass a temperature > 0 (1 = the plain distributions).")
+  if student_logits.shape != teacher_logits.shape:
+    raise ValueError(f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} differ; "
+                     "run both models on the same inputs (and the same vocabulary).")
+  teacher_logp = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits.astype(jnp.float32)) / temperature, axis=-1)
+  student_logp = jax.nn.log_softmax(student_logits.astype(jnp.float32) / temperature, axis=-1)
+  teacher_p = jnp.exp(teacher_logp)
+  kl = jnp.sum(jnp.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0), axis=-1)
+  return jnp.maximum(kl, 0.0) * temperature**2
+
+
 def lm_loss_sum(model: nn.Module, params: Any, batch: Batch, *, deterministic: bool = True,
                 rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """A TransformerLM's summed token cross-entropy and token count on a batch (see `cross_entropy`).

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 
+from lm.models.losses import distillation_kl
+
 # Floor of the Fisher mean in `normalize_fisher`: an all-zero Fisher stays zero
 # instead of becoming NaN.
 _MIN_FISHER_MEAN = 1e-30
@@ -113,20 +115,7 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, t
   can take it just below), so the loss is >= 0 exactly, and 0 when teacher
   and student agree.
   """
-  if temperature <= 0:
-    raise ValueError(f"temperature is {temperature}; pass a temperature > 0 (1 = the plain distributions).")
-  if student_logits.shape != teacher_logits.shape:
-    raise ValueError(f"student logits {student_logits.shape} and teacher logits {teacher_logits.shape} differ; "
-                     "run both models on the same inputs.")
-  teacher = jax.lax.stop_gradient(_f32(teacher_logits)) / temperature
-  teacher_logp = jax.nn.log_softmax(teacher, axis=-1)
-  student_logp = jax.nn.log_softmax(_f32(student_logits) / temperature, axis=-1)
-  teacher_p = jnp.exp(teacher_logp)
-  # Classes the teacher gives probability 0 (e.g. -inf logits) add 0, not 0 * inf.
-  kl = jnp.sum(jnp.where(teacher_p > 0, teacher_p * (teacher_logp - student_logp), 0.0), axis=-1)  # [batch, length]
-  # KL >= 0 exactly in real arithmetic; two nearly equal distributions (the teacher and a student that has
-  # barely moved, computed by separately compiled forward passes) can round a token's sum below 0.
-  kl = jnp.maximum(kl, 0.0)
+  kl = distillation_kl(student_logits, teacher_logits, temperature)  # [batch, length], T^2 included
   if mask is None:
     weights = jnp.ones_like(kl)
   else:
@@ -134,4 +123,4 @@ def distillation_loss(student_logits: jax.Array, teacher_logits: jax.Array, *, t
     if mask.ndim == 1:
       mask = mask[:, None]
     weights = jnp.broadcast_to(mask, kl.shape)
-  return jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0) * temperature**2
+  return jnp.sum(kl * weights) / jnp.maximum(jnp.sum(weights), 1.0)
