@@ -34,7 +34,7 @@ from lm.experiment.config import validate
 from lm.experiment.registry import make_task, saved_task, task_class
 from lm.experiment.model import TOKENIZER_DIR, model_config_for, resolve_tokenizer, settle_attention, tokenizer_identity
 from lm.experiment.splits import cleaned_documents, open_train_split
-from lm.models.config import TransformerConfig
+from lm.models.config import SHAPE_FIELDS, TransformerConfig
 from lm.tasks.base import Task
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import sharding
@@ -42,10 +42,6 @@ from lm.train import state as state_lib
 from lm.train import step as step_lib
 from lm.train.evaluate import evaluate
 
-# Model fields that change parameter shapes: a checkpoint written with other
-# values cannot be restored into this model.
-SHAPE_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "width", "mlp_dim", "max_len", "position",
-                "norm", "mlp", "use_bias", "tie_embeddings", "scan_layers", "param_dtype")
 
 
 @dataclasses.dataclass
@@ -166,22 +162,35 @@ def check_checkpoint_fits(directory: str, model_config: TransformerConfig, task:
         "to start a different model from these weights is not possible, but init_from works for the same shapes.")
 
 
-def check_frozen_fits(directory: str, part: str, model_config: TransformerConfig, task: Task,
-                      tokenizer: tokenizers_lib.Tokenizer) -> None:
-  """Raises CheckpointError if the run `directory`, named to fill `part` of the params (`Task.frozen_weights`),
-  has no checkpoint, is of a task that cannot, has other shapes, or another tokenizer."""
-  if not checkpoint_lib.has_checkpoint(directory):
-    raise CheckpointError(f"{directory!r} (the weights of the params' {part!r} part) holds no checkpoint. Fix: "
-                          "point it at the workdir of a finished run. Nothing was written.")
-  task.check_frozen(part, directory, saved_task(checkpoint_lib.read_metadata(directory)))
-  check_checkpoint_fits(directory, model_config)
-  tokenizer_dir = os.path.join(directory, TOKENIZER_DIR)
-  theirs = tokenizers_lib.load_tokenizer(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
+def check_frozen_fits(directory: str, part: str, task: Task, tokenizer: tokenizers_lib.Tokenizer) -> None:
+  """Raises CheckpointError if the run `directory` (or `hf:DIR`), named to fill `part` of the params
+  (`Task.frozen_weights`), has no checkpoint, is of a task that cannot, has other shapes than the part's model
+  (`Task.frozen_model_config`), or another tokenizer than this run's."""
+  where = task.frozen_source(part, directory)
+  model_config = task.frozen_model_config(part)
+  hf_dir = interop.hf_directory(directory)
+  if hf_dir is not None:  # a Hugging Face folder: a language model's weights and (maybe) its tokenizer
+    interop.check_weights(hf_dir, model_config)
+    theirs = interop.read_tokenizer(hf_dir)
+    if theirs is None:
+      raise CheckpointError(
+          f"{where} holds no tokenizer (tokenizer.json, tokenizer.model or lm_tokenizer/), so its ids cannot be "
+          "checked against this run's. Fix: put the model's tokenizer in that folder. Nothing was written.")
+  else:
+    if not checkpoint_lib.has_checkpoint(directory):
+      raise CheckpointError(f"{where} holds no checkpoint. Fix: point it at the workdir of a finished run. "
+                            "Nothing was written.")
+    task.check_frozen(part, directory, saved_task(checkpoint_lib.read_metadata(directory)))
+    check_checkpoint_fits(directory, model_config)
+    tokenizer_dir = os.path.join(directory, TOKENIZER_DIR)
+    theirs = tokenizers_lib.load_tokenizer(tokenizer_dir) if os.path.isdir(tokenizer_dir) else None
   if theirs is None or tokenizer_identity(theirs) != tokenizer_identity(tokenizer):
+    described = "no tokenizer" if theirs is None else f"a {theirs.kind} tokenizer of {theirs.vocab_size} ids"
     raise CheckpointError(
-        f"{directory!r} (the weights of the params' {part!r} part) was trained with another tokenizer than this "
-        "run's (its init_from run's): the same ids would mean other text. Fix: name a run trained with the same "
-        "tokenizer. Nothing was written.")
+        f"{where} was trained with another tokenizer ({described}) than this run's (a {tokenizer.kind} tokenizer "
+        f"of {tokenizer.vocab_size} ids): the same ids would mean other text. Fix: name a run trained with the same "
+        "tokenizer"
+        f"{task.frozen_tokenizer_hint(part)}. Nothing was written.")
 
 
 def hf_source_task(task: Task) -> str | None:
@@ -239,7 +248,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
       check_checkpoint_fits(directory, model_config, task, how)
   starts = mode == "train" and not (config.resume and checkpoint_lib.has_checkpoint(workdir)) and not config.warm_start
   for part, directory in task.frozen_weights().items() if starts else ():  # read at a fresh start only
-    check_frozen_fits(directory, part, model_config, task, tokenizer)
+    check_frozen_fits(directory, part, task, tokenizer)
   if hf_dir is not None:  # a Hugging Face folder, not a checkpoint
     if hf_source_task(task) is None:
       raise ConfigError(

@@ -61,11 +61,19 @@ def initial_state(experiment: Experiment) -> tuple[TrainState, dict[str, Any] | 
 
 
 def _with_frozen_weights(experiment: Experiment, state: TrainState, how: str) -> tuple[TrainState, None, str]:
-  """The parts of the params the task fills from other runs (`Task.frozen_weights`: a DPO reference)."""
-  for part, directory in experiment.task.frozen_weights().items():
-    restored, step = checkpoint_lib.restore_params(directory, experiment.abstract_state.params[part])
+  """The parts of the params the task fills from other runs or `hf:DIR` folders (`Task.frozen_weights`: a DPO
+  reference, a distillation's teacher)."""
+  task = experiment.task
+  for part, directory in task.frozen_weights().items():
+    hf_dir = interop.hf_directory(directory)
+    if hf_dir is not None:  # a Hugging Face language model, e.g. a distillation's teacher
+      restored = interop.load_sharded_params(hf_dir, task.frozen_model_config(part),
+                                             experiment.abstract_state.params[part])
+      how += f"; {part} from {directory}"
+    else:
+      restored, step = checkpoint_lib.restore_params(directory, experiment.abstract_state.params[part])
+      how += f"; {part} from {directory} step {step}"
     state = state.replace(params=dict(state.params, **{part: restored}))
-    how += f"; {part} from {directory} step {step}"
   return state, None, how
 
 

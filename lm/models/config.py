@@ -46,6 +46,13 @@ CHOICES = {
 }
 
 
+# Model fields that change parameter shapes: a checkpoint written with other
+# values cannot be restored into this model (lm.experiment.build; a distillation
+# run's teacher, lm.tasks.distill).
+SHAPE_FIELDS = ("vocab_size", "num_layers", "num_heads", "num_kv_heads", "width", "mlp_dim", "max_len", "position",
+                "norm", "mlp", "use_bias", "tie_embeddings", "scan_layers", "param_dtype")
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Static hyperparameters of `TransformerLM` (hashable, so jit can close over it)."""

@@ -151,13 +151,29 @@ class Task:
     raise NotImplementedError
 
   def frozen_weights(self) -> dict[str, str]:
-    """{part of the params: a run's workdir} whose weights fill that part at the start, after init_from
-    (a DPO reference named by dpo.reference). The builder checks each run's shapes and tokenizer."""
+    """{part of the params: a run's workdir or hf:DIR} whose weights fill that part at the start, after init_from
+    (a DPO reference named by dpo.reference, a distillation's teacher). The builder checks each run's shapes
+    and tokenizer."""
     return {}
 
   def check_frozen(self, part: str, directory: str, written_by: str) -> None:
     """Raises CheckpointError if a `written_by` run cannot fill `part` (see `frozen_weights`)."""
     del part, directory, written_by
+
+  def frozen_model_config(self, part: str) -> TransformerConfig:
+    """The model whose shapes `part` has (the builder checks the run named to fill it against it): this run's
+    own model, unless the part is another model (a distillation's teacher)."""
+    del part
+    return self.model_config
+
+  def frozen_source(self, part: str, directory: str) -> str:
+    """How an error names the run that fills `part` (the config field that names it, where there is one)."""
+    return f"{directory!r} (the weights of the params' {part!r} part)"
+
+  def frozen_tokenizer_hint(self, part: str) -> str:
+    """What an error about `part`'s tokenizer adds to its fix (", or ..."), beyond naming another run."""
+    del part
+    return ""
 
   @staticmethod
   def lm_params(params: Any) -> Any:
