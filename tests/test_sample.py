@@ -402,7 +402,7 @@ def test_sample_options_are_validated(tiny_config):
   with pytest.raises(ConfigError, match="length_penalty=-1"):
     validate(tiny_config(**{"sample.length_penalty": -1.0}), "sample")
   with pytest.raises(ConfigError, match=re.escape(
-      "continue prompts with a language model (config.head in ('lm', 'denoise', 'sft', 'dpo'), sample.kind='continue')")):
+      "continue prompts with a language model (config.head in ('lm', 'denoise', 'sft', 'dpo', 'distill'), sample.kind='continue')")):
     validate(tiny_config(**{"sample.beam_size": 2, "head": "vae", "data.format": "sentences",
                             "sample.kind": "prior"}), "sample")
   with pytest.raises(ConfigError, match="decode_batches"):

@@ -17,6 +17,7 @@ from lm.models.config import TransformerConfig
 from lm.tasks.base import Task
 from lm.tasks.classifier import ClassifierTask
 from lm.tasks.denoise import DenoiseTask
+from lm.tasks.distill import DistillTask
 from lm.tasks.dpo import DPOTask
 from lm.tasks.gan import GANTask
 from lm.tasks.lm import LMTask
@@ -31,6 +32,7 @@ TASKS: dict[str, type[Task]] = {
     "denoise": DenoiseTask,
     "sft": SFTTask,
     "dpo": DPOTask,
+    "distill": DistillTask,
 }
 
 
@@ -39,7 +41,8 @@ def task_class(name: str) -> type[Task]:
   require(name in TASKS, f"config.head={name!r} is not one of {tuple(TASKS)}: 'lm' trains the language model, "
           "'vae' a sentence VAE (config.vae), 'gan' a text GAN (config.gan), 'classifier' a sequence classifier "
           "(config.classifier), 'denoise' a language model on corrupted inputs (config.denoise), 'sft' a language model "
-          "fine-tuned on prompt-response records, 'dpo' one tuned on preference records (config.dpo).")
+          "fine-tuned on prompt-response records, 'dpo' one tuned on preference records (config.dpo), 'distill' a "
+          "student trained on a teacher's soft targets (config.distill).")
   return TASKS[name]
 
 
@@ -94,8 +97,8 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
   cls.validate_config(config, mode)
 
 
-# What is trained on the Transformer: lm | vae | gan | classifier | denoise | sft | dpo (TASKS); each task's own group
-# (config.vae, config.gan, config.classifier, config.denoise, config.dpo) comes with it.
+# What is trained on the Transformer: lm | vae | gan | classifier | denoise | sft | dpo | distill (TASKS); each task's
+# own group (config.vae, config.gan, config.classifier, config.denoise, config.dpo, config.distill) comes with it.
 CONFIG = ConfigPart("lm.experiment.registry", {"head": "lm"}, validate)
 TASK_CONFIGS: tuple[ConfigPart, ...] = tuple(cls.CONFIG for cls in TASKS.values() if cls.CONFIG is not None)
 

@@ -108,7 +108,8 @@ class LMTask(Task):
 
   name = "lm"
   data_formats = ("windows", "sentences")
-  init_from_tasks = ("lm", "sft", "dpo")  # a tuned model's weights are a language model's (a DPO run's policy)
+  # A tuned or distilled model's weights are a language model's (a DPO run's policy, a distill run's student).
+  init_from_tasks = ("lm", "sft", "dpo", "distill")
   counts_lm_flops = True
   supports_online = True
   continues_prompts = True

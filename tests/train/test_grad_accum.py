@@ -12,7 +12,8 @@ accumulation must not change. Model dropout is off: its masks are drawn per
 micro-batch by design (lm.train.step). SFT and DPO start from a language model
 (a 1-step run of the module) and read records: SFT's responses differ in
 length; DPO's loss is normalized by pairs and its reference differs from its
-policy (rewards and accuracy that are not all zero).
+policy (rewards and accuracy that are not all zero). Distillation's teacher is that language model's run (its
+frozen weights are those init_state draws, unlike the student's): the hard and soft terms both accumulate.
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ CASES = {
     # data.source and init_from: the module's records and language model (`tuning`)
     "sft": {"head": "sft"},
     "dpo": {"head": "dpo", "dpo.beta": 0.5, "dpo.label_smoothing": 0.1},
+    # distill.teacher: the module's language model (`tuning`); init_state leaves the teacher unlike the student
+    "distill": {"head": "distill", "distill.temperature": 2.0, "distill.alpha": 0.3},
 }
 
 
 @pytest.fixture(scope="module")
 def tuning(tmp_path_factory):
-  """{"sft"/"dpo": overrides}: the records and the language model (trained 1 step; `_run` starts from
+  """{"sft"/"dpo"/"distill": overrides}: the records and the language model (trained 1 step; `_run` starts from
   init_state, so only its shapes and tokenizer matter) of the tasks that tune one."""
   root = tmp_path_factory.mktemp("tuning")
   config = load_config(str(ROOT / "experiments" / "shakespeare_char.py"),
@@ -65,7 +68,8 @@ def tuning(tmp_path_factory):
   records = {"sft": write_records(root / "sft", train=toy_responses(32, seed=0), validation=toy_responses(8, seed=1)),
              "dpo": write_records(root / "dpo", train=toy_preferences(32, seed=0),
                                   validation=toy_preferences(8, seed=1))}
-  return {name: {"init_from": str(root / "lm"), "data.source": str(folder)} for name, folder in records.items()}
+  return {**{name: {"init_from": str(root / "lm"), "data.source": str(folder)} for name, folder in records.items()},
+          "distill": {"distill.teacher": str(root / "lm")}}
 
 
 def _build(tmp_path, case: str, extra: dict | None = None):
@@ -127,7 +131,7 @@ def _assert_same_step(results):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_every_task_accumulates_to_the_step_of_the_whole_batch(tmp_path, case, request):
-  extra = request.getfixturevalue("tuning")[case] if case in ("sft", "dpo") else None  # trained only if asked for
+  extra = request.getfixturevalue("tuning")[case] if case in ("sft", "dpo", "distill") else None  # trained if asked
   experiment, batch = _build(tmp_path, case, extra)
   task = experiment.task
 
