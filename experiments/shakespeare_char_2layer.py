@@ -1,0 +1,33 @@
+"""The baseline's 2-layer student, trained alone: the control of experiments/distill_shakespeare.py.
+
+experiments/shakespeare_char.py (nanoGPT's CPU baby GPT: width 128, 4 heads,
+context 64, 2,000 steps, seed 1337) with model.num_layers = 2 and nothing
+else changed, so it sees the same batches in the same order from the same
+initial weights as the distilled student (`lm.tasks.distill` initializes its
+student with a head="lm" run's key).
+
+Expected result: see BENCHMARKS.md "Distillation: a 2-layer student of the
+baseline (2-core CPU)" for the measured eval/loss at step 2000 and its runtime.
+
+Command:
+  TFDS_DATA_DIR=../shared/tfds python -m lm.main \
+      --config experiments/shakespeare_char_2layer.py --workdir runs/shakespeare_char_2layer
+"""
+
+import importlib.util
+import os
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _baseline():
+  spec = importlib.util.spec_from_file_location("shakespeare_char", os.path.join(_HERE, "shakespeare_char.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def get_config():
+  config = _baseline()
+  config.model.num_layers = 2
+  return config
