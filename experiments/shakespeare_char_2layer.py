@@ -6,8 +6,10 @@ else changed, so it sees the same batches in the same order from the same
 initial weights as the distilled student (`lm.tasks.distill` initializes its
 student with a head="lm" run's key).
 
-Expected result: see BENCHMARKS.md "Distillation: a 2-layer student of the
-baseline (2-core CPU)" for the measured eval/loss at step 2000 and its runtime.
+Expected result (measured; BENCHMARKS.md "Distillation: a 2-layer student of
+the baseline (2-core CPU)"): eval/loss 1.860 at step 2000 (seed 1337; 1.832 at
+seed 0), nearly the 4-layer baseline's 1.857; the distilled student reaches 1.814.
+Runtime: 2 min 52 s on a 2-core CPU shared with other jobs (52 % of it).
 
 Command:
   TFDS_DATA_DIR=../shared/tfds python -m lm.main \

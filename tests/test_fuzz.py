@@ -217,6 +217,8 @@ OUT_OF_RANGE = {
     "vae.word_dropout": _OUTSIDE_0_1,
     "denoise.rate": _OUTSIDE_0_1,
     "classifier.label_smoothing": _OUTSIDE_0_1,
+    "distill.temperature": _NONPOSITIVE_FLOATS,
+    "distill.alpha": st.one_of(st.floats(min_value=1.0 + 1e-9, allow_infinity=True), _NEGATIVE_FLOATS, st.just(math.nan)),
 }
 
 ENUMS = ("head", "mesh.preset", "data.tokenizer", "data.format", "optim.schedule", "model.variant", "model.position",

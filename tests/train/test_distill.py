@@ -44,7 +44,9 @@ def overrides(**extra) -> dict:
 
 
 def distill_settings(teacher, **extra) -> dict:
-  return {"head": "distill", "distill.teacher": str(teacher), **extra}
+  # One learning-rate schedule whatever `steps` is: every distill run here (in this process, the CLI's first run and
+  # its resumed copy) compiles the same train step, read back from the session's compilation cache after the first.
+  return {"head": "distill", "distill.teacher": str(teacher), "optim.decay_steps": 20, **extra}
 
 
 def config_of(**extra):
