@@ -8,7 +8,9 @@ own teacher is 0. Engine steps move the student and leave the teacher (loaded
 from its run, not initialized) as it was, with no optimizer state. A run
 through `python -m lm.main` trains and resumes (with the teacher of its own
 checkpoint), and --mode eval reports the student's figures; a head="lm" run
-can start from its student, and a distill run is refused as a teacher. Each
+can start from its student, --mode export writes the student, and a distill
+run is refused as a teacher. A Hugging Face folder (the teacher exported) is a
+teacher computing the same logits as the teacher's run. Each
 bad teacher or setting is one user error naming config.distill.* before
 anything is written; one of them also through `python -m lm.main` (exit code 2,
 one `error:` line).
@@ -16,6 +18,7 @@ one `error:` line).
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -24,13 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm import interop
 from lm.app import eval as eval_mode
+from lm.app import export as export_mode
 from lm.app import train as train_mode
 from lm.config import load_config
 from lm.core.errors import CheckpointError, ConfigError
 from lm.data.tokenizers import CharTokenizer, load_tokenizer
 from lm.experiment import TOKENIZER_DIR, build_experiment, initial_state
 from lm.tasks.distill import STUDENT, TEACHER, make_distill_loss
+from lm.models.transformer import TransformerLM
 from lm.tasks.lm import make_loss_fn
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import step as step_lib
@@ -90,6 +96,15 @@ def _context(params) -> step_lib.StepContext:
   key = jax.random.key(0)
   return step_lib.StepContext(step=jnp.int32(0), rng=key, step_rng=key, rows=jnp.arange(8), repeat=jnp.int32(0),
                               totals={"rows": jnp.float32(8), "tokens": jnp.float32(8 * 32)}, params=params)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_logits(model, params, tokens):
+  return model.apply({"params": params}, tokens)
+
+
+def _logits(model, params, tokens) -> np.ndarray:
+  return np.asarray(_jitted_logits(model, params, tokens))
 
 
 def _value_and_grad(loss_fn, trainable, batch, ctx_params, context):
@@ -182,12 +197,38 @@ def test_a_distill_run_trains_resumes_and_evaluates_through_the_cli(runs, tmp_pa
   for got, want in zip(jax.tree.leaves(jax.device_get(state.params)), jax.tree.leaves(jax.device_get(saved))):
     np.testing.assert_array_equal(got, want)
 
+  # --mode export writes the student: the exported model computes the student's logits.
+  export_mode.export_checkpoint(config_of(**settings, **{"export.dir": str(tmp_path / "hf")}), str(workdir))
+  hf_config, hf_params = interop.load_model(tmp_path / "hf")
+  tokens = _batch(lm_run.model_config.vocab_size)["inputs"]
+  with lm_run.steps.context():
+    np.testing.assert_allclose(_logits(TransformerLM(hf_config), hf_params, tokens),
+                               _logits(lm_run.model, saved[STUDENT], tokens), rtol=1e-5, atol=1e-5)
+
   # But it is no teacher (a head='distill' run's params are not a language model's): refused, nothing written.
   before = snapshot(workdir)
   with pytest.raises(CheckpointError) as error:
     train_mode.train(config_of(**distill_settings(workdir)), str(tmp_path / "work"))
   assert "written by a head='distill' run" in str(error.value) and "head lm or sft" in str(error.value)
   assert not (tmp_path / "work").exists() and snapshot(workdir) == before
+
+
+def test_a_hugging_face_folder_can_be_the_teacher(runs, built, tmp_path):
+  """hf:DIR: the teacher's run exported (what --mode export writes), then named as the teacher: its weights."""
+  hf_dir = tmp_path / "hf_teacher"
+  export_mode.export_checkpoint(config_of(**{"model.num_layers": 3, "export.dir": str(hf_dir)}), str(runs["teacher"]))
+  experiment, _ = build_experiment(config_of(**distill_settings(f"hf:{hf_dir}")), str(tmp_path / "work"), "train")
+  assert experiment.task.teacher_config.num_layers == 3
+  state, _, how = initial_state(experiment)
+  assert f"teacher from hf:{hf_dir}" in how
+  # The same function as the teacher read from its run (GPT-2's folder adds zero biases: other leaves, same logits).
+  from_run, from_run_state = built
+  tokens = _batch(experiment.task.model_config.vocab_size)["inputs"]
+  with experiment.steps.context():
+    np.testing.assert_allclose(_logits(experiment.task.teacher, state.params[TEACHER], tokens),
+                               _logits(from_run.task.teacher, from_run_state.params[TEACHER], tokens),
+                               rtol=1e-5, atol=1e-5)
+  assert not (tmp_path / "work").exists()
 
 
 # -- bad input -------------------------------------------------------------------------------------------------
