@@ -28,7 +28,7 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[s
   tokenizers have no Hugging Face form; `init_from=hf:DIR` reads it back).
   With `config.export.quantize=int8` the projections' weights are written as
   int8 with per-channel float32 scales (lm.interop.hf.export); lm reads the
-  folder back, transformers does not (docs/quantization.md).
+  folder back; transformers has no such method (docs/quantization.md).
 
   Returns:
     {"step", "dir", "model_type", "parameters", "files"}.

@@ -44,7 +44,7 @@ CHECKPOINT_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "width", "mlp_di
                      "gelu_approximate")
 # An int8 export (`export.quantize=int8`): config.json's quantization_config names this method, and each int8
 # weight NAME has its per-channel float32 scales in NAME + SCALE_SUFFIX (shaped to broadcast over it).
-# transformers does not know the method and refuses the folder; lm reads it back (init_from=hf:DIR).
+# transformers has no such method (untested here: not installed); lm reads it back (init_from=hf:DIR).
 QUANT_METHOD = "lm_int8"
 SCALE_SUFFIX = "_scale"
 
@@ -241,7 +241,7 @@ def export(params: Any, model_config: TransformerConfig, out_dir: str | os.PathL
     quantize: "int8" writes each projection's weight as int8 with its float32
       per-channel scales beside it (NAME + SCALE_SUFFIX) and says so in
       config.json's quantization_config; embeddings and norms stay float.
-      lm reads it back (`load_params`, init_from=hf:DIR); transformers does not.
+      lm reads it back (`load_params`, init_from=hf:DIR); transformers has no such method.
   Returns:
     The file names written, config.json first.
   Raises:

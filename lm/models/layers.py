@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
-from lm.models import quantize
+from lm.models.quantize import is_quantized, projection_matmul
 from lm.models.config import TransformerConfig
 
 Initializer = Callable[..., jax.Array]
@@ -160,9 +160,9 @@ class Projection(nn.Module):
 
     batch_shape = x.shape[:x.ndim - self.num_in_axes]
     rows, in_size, out_size = math.prod(batch_shape), math.prod(in_shape), math.prod(self.out_features)
-    if quantize.is_quantized(kernel):  # int8 values and per-channel scales (lm.models.quantize)
+    if is_quantized(kernel):  # int8 values and per-channel scales (lm.models.quantize)
       x2d = x.astype(self.dtype).reshape(rows, in_size)
-      y = quantize.projection_matmul(x2d, kernel, in_size, out_size, self.dtype)
+      y = projection_matmul(x2d, kernel, in_size, out_size, self.dtype)
       return add_bias(y.reshape(batch_shape + tuple(self.out_features)))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     # The same contraction as one 2-D matmul [rows, in] @ [in, out]: reshapes of
