@@ -289,6 +289,19 @@ class CompiledSteps:
     except ValueError as error:
       raise MeshError(str(error)) from error
 
+  def for_params(self, params_shardings: Any, eval_step: Callable[[Any, Batch], Metrics]) -> CompiledSteps:
+    """These steps for parameters of another layout (a quantized model's int8 values and scales,
+    `lm.models.quantize.quantized_shardings`): the task's `eval_step` jitted again for it, and `jit_eval`
+    with it too. Training is left out: such parameters are evaluated and decoded, never trained."""
+
+    def not_trainable(*args: Any, **kwargs: Any) -> Any:
+      raise TypeError("these steps evaluate parameters of another layout (a quantized model); they do not train")
+
+    jitted = jax.jit(eval_step, in_shardings=(params_shardings, self.batch_shardings),
+                     out_shardings=sharding_lib.replicated(self.mesh), compiler_options=self.compiler_options)
+    return dataclasses.replace(self, train_step=not_trainable, eval_step=jitted,
+                               state_shardings=self.state_shardings.replace(params=params_shardings))
+
   def jit_eval(self, eval_step: Callable[[Any, Batch], Metrics], batch_keys: Sequence[str]) -> Callable:
     """Another eval step over [batch, length] keys, jitted like `eval_step` (params sharded, outputs replicated)."""
     return jax.jit(eval_step, in_shardings=(self.state_shardings.params, {key: self.batch_sharding
