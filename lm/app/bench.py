@@ -30,6 +30,7 @@ from lm.data import pipeline
 from lm.experiment import build_experiment, open_train_split, token_windows
 from lm.inference import sample as sample_lib
 from lm.train import perf
+from lm.train import privacy as privacy_lib
 
 
 def _bytes(value: Any) -> int | None:
@@ -172,8 +173,15 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
     return compile_memory(config, workdir)
   experiment, _ = build_experiment(config, workdir or "/nonexistent-bench-workdir", "bench")
   windows = token_windows(experiment, open_train_split(config), config.data.train_stride, train=True)
-  dataset = pipeline.train_dataset(windows, seed=config.seed, global_batch_size=config.batch_size,
-                                   rows=experiment.process_rows)
+  if config.privacy.enabled:  # DP-SGD's step and batches, with the noise the run would have (lm.app.train)
+    accounting = privacy_lib.accounting(config.privacy, dataset_size=len(windows), batch_size=config.batch_size,
+                                        steps=config.steps)
+    experiment.task.dp_sgd.noise_multiplier = accounting.noise_multiplier
+    dataset = pipeline.private_train_dataset(windows, seed=config.seed, global_batch_size=config.batch_size,
+                                             rows=experiment.process_rows)
+  else:
+    dataset = pipeline.train_dataset(windows, seed=config.seed, global_batch_size=config.batch_size,
+                                     rows=experiment.process_rows)
   total = config.bench.warmup_steps + config.bench.steps
   batches = [pipeline.to_global_batch(dataset[i], experiment.steps.batch_shardings, config.batch_size)
              for i in range(total)]

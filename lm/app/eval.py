@@ -34,7 +34,7 @@ import ml_collections
 from lm.app.reports import report_context
 from lm.core.configs import apply_overrides
 from lm.data import pipeline, scoring, sources
-from lm.experiment import Experiment, load_trained, open_eval_split, token_windows
+from lm.experiment import Experiment, load_trained, open_eval_split, quantize_trained, token_windows
 from lm.train.evaluate import evaluate
 from lm.train.metrics import MetricWriter
 
@@ -121,11 +121,16 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   The split: `split`, else config.eval.split of config.eval.source (empty:
   config.data.eval_split of config.data.source; `eval_split` gives the order). Reports loss, perplexity, bits per token, character and
   byte (head="lm") and the tokens scored; config.eval.stride > 0 scores a
-  sliding window (module doc). Metrics are named "eval_<split>/..."
+  sliding window (module doc). config.eval.quantize=int8 scores the model with
+  int8 matmul weights (lm.models.quantize): its metrics are named
+  "eval_<split>_int8/...", and the result says its parameter bytes. Metrics are named "eval_<split>/..."
   (with eval.source: "eval_<source name>_<split>/...").
   """
   source, split, prefix = eval_split(config, split)
   experiment, params, step = load_trained(config, workdir, "eval")
+  experiment, params, weights = quantize_trained(experiment, params, config.eval.quantize, "eval.quantize")
+  if weights:  # a quantized model's figures go under their own names, beside the float model's
+    prefix = prefix[:-1] + f"_{config.eval.quantize}/"
   # Opened as data.source would be (text and label fields, cache), whichever source it is.
   text = open_eval_split(apply_overrides(config, {"data.source": source}), split)
   metrics = evaluate_split(experiment, params, text, stride=config.eval.stride,
@@ -133,7 +138,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str, split: 
   metrics = {key.replace("eval/", prefix, 1): value for key, value in metrics.items()}
   metrics.update(experiment.task.final_report(report_context(experiment, params)))
   MetricWriter(workdir, tensorboard=False).write(step, metrics)
-  return {"step": step, "source": source, "split": split, **metrics}
+  return {"step": step, "source": source, "split": split, **weights, **metrics}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, report: Any = print) -> int:

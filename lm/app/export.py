@@ -26,6 +26,9 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[s
   tokenizer.json (Hugging Face) or tokenizer.model (SentencePiece) when it is
   one, and always lm's own tokenizer folder `lm_tokenizer/` (char and byte
   tokenizers have no Hugging Face form; `init_from=hf:DIR` reads it back).
+  With `config.export.quantize=int8` the projections' weights are written as
+  int8 with per-channel float32 scales (lm.interop.hf.export); lm reads the
+  folder back; transformers has no such method (docs/quantization.md).
 
   Returns:
     {"step", "dir", "model_type", "parameters", "files"}.
@@ -53,10 +56,15 @@ def export_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict[s
   written: list[str] = []
   if jax.process_index() == 0:
     written = interop.export(params, model_config, out_dir, config.export.max_shard_size,
-                             eos_token_id=experiment.tokenizer.eos_id)
+                             eos_token_id=experiment.tokenizer.eos_id, quantize=config.export.quantize)
     written += interop.write_tokenizer(experiment.tokenizer, out_dir)
+  weights = {}
+  if config.export.quantize != "none":
+    weights = {"quantize": config.export.quantize,
+               "weight_file_bytes": sum(os.path.getsize(os.path.join(out_dir, name)) for name in written
+                                        if name.endswith(".safetensors")) if written else 0}
   return {"step": step, "dir": out_dir, "model_type": model_type,
-          "parameters": int(sum(leaf.size for leaf in jax.tree.leaves(params))), "files": written}
+          "parameters": int(sum(leaf.size for leaf in jax.tree.leaves(params))), **weights, "files": written}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, report: Any = print) -> int:

@@ -12,7 +12,7 @@ from typing import Any
 
 import ml_collections
 
-from lm.experiment import load_trained
+from lm.experiment import load_trained, quantize_trained
 from lm.experiment.config import validate
 from lm.inference import prompts as prompts_lib
 
@@ -28,13 +28,15 @@ def sample_checkpoint(config: ml_collections.ConfigDict, workdir: str, prompt: s
   and line) and score (see `lm.tasks.lm.LMTask.sample`). With a VAE (head="vae"): prior
   (sentences decoded from z ~ N(0, I)), reconstruct (the prompt through the
   encoder and back), interpolate (prompt -> prompt_b in `interpolation_steps`
-  points of latent space).
+  points of latent space). config.sample.quantize=int8 decodes with int8
+  matmul weights (lm.models.quantize; the bytes are logged).
   """
   prompts = None
   if prompt is None and config.sample.prompts_file:
     validate(config, "sample")  # a bad config is named before the file is read
     prompts = prompts_lib.read_prompts_file(config.sample.prompts_file)
   experiment, params, _ = load_trained(config, workdir, "sample")
+  experiment, params, _ = quantize_trained(experiment, params, config.sample.quantize, "sample.quantize")
   with experiment.steps.context():
     if prompts is not None:
       return experiment.task.sample(params, config.sample, prompts=prompts)

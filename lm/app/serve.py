@@ -42,6 +42,7 @@ import numpy as np
 from lm.core.errors import CheckpointError, ConfigError
 from lm.experiment import load_trained
 from lm.experiment.config import validate
+from lm.models import quantize as quantize_lib
 from lm.serve import api as api_lib
 from lm.serve import engine as engine_lib
 from lm.serve import metrics as metrics_lib
@@ -177,8 +178,21 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> tuple[api_lib.Serv
     metrics.occupancy.observe(stats["busy"])
     metrics.queue_depth.set(stats["queue"])
 
+  scheme = serve.quantize
+
+  def served(params: Any) -> Any:
+    """The language model's params as served: int8 matmul weights with serve.quantize=int8 (at start-up and
+    at every swap, on the watcher's thread), so a swap hands the engine the layout it compiled for."""
+    return quantize_lib.quantize_params(task.lm_params(params), scheme, field="serve.quantize")
+
+  lm_params = served(params)
+  if scheme != "none":
+    weights = quantize_lib.summary(lm_params, scheme)
+    _log.info("Serving %s matmul weights: %s parameter bytes (float32: %s, bfloat16: %s).", scheme,
+              f"{weights['param_bytes']:,}", f"{weights['param_bytes_float32']:,}",
+              f"{weights['param_bytes_bfloat16']:,}")
   eos = task.tokenizer.eos_id
-  engine = engine_lib.Engine(task.model, task.lm_params(params), version, max_batch=serve.max_batch, max_queue=serve.max_queue,
+  engine = engine_lib.Engine(task.model, lm_params, version, max_batch=serve.max_batch, max_queue=serve.max_queue,
                              text_of=text_of, token_text=lambda token: task.decode_text(np.asarray([token])),
                              end_ids=() if eos is None else (eos,), context=experiment.steps.context,
                              on_step=on_step, block=serve.decode_block)
@@ -196,7 +210,7 @@ def build(config: ml_collections.ConfigDict, workdir: str) -> tuple[api_lib.Serv
 
   def load(found: versions.Version) -> Any:
     item = "current" if found.kind == "online" else "state"
-    return task.lm_params(checkpoint_lib.restore_params(workdir, abstract, step=found.checkpoint, item_name=item)[0])
+    return served(checkpoint_lib.restore_params(workdir, abstract, step=found.checkpoint, item_name=item)[0])
 
   def swap(new_params: Any, new_version: versions.Version) -> None:
     engine.swap(new_params, new_version)
@@ -228,8 +242,9 @@ def start_server(config: ml_collections.ConfigDict, workdir: str, *, block: bool
   service.engine.start()
   watcher.start()
   exporter.start()
-  report(f"Serving {service.model_name} ({service.version.id}) on {url} (playground: {url}/); feedback chunks go "
-         f"to {exporter.folder}.")
+  weights = "" if config.serve.quantize == "none" else f", {config.serve.quantize} weights"
+  report(f"Serving {service.model_name} ({service.version.id}{weights}) on {url} (playground: {url}/); feedback "
+         f"chunks go to {exporter.folder}.")
   sys.stdout.flush()  # the address, for whoever started this process with a pipe
   if block:
     # uvicorn drains on SIGINT / SIGTERM, then raises the signal again for the handler it found: this one

@@ -226,6 +226,60 @@ def train_dataset(
   return _local_batches(dataset, rows, isinstance(windows, Windows))
 
 
+class _EpochBatches:
+  """Global batch s of a private run: epoch e = s // nb is a permutation of the N examples drawn from
+  (seed, e), cut into nb = N // B batches of B; batch s is its (s % nb)-th. Each example is in at most one
+  batch per epoch (lm.train.privacy's accountant counts epochs), and batch s depends on (seed, s) alone."""
+
+  def __init__(self, examples: Any, seed: int, batch_size: int):
+    self.examples, self.seed, self.batch_size = examples, int(seed), int(batch_size)
+    self.per_epoch = len(examples) // self.batch_size
+    self._permutations: dict[int, np.ndarray] = {}
+
+  def __len__(self) -> int:
+    return self.per_epoch * 2**31  # unbounded for any run: steps are int32
+
+  def _permutation(self, epoch: int) -> np.ndarray:
+    permutation = self._permutations.get(epoch)
+    if permutation is None:
+      permutation = np.random.default_rng([self.seed, epoch, 0xD95]).permutation(len(self.examples))
+      self._permutations = {epoch: permutation}  # the loader reads epochs in order: keep one
+    return permutation
+
+  def rows(self, step: int) -> np.ndarray:
+    """The example indices of global batch `step`."""
+    epoch, batch = divmod(int(step), self.per_epoch)
+    return self._permutation(epoch)[batch * self.batch_size:(batch + 1) * self.batch_size]
+
+  def __getitem__(self, step: int) -> Any:
+    return [self.examples[int(index)] for index in self.rows(step)]
+
+
+def private_train_dataset(examples: Examples, *, seed: int, global_batch_size: int,
+                          rows: ProcessRows | None = None) -> grain.MapDataset:
+  """`train_dataset` for DP-SGD: shuffled fixed-size batches, each example at most once per epoch.
+
+  Element s is this process's rows of global batch s, as in `train_dataset`; the N mod B examples a
+  permutation leaves over sit that epoch out (another set each epoch).
+  """
+  rows = _rows(rows, global_batch_size)
+  if isinstance(examples, MixedExamples):
+    raise ValueError("DP-SGD's accountant counts epochs of one corpus; a mixture draws each source at its own rate. "
+                     "Fix: train the private run on one data.source.")
+  if len(examples) < global_batch_size:
+    raise ValueError(f"DP-SGD needs at least one whole batch per epoch: {len(examples)} training examples, batch "
+                     f"{global_batch_size}. Fix: a smaller config.batch_size.")
+  batches = _EpochBatches(examples, seed, global_batch_size)
+
+  def local(global_batch: list[Any]) -> Any:
+    mine = global_batch[rows.start:rows.start + rows.size]
+    stacked = np.stack(mine) if isinstance(mine[0], np.ndarray) else {
+        key: np.stack([example[key] for example in mine]) for key in mine[0]}
+    return _split_inputs_targets(stacked) if isinstance(examples, Windows) else stacked
+
+  return grain.MapDataset.source(batches).map(local)
+
+
 def eval_dataset(
     windows: Examples, *, global_batch_size: int, num_batches: int | None = None,
     rows: ProcessRows | None = None,

@@ -8,7 +8,8 @@ with its default and a comment, by the package that reads it (`PARTS`):
 
   lm.train           seed, steps, batch_size, seq_len, ..., start modes; optim.*, mesh.*, bench.*, xla_cpu_options.*
   lm.models          model.*
-  lm.data            data.*, clean.*, eval.*
+  lm.data            data.*, clean.*, eval.* (but eval.quantize)
+  lm.models.quantize eval.quantize (the scheme's choices live in lm.models)
   lm.experiment.registry  head; each task's group: vae.*, gan.*, classifier.*
   lm.online          online.*
   lm.inference       sample.*
@@ -35,6 +36,7 @@ from lm.experiment.registry import TASK_CONFIGS
 from lm.inference import config as inference_config
 from lm.interop import config as interop_config
 from lm.models import config as model_config
+from lm.models import quantize as quantize_config
 from lm.online import config as online_config
 from lm.serve import config as serve_config
 from lm.stats import ab as ab_stats
@@ -46,6 +48,7 @@ PARTS: tuple[configs.ConfigPart, ...] = (
     train_config.CONFIG,
     model_config.CONFIG,
     data_config.CONFIG,
+    quantize_config.CONFIG,
     *TASK_CONFIGS,
     online_config.CONFIG,
     inference_config.CONFIG,

@@ -90,6 +90,12 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
       require(cls.continues_prompts, "config.sample.prompts_file, beam_size > 1 and stop continue prompts with a "
               f"language model ({_heads(tasks_with('continues_prompts'))}, sample.kind='continue'); this is "
               f"config.head={cls.name!r}, kind={sample.kind!r}. Unset them.")
+  for field, quantize_mode in (("eval.quantize", "eval"), ("sample.quantize", "sample")):
+    group, name = field.split(".")
+    if mode == quantize_mode and config[group][name] != "none":
+      require(cls.language_model, f"config.{field}={config[group][name]!r} quantizes a Transformer language "
+              f"model's projections: it needs {_heads(tasks_with('language_model'))} (this is config.head="
+              f"{cls.name!r}). Fix: set --config.{field}=none.")
   if config.eval.stride:
     require(cls.sliding_eval and data.format == "windows", f"config.eval.stride={config.eval.stride} slides a window "
             f"over a token stream: it needs {_heads(tasks_with('sliding_eval'))} and data.format='windows' (this is "

@@ -10,9 +10,11 @@ run's promoted model).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
+import jax
 import ml_collections
 from absl import logging
 
@@ -20,6 +22,7 @@ from lm import interop
 from lm.core.errors import CheckpointError, ConfigError
 from lm.experiment.registry import saved_task, task_class
 from lm.experiment.build import Experiment, build_experiment, hf_source_task
+from lm.models import quantize as quantize_lib
 from lm.online.store import is_online_checkpoint
 from lm.train import checkpoint as checkpoint_lib
 from lm.train.state import TrainState
@@ -104,3 +107,26 @@ def load_trained(config: ml_collections.ConfigDict, workdir: str, mode: str) -> 
     return experiment, params, step
   state, _, _, step = checkpoint_lib.restore(workdir, experiment.abstract_state, with_data=False)
   return experiment, state.params, step
+
+
+def quantize_trained(experiment: Experiment, params: Any, scheme: str, field: str
+                     ) -> tuple[Experiment, Any, dict[str, Any]]:
+  """A loaded run's params with int8 matmul weights (`lm.models.quantize`), and the run to evaluate them with.
+
+  Returns (experiment whose steps take the quantized layout, the quantized
+  params placed like the float ones, `quantize.summary`: the scheme and the
+  bytes); with scheme "none" the run and params as they are and {}. The task's
+  own functions (evaluation, sampling) run unchanged: each projection reads its
+  kernel as int8 values and scales. `field` is the config field errors name.
+  """
+  if scheme == "none":
+    return experiment, params, {}
+  quantized = quantize_lib.quantize_params(params, scheme, field=field)
+  shardings = quantize_lib.quantized_shardings(experiment.steps.state_shardings.params, field)
+  quantized = jax.device_put(quantized, shardings)
+  steps = experiment.steps.for_params(shardings, experiment.task.make_eval_step())
+  summary = quantize_lib.summary(quantized, scheme)
+  logging.info("%s: %s matmul weights, %s parameter bytes (float32: %s, bfloat16: %s).", field, scheme,
+               f"{summary['param_bytes']:,}", f"{summary['param_bytes_float32']:,}",
+               f"{summary['param_bytes_bfloat16']:,}")
+  return dataclasses.replace(experiment, steps=steps), quantized, summary

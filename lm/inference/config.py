@@ -9,6 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from lm.core.configs import ConfigPart, require
+from lm.models.quantize import check_choice
 
 # continue: continue sample.prompt (a language model); with a VAE: prior (z ~ N(0, I)), reconstruct
 # (sample.prompt), interpolate (from sample.prompt to sample.prompt_b in sample.interpolation_steps points).
@@ -29,6 +30,7 @@ FIELDS = {
     "sample.length_penalty": 0.6,  # beam search: GNMT's alpha (0: raw log-probability)
     "sample.stop": (),  # strings that end a sample (cut before them), e.g. ("\n\n",)
     "sample.prompts_file": "",  # one prompt per line (.txt) or per {"prompt": ...} line (.jsonl)
+    "sample.quantize": "none",  # int8: decode with int8 matmul weights, per-channel scales (docs/quantization.md)
 }
 
 
@@ -53,6 +55,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
   require(all(isinstance(stop, str) and stop for stop in sample.stop),
           f"config.sample.stop={tuple(sample.stop)!r} must be non-empty strings, e.g. "
           "--config.sample.stop='(\"\\n\\n\", \"THE END\")'.")
+  check_choice("sample.quantize", sample.quantize)
 
 
 CONFIG = ConfigPart("lm.inference", FIELDS, validate)

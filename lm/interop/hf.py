@@ -29,9 +29,10 @@ import numpy as np
 
 from lm.data import tokenizers as tokenizers_lib
 from lm.interop import hf_layout
-from lm.interop.hf_files import (CONFIG_FILE, HFError, WeightFiles, check_directory, read_config, write_json,
-                                 write_weights)
+from lm.interop.hf_files import (CONFIG_FILE, DequantizedFiles, HFError, WeightFiles, check_directory, read_config,
+                                 write_json, write_weights)
 from lm.models import TransformerConfig, TransformerLM
+from lm.models import quantize as quantize_lib
 
 HF_PREFIX = "hf:"
 LM_TOKENIZER_DIR = "lm_tokenizer"  # lm's own tokenizer folder, written beside an export
@@ -41,6 +42,23 @@ SENTENCEPIECE_FILE = "tokenizer.model"
 CHECKPOINT_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "width", "mlp_dim", "vocab_size", "max_len",
                      "position", "norm", "mlp", "use_bias", "tie_embeddings", "norm_eps", "rope_theta",
                      "gelu_approximate")
+# An int8 export (`export.quantize=int8`): config.json's quantization_config names this method, and each int8
+# weight NAME has its per-channel float32 scales in NAME + SCALE_SUFFIX (shaped to broadcast over it).
+# transformers has no such method (untested here: not installed); lm reads it back (init_from=hf:DIR).
+QUANT_METHOD = "lm_int8"
+SCALE_SUFFIX = "_scale"
+
+
+def quantization_of(hf_config: dict[str, Any]) -> str:
+  """"int8" for an lm int8 export's config.json, "none" for a float one."""
+  quantization = hf_config.get("quantization_config")
+  if quantization is None:
+    return "none"
+  if not isinstance(quantization, dict) or quantization.get("quant_method") != QUANT_METHOD:
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else quantization
+    raise HFError(f"config.json's quantization_config (quant_method {method!r}) is not one lm reads: it reads "
+                  f"float weights and its own int8 exports ({QUANT_METHOD!r}). Fix: point hf:DIR at float weights.")
+  return "int8"
 
 
 def hf_directory(source: str | None) -> str | None:
@@ -113,7 +131,8 @@ def _load(directory: str | os.PathLike, cfg: TransformerConfig, dry: bool) -> di
     keys = tuple(k.key for k in key_path)
     shapes[keys[1:] if keys[0].startswith("layer_") else keys] = leaf.shape
   with WeightFiles(path) as files:
-    params = hf_layout.import_params(files, hf_layout.model_type_of(hf, config_path), layer_cfg, config_path,
+    reader = DequantizedFiles(files, SCALE_SUFFIX) if quantization_of(hf) == "int8" else files
+    params = hf_layout.import_params(reader, hf_layout.model_type_of(hf, config_path), layer_cfg, config_path,
                                      shapes, dry=dry)
   if dry:  # keep shapes only: stacking zero-stride views would allocate
     params = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), params)
@@ -178,8 +197,36 @@ def load_sharded_params(directory: str | os.PathLike, cfg: TransformerConfig, ab
   return place_params(params, abstract)
 
 
+def _int8_tensors(params: dict[str, Any], cfg: TransformerConfig) -> dict[str, np.ndarray]:
+  """`export_tensors` of per-layer params with int8 projections: NAME int8, NAME + SCALE_SUFFIX its scales.
+
+  The int8 values go through the float layout's own mapping (transposes,
+  GPT-2's fused c_attn); so do the scales, broadcast to the kernels' shapes,
+  and each is then cut back to the axis it varies along (an output channel's
+  scale is the same all along its inputs).
+  """
+  quantized = quantize_lib.quantize_params(params, "int8", field="export.quantize")
+  is_q = quantize_lib.is_quantized
+  values = jax.tree.map(lambda leaf: np.asarray(leaf.qvalue) if is_q(leaf) else leaf, quantized, is_leaf=is_q)
+  scales = jax.tree.map(lambda leaf: np.broadcast_to(np.asarray(leaf.scale), leaf.shape) if is_q(leaf) else leaf,
+                        quantized, is_leaf=is_q)
+  tensors = hf_layout.export_tensors(values, cfg)
+  scale_tensors = hf_layout.export_tensors(scales, cfg)
+  for name in [name for name, array in tensors.items() if array.dtype == np.int8]:
+    full = scale_tensors[name]
+    for axis in range(full.ndim):  # the first axis the scales do not vary along: the inputs
+      first = full.take([0], axis=axis)
+      if np.array_equal(full, np.broadcast_to(first, full.shape)):
+        tensors[name + SCALE_SUFFIX] = np.ascontiguousarray(first, np.float32)
+        break
+    else:  # every projection's scales are constant along its inputs; a layout mapping that mixed them would land here
+      raise HFError(f"The int8 scales of {name} vary along every axis of {list(full.shape)}, so they are not "
+                    "per-channel there. Fix: export this model with --config.export.quantize=none.")
+  return tensors
+
+
 def export(params: Any, model_config: TransformerConfig, out_dir: str | os.PathLike, max_shard_size: int = 0, *,
-           eos_token_id: int | None = None) -> list[str]:
+           eos_token_id: int | None = None, quantize: str = "none") -> list[str]:
   """Writes `params` of `TransformerLM(model_config)` as a Hugging Face GPT-2 or Llama directory.
 
   Args:
@@ -191,6 +238,10 @@ def export(params: Any, model_config: TransformerConfig, out_dir: str | os.PathL
     out_dir: created if needed; must be empty.
     max_shard_size: bytes per .safetensors shard (0: one model.safetensors).
     eos_token_id: written into config.json as bos/eos (None: unset).
+    quantize: "int8" writes each projection's weight as int8 with its float32
+      per-channel scales beside it (NAME + SCALE_SUFFIX) and says so in
+      config.json's quantization_config; embeddings and norms stay float.
+      lm reads it back (`load_params`, init_from=hf:DIR); transformers has no such method.
   Returns:
     The file names written, config.json first.
   Raises:
@@ -208,7 +259,13 @@ def export(params: Any, model_config: TransformerConfig, out_dir: str | os.PathL
     stacked = params.pop("layers")
     for i in range(model_config.num_layers):
       params[f"layer_{i}"] = jax.tree.map(lambda leaf, i=i: leaf[i], stacked)
-  tensors = hf_layout.export_tensors(params, _per_layer(model_config))
+  if quantize == "none":
+    tensors = hf_layout.export_tensors(params, _per_layer(model_config))
+  else:
+    tensors = _int8_tensors(params, _per_layer(model_config))
+    hf_config["quantization_config"] = {"quant_method": QUANT_METHOD, "bits": 8, "symmetric": True,
+                                        "granularity": "per_output_channel", "scale_suffix": SCALE_SUFFIX,
+                                        "scale_dtype": "float32", "library": "qwix"}
   out.mkdir(parents=True, exist_ok=True)
   files = write_weights(tensors, out, max_shard_size)
   write_json(out / CONFIG_FILE, hf_config)  # last: a config.json beside the weights marks a complete export

@@ -209,3 +209,45 @@ def write_json(path: Path, value: dict[str, Any]) -> None:
 def first_of(values: Iterable[Any]) -> Any:
   """The first value that is not None (None if there is none)."""
   return next((value for value in values if value is not None), None)
+
+
+class DequantizedFiles:
+  """An int8 export's weight files (`export.quantize=int8`) read as float: each int8 tensor NAME comes back as
+  NAME x NAME + `suffix` (its per-channel float32 scales, broadcast), and the scale tensors are not listed.
+
+  It has WeightFiles' reading interface (names, shape, dtype, file_of, read, source), so the importers read
+  an int8 folder as they read a float one, and get the values the int8 model computes with.
+  """
+
+  def __init__(self, files: WeightFiles, suffix: str):
+    self.files, self.suffix, self.source = files, suffix, files.source
+    present = set(files.names)
+    self._scaled = {name for name in present if name + suffix in present}
+    self._scales = {name + suffix for name in self._scaled}
+    for name in sorted(self._scaled):
+      if files.dtype(name) != "I8":
+        raise HFError(f"{files.file_of(name)}: {name!r} has scales ({name + suffix!r}) but is {files.dtype(name)}, "
+                      "not int8. Fix: export the model again with --config.export.quantize=int8.")
+
+  @property
+  def names(self) -> list[str]:
+    return [name for name in self.files.names if name not in self._scales]
+
+  def file_of(self, name: str) -> Path:
+    return self.files.file_of(name)
+
+  def shape(self, name: str) -> tuple[int, ...]:
+    return self.files.shape(name)
+
+  def dtype(self, name: str) -> str:
+    return "F32" if name in self._scaled else self.files.dtype(name)
+
+  def read(self, name: str) -> np.ndarray:
+    if name not in self._scaled:
+      return self.files.read(name)
+    values, scale = self.files.read(name), self.files.read(name + self.suffix)
+    try:
+      return values.astype(np.float32) * scale.astype(np.float32)
+    except ValueError:
+      raise HFError(f"{self.files.file_of(name)}: the scales {name + self.suffix!r} {list(scale.shape)} do not "
+                    f"broadcast over {name!r} {list(values.shape)}. Fix: export the model again.") from None

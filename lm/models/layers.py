@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
+from lm.models.quantize import is_quantized, projection_matmul
 from lm.models.config import TransformerConfig
 
 Initializer = Callable[..., jax.Array]
@@ -149,21 +150,28 @@ class Projection(nn.Module):
     in_shape = x.shape[x.ndim - self.num_in_axes:]
     kernel = self.param("kernel", param_init(self.std, self.kernel_axes), in_shape + tuple(self.out_features),
                         self.param_dtype)
+
+    def add_bias(y: jax.Array) -> jax.Array:
+      if self.use_bias:
+        bias_axes = self.kernel_axes[self.num_in_axes:]
+        bias = self.param("bias", zeros_init(bias_axes), tuple(self.out_features), self.param_dtype)
+        y = y + bias.astype(self.dtype)
+      return y
+
+    batch_shape = x.shape[:x.ndim - self.num_in_axes]
+    rows, in_size, out_size = math.prod(batch_shape), math.prod(in_shape), math.prod(self.out_features)
+    if is_quantized(kernel):  # int8 values and per-channel scales (lm.models.quantize)
+      x2d = x.astype(self.dtype).reshape(rows, in_size)
+      y = projection_matmul(x2d, kernel, in_size, out_size, self.dtype)
+      return add_bias(y.reshape(batch_shape + tuple(self.out_features)))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
     # The same contraction as one 2-D matmul [rows, in] @ [in, out]: reshapes of
     # contiguous axes are free, and XLA:CPU lowers a 2-D dot (and its two
     # gradients) to plain GEMMs. With the leading [batch, length] axes kept, the
     # kernel gradient contracts two axes, and XLA fused that transpose into the
     # GELU's backward as one slow strided loop (BENCHMARKS.md, CPU section).
-    batch_shape = x.shape[:x.ndim - self.num_in_axes]
-    rows = math.prod(batch_shape)
-    y = jnp.dot(x.reshape(rows, math.prod(in_shape)), kernel.reshape(math.prod(in_shape), -1))
-    y = y.reshape(batch_shape + tuple(self.out_features))
-    if self.use_bias:
-      bias_axes = self.kernel_axes[self.num_in_axes:]
-      bias = self.param("bias", zeros_init(bias_axes), tuple(self.out_features), self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+    y = jnp.dot(x.reshape(rows, in_size), kernel.reshape(in_size, out_size))
+    return add_bias(y.reshape(batch_shape + tuple(self.out_features)))
 
 
 def token_embedding(config: TransformerConfig) -> nn.Embed:

@@ -7,6 +7,7 @@ import ipaddress
 import ml_collections
 
 from lm.core.configs import ConfigPart, require
+from lm.models.quantize import check_choice
 
 FIELDS = {
     "serve.host": "127.0.0.1",  # any other address needs serve.api_key
@@ -26,6 +27,7 @@ FIELDS = {
     "serve.feedback_dir": "",  # where feedback chunks go; empty: online.stream's dir: folder, else WORKDIR/serve/chunks
     "serve.feedback_chunk_size": 64,  # a chunk is written once this many feedback records wait ...
     "serve.feedback_interval": 600.0,  # ... or once the oldest has waited this many seconds
+    "serve.quantize": "none",  # int8: serve int8 matmul weights (quantized at load and at every swap)
 }
 
 
@@ -57,6 +59,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
   for field in ("request_timeout", "feedback_interval"):
     require(serve[field] > 0, f"config.serve.{field}={serve[field]!r} must be > 0 seconds.")
   require(serve.watch_interval >= 0, "config.serve.watch_interval must be >= 0 seconds (0: never swap).")
+  check_choice("serve.quantize", serve.quantize)
 
 
 CONFIG = ConfigPart("lm.serve", FIELDS, validate)

@@ -38,6 +38,7 @@ from lm.data import sources
 from lm.data.tokenizers import Tokenizer
 from lm.models.config import TransformerConfig
 from lm.train import optim
+from lm.train import privacy as privacy_lib
 from lm.train import step as step_lib
 
 
@@ -84,6 +85,8 @@ class Task:
   counts_lm_flops: ClassVar[bool] = False  # lm.train.perf's FLOP count (a decoder-only LM's) is its own: MFU
   reads_labels: ClassVar[bool] = False  # its records carry data.label_field
   supports_online: ClassVar[bool] = False  # --mode online can keep training it on token windows
+  # DP-SGD (config.privacy) can train it: one loss per row, one update per step (lm.train.privacy).
+  supports_privacy: ClassVar[bool] = False
   sample_kinds: ClassVar[tuple[str, ...]] = ("continue",)  # the sample.kind values --mode sample takes
   continues_prompts: ClassVar[bool] = False  # sample.prompts_file, beam search and stop strings apply
   sliding_eval: ClassVar[bool] = False  # eval.stride > 0 can slide a window over its token stream
@@ -198,11 +201,19 @@ class Task:
     return {}
 
   def make_train_step(self, tx: Any, schedule: optax.Schedule) -> Callable:
-    """The engine's train step for this task."""
+    """The engine's train step for this task (DP-SGD's under config.privacy: `self.dp_sgd`)."""
+    self.dp_sgd = privacy_lib.DpSgd.from_config(self.config)
     return step_lib.make_train_step(self.updates(), tx, learning_rate=schedule,
                                     grad_accum_steps=int(self.config.grad_accum_steps),
                                     loss_totals=self.loss_totals, prepare=self.prepare,
-                                    step_metrics=self.step_metrics)
+                                    step_metrics=self.step_metrics, privacy=self.dp_sgd)
+
+  def check_privacy(self) -> None:
+    """Raises ConfigError unless DP-SGD's accounting holds for how this task's examples are drawn."""
+    if not self.supports_privacy:
+      raise ConfigError(f"config.privacy.enabled=True, but head={self.config.head!r} cannot be trained with DP-SGD "
+                        "(it needs one loss per example and one update per step): use head=lm or head=classifier, "
+                        "or set --config.privacy.enabled=False.")
 
   # -- evaluation ----------------------------------------------------------------------------------
   def make_eval_step(self) -> Callable:

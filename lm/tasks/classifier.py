@@ -109,6 +109,7 @@ class ClassifierTask(Task):
   init_from_tasks = ("lm", "classifier")
   reads_labels = True
   ab_comparable = True
+  supports_privacy = True  # an example is a sentence
 
   def __init__(self, config: ml_collections.ConfigDict, model_config: Any, tokenizer: Any, *,
                train_split: Callable[[], sources.LabeledSource] | None = None):

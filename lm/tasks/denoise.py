@@ -36,7 +36,7 @@ class DenoiseTask(LMTask):
   CONFIG = ConfigPart("lm.tasks.denoise", {"denoise.rate": 0.25}, validate)  # of input tokens replaced by <mask>
   data_formats = ("sentences",)
   init_from_tasks = ("lm", "denoise")
-  supports_online = sliding_eval = synthetic_data = False  # those train or score token windows
+  supports_online = sliding_eval = synthetic_data = supports_privacy = False  # those train or score token windows
 
   def updates(self) -> Sequence[step_lib.Update]:
     clean_loss, rate, mask = make_loss_fn(self.model), float(self.config.denoise.rate), self.vocab.mask

@@ -137,7 +137,7 @@ class DPOTask(LMTask):
                         "(or hf:DIR); its weights start the policy and, unless config.dpo.reference names another "
                         "run, are the frozen reference.")
   counts_lm_flops = False  # a step is two sequences per pair, and a reference forward pass: not the LM's count
-  supports_online = sliding_eval = synthetic_data = False
+  supports_online = sliding_eval = synthetic_data = supports_privacy = False
   exports_hf = True  # the policy is a language model (lm_params)
   ab_comparable = False
   lm_part = POLICY

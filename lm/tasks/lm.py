@@ -112,6 +112,7 @@ class LMTask(Task):
   init_from_tasks = ("lm", "sft", "dpo", "distill")
   counts_lm_flops = True
   supports_online = True
+  supports_privacy = True
   continues_prompts = True
   sliding_eval = True
   exports_hf = True
@@ -119,6 +120,16 @@ class LMTask(Task):
   language_model = True
   ab_comparable = True
 
+
+  def check_privacy(self) -> None:
+    """An example of DP-SGD is a training window: windows must not overlap, or one token is in many."""
+    super().check_privacy()
+    if self.config.data.format != "sentences" and self.config.data.train_stride < self.config.seq_len:
+      raise ConfigError(f"config.privacy.enabled=True with config.data.train_stride={self.config.data.train_stride} "
+                        f"< seq_len={self.config.seq_len}: overlapping windows put each token in up to "
+                        f"{-(-self.config.seq_len // self.config.data.train_stride)} examples, which DP-SGD's "
+                        "accountant (one example, one window) does not cover. Fix: "
+                        f"--config.data.train_stride={self.config.seq_len}.")
   def build_model(self) -> TransformerLM:
     return TransformerLM(self.model_config)
 

@@ -40,7 +40,7 @@ class SFTTask(LMTask):
   init_from_tasks = ("lm", "sft", "dpo")
   requires_init_from = ("config.head='sft' fine-tunes a language model: set config.init_from to a head='lm' run "
                         "(or an sft run, or hf:DIR).")
-  supports_online = sliding_eval = synthetic_data = False  # those train or score token windows
+  supports_online = sliding_eval = synthetic_data = supports_privacy = False  # those train or score token windows
   ab_comparable = True
 
   @classmethod

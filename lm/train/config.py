@@ -89,9 +89,50 @@ BENCH_FIELDS = {
 }
 
 
+# DP-SGD (lm.train.privacy; docs/privacy.md): per-example clipping and Gaussian noise in the step, epsilon from
+# Google's dp_accounting for the shuffled fixed-size batches the pipeline draws.
+PRIVACY_FIELDS = {
+    "privacy.enabled": False,
+    "privacy.clip_norm": 1.0,  # each example's gradient is clipped to this L2 norm
+    "privacy.noise_multiplier": 1.0,  # noise std = noise_multiplier * clip_norm, once per logical batch
+    # Or: the smallest noise multiplier that keeps the run's config.steps within this epsilon (overrides it).
+    "privacy.target_epsilon": placeholder(float),
+    "privacy.delta": placeholder(float),  # None: 1 / (training examples)
+    "privacy.accountant": "rdp",  # rdp | pld (dp_accounting's Renyi or privacy-loss-distribution accountant)
+    "privacy.sampling": "shuffle",  # what the pipeline does; poisson is refused (lm.train.privacy)
+}
+
+
+def _validate_privacy(config: ml_collections.ConfigDict) -> None:
+  privacy = config.privacy
+  if not privacy.enabled:
+    return
+  from lm.train import privacy as privacy_lib  # pylint: disable=g-import-not-at-top
+  require(privacy.clip_norm > 0, f"config.privacy.clip_norm={privacy.clip_norm} must be > 0: each example's "
+          "gradient is clipped to this L2 norm (e.g. --config.privacy.clip_norm=1.0).")
+  require(privacy.noise_multiplier >= 0, f"config.privacy.noise_multiplier={privacy.noise_multiplier} must be "
+          ">= 0 (the noise std is noise_multiplier * clip_norm; 0 is clipping without privacy).")
+  require(privacy.target_epsilon is None or privacy.target_epsilon > 0,
+          f"config.privacy.target_epsilon={privacy.target_epsilon} must be > 0, or unset to use "
+          "privacy.noise_multiplier.")
+  require(privacy.delta is None or 0 < privacy.delta < 1, f"config.privacy.delta={privacy.delta} must be in "
+          "(0, 1), e.g. 1e-5, or unset for 1 / (training examples).")
+  require(privacy.accountant in privacy_lib.ACCOUNTANTS, f"config.privacy.accountant={privacy.accountant!r}: "
+          f"pick one of {', '.join(privacy_lib.ACCOUNTANTS)}.")
+  require(privacy.sampling in privacy_lib.SAMPLINGS, f"config.privacy.sampling={privacy.sampling!r}: pick one of "
+          f"{', '.join(privacy_lib.SAMPLINGS)}.")
+  require(privacy.sampling == "shuffle", "config.privacy.sampling='poisson' assumes each example joins each batch "
+          "independently, but lm's pipeline draws shuffled fixed-size batches (each example once per epoch); "
+          "accounting for Poisson sampling would understate epsilon. Fix: --config.privacy.sampling=shuffle, "
+          "whose accountant matches the pipeline (docs/privacy.md).")
+  require(config.grad_accum_steps >= 1 and config.batch_size % config.grad_accum_steps == 0,
+          "config.grad_accum_steps must divide config.batch_size.")
+
+
 def validate(config: ml_collections.ConfigDict, mode: str) -> None:
-  """The run, optim, mesh and bench fields."""
+  """The run, optim, mesh, bench and privacy fields."""
   del mode
+  _validate_privacy(config)
   for key in ("steps", "batch_size", "seq_len", "grad_accum_steps", "log_every", "eval_every",
               "checkpoint_every", "keep_checkpoints"):
     require(int(config[key]) > 0, f"config.{key} must be a positive integer (got {config[key]!r}).")
@@ -133,4 +174,5 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
           "traced into bench.profile_dir).")
 
 
-CONFIG = ConfigPart("lm.train", {**RUN_FIELDS, **OPTIM_FIELDS, **MESH_FIELDS, **CPU_FIELDS, **BENCH_FIELDS}, validate)
+CONFIG = ConfigPart("lm.train", {**RUN_FIELDS, **OPTIM_FIELDS, **MESH_FIELDS, **CPU_FIELDS, **BENCH_FIELDS,
+                                  **PRIVACY_FIELDS}, validate)

@@ -261,13 +261,18 @@ class EvalHook(Hook):
   """Every `every` steps: `evaluate(params)`'s metrics into the row, and the selection figure they give."""
 
   def __init__(self, every: int, evaluate: Callable[[Any], dict[str, float]],
-               selection: Callable[[Mapping[str, float]], float]):
-    self.every, self.evaluate, self.selection = every, evaluate, selection
+               selection: Callable[[Mapping[str, float]], float],
+               extra: Callable[[int], dict[str, float]] | None = None):
+    """extra(step): more figures for the row at each eval that depend on the step, not the params (a
+    DP-SGD run's privacy/epsilon)."""
+    self.every, self.evaluate, self.selection, self.extra = every, evaluate, selection, extra
 
   def after_step(self, loop: Loop) -> None:
     if not loop.every(self.every):
       return
     metrics = self.evaluate(loop.state.params)
+    if self.extra is not None:
+      metrics = {**metrics, **self.extra(loop.global_step)}
     loop.row.update(metrics)
     loop.selection = self.selection(metrics)
     loop.last_eval_loss = metrics.get("eval/loss")

@@ -18,6 +18,10 @@ does everything around it, the same for every task:
   * updates of one part of the params with its own optimizer (a GAN's
     critic steps, then its generator: `Update.part`, `Update.repeats`), from
     values a task prepares once per step (`prepare`, no gradient);
+  * DP-SGD (`privacy`, lm.train.privacy): one gradient per example (the
+    loss of each row alone, vmapped), each clipped to a norm, summed over the
+    logical batch (across micro-batches), Gaussian noise added once, then the
+    optimizer: `train/clip_fraction` and `train/example_grad_norm` report it;
   * the gradient norm, the optimizer update (its learning rate from a schedule
     of the step, or given per call: `lr_from_inputs`), metrics named
     `train/...`, and the jit with explicit shardings and a donated state
@@ -44,11 +48,13 @@ from jax.sharding import Mesh, NamedSharding
 
 from lm.data import pipeline
 from lm.core.errors import MeshError
+from lm.train import privacy as privacy_lib
 from lm.train import sharding as sharding_lib
 from lm.train.state import TrainState
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+_NOISE_STREAM = 0x5EED  # DP-SGD's noise key: fold_in(step key, this), apart from dropout's and the rows' keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +122,8 @@ def _micro_batches(tree: Any, k: int) -> Any:
 def make_train_step(updates: LossFn | Update | Sequence[Update], optimizer: Any, *,
                     learning_rate: optax.Schedule | None = None, lr_from_inputs: bool = False,
                     grad_accum_steps: int = 1, loss_totals: Callable[[Batch], Mapping[str, jax.Array]] | None = None,
-                    prepare: Prepare | None = None, step_metrics: Callable[[jax.Array], Metrics] | None = None
-                    ) -> Callable[..., tuple[TrainState, Metrics]]:
+                    prepare: Prepare | None = None, step_metrics: Callable[[jax.Array], Metrics] | None = None,
+                    privacy: privacy_lib.DpSgd | None = None) -> Callable[..., tuple[TrainState, Metrics]]:
   """Builds `train_step(state, batch, inputs=None) -> (state, metrics)` (module doc).
 
   Args:
@@ -133,11 +139,18 @@ def make_train_step(updates: LossFn | Update | Sequence[Update], optimizer: Any,
     prepare: values computed once per step and micro-batch before the
       updates, without gradient (a GAN's generated batch); added to it.
     step_metrics: the step -> metrics that are not contributions (a KL weight).
+    privacy: DP-SGD's clip and noise (one update, not repeated): each row's
+      loss is its own mean (its own `loss_totals`), the update's gradient the
+      noised sum of clipped per-row gradients over the batch size, and the
+      loss reported the mean of the rows' losses.
   """
   if callable(updates) and not isinstance(updates, Update):
     updates = Update(updates)
   updates = (updates,) if isinstance(updates, Update) else tuple(updates)
   k = int(grad_accum_steps)
+  if privacy is not None and (len(updates) != 1 or updates[0].repeats != 1):
+    raise ValueError("DP-SGD clips one update's per-example gradients: a step of several updates (or repeats) "
+                     "has no single per-example gradient to clip.")
 
   def part_of(params, part):
     return params if part is None else params[part]
@@ -188,11 +201,41 @@ def make_train_step(updates: LossFn | Update | Sequence[Update], optimizer: Any,
       total, _ = jax.lax.scan(accumulate, zeros, (jnp.arange(k), data))
       return total
 
+    def private_gradients(update, params, repeat):
+      """(mean loss, mean aux + clipping figures), noised mean of clipped per-row gradients."""
+      trainable = part_of(params, update.part)
+
+      def clipped(index, micro_batch):
+        base = context(index, params, repeat)
+
+        def one(trainable, single, row):  # one example, with a batch axis of 1, and its row of the global batch
+          totals = {"rows": jnp.float32(1.0), **(loss_totals(single) if loss_totals else {})}
+          return update.loss_fn(trainable, single, dataclasses.replace(
+              base, rng=jax.random.fold_in(base.rng, row[0]), rows=row, totals=totals))
+
+        summed, (losses, norms, aux) = privacy_lib.clipped_gradient_sum(one, privacy.clip_norm)(
+            trainable, micro_batch, base.rows)
+        return summed, {"loss": jnp.sum(losses), "aux": jax.tree.map(jnp.sum, aux),
+                        "clipped": jnp.sum((norms > privacy.clip_norm).astype(jnp.float32)), "norms": jnp.sum(norms)}
+
+      if k == 1:
+        total, sums = clipped(0, data)
+      else:
+        first = jax.eval_shape(clipped, 0, jax.tree.map(lambda x: x[0], data))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), first)
+        (total, sums), _ = jax.lax.scan(lambda carry, item: (jax.tree.map(jnp.add, carry, clipped(*item)), None),
+                                        zeros, (jnp.arange(k), data))
+      noisy = privacy_lib.add_noise(total, jax.random.fold_in(step_rng, _NOISE_STREAM), privacy.noise_std)
+      grads = jax.tree.map(lambda g: g / size, noisy)
+      aux = {**jax.tree.map(lambda v: v / size, sums["aux"]), "clip_fraction": sums["clipped"] / size,
+             "example_grad_norm": sums["norms"] / size}
+      return (sums["loss"] / size, aux), grads
+
     lr = inputs["lr"] if lr_from_inputs else None
     params, opt_state, metrics = state.params, state.opt_state, {}
 
     def one_update(update, params, opt_state, repeat):
-      (loss, aux), grads = gradients(update, params, repeat)
+      (loss, aux), grads = (private_gradients if privacy is not None else gradients)(update, params, repeat)
       params, opt_state = apply(update, grads, params, opt_state, lr)
       return params, opt_state, {update.loss_name: loss, update.grad_norm_name: optax.global_norm(grads), **aux}
 
@@ -245,6 +288,19 @@ class CompiledSteps:
       return pipeline.ProcessRows.for_sharding(self.batch_sharding, self.global_batch_size)
     except ValueError as error:
       raise MeshError(str(error)) from error
+
+  def for_params(self, params_shardings: Any, eval_step: Callable[[Any, Batch], Metrics]) -> CompiledSteps:
+    """These steps for parameters of another layout (a quantized model's int8 values and scales,
+    `lm.models.quantize.quantized_shardings`): the task's `eval_step` jitted again for it, and `jit_eval`
+    with it too. Training is left out: such parameters are evaluated and decoded, never trained."""
+
+    def not_trainable(*args: Any, **kwargs: Any) -> Any:
+      raise TypeError("these steps evaluate parameters of another layout (a quantized model); they do not train")
+
+    jitted = jax.jit(eval_step, in_shardings=(params_shardings, self.batch_shardings),
+                     out_shardings=sharding_lib.replicated(self.mesh), compiler_options=self.compiler_options)
+    return dataclasses.replace(self, train_step=not_trainable, eval_step=jitted,
+                               state_shardings=self.state_shardings.replace(params=params_shardings))
 
   def jit_eval(self, eval_step: Callable[[Any, Batch], Metrics], batch_keys: Sequence[str]) -> Callable:
     """Another eval step over [batch, length] keys, jitted like `eval_step` (params sharded, outputs replicated)."""

@@ -7,6 +7,7 @@ models of the GAN runs, as in experiments/sentence_vae.py and text_gan.py.
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -31,6 +32,8 @@ HEADS = {
     "vae": {"head": "vae"},
     "relgan": {"head": "gan", "gan.kind": "relgan"},
     "latent": {"head": "gan", "gan.kind": "latent"},
+    # DP-SGD (lm.train.privacy): per-example gradients of rows split over fsdp x tensor, noise once per batch
+    "lm_private": {"head": "lm", "privacy.enabled": True, "privacy.noise_multiplier": 0.5, "privacy.clip_norm": 0.5},
 }
 INIT_FROM = {"relgan": "lm", "latent": "vae"}
 
@@ -51,7 +54,7 @@ def runs(tmp_path_factory):
   """name -> (workdir, metrics of the uninterrupted run), trained on 8 devices (fsdp 4 x tensor 2)."""
   root = tmp_path_factory.mktemp("heads")
   done = {}
-  for name in ("lm", "vae", "relgan", "latent"):
+  for name in ("lm", "vae", "relgan", "latent", "lm_private"):
     workdir = root / name
     extra = {"mesh.preset": "fsdp_tp"}
     if name in INIT_FROM:
@@ -62,7 +65,7 @@ def runs(tmp_path_factory):
   return done
 
 
-@pytest.mark.parametrize("name", ["lm", "vae", "relgan", "latent"])
+@pytest.mark.parametrize("name", ["lm", "vae", "relgan", "latent", "lm_private"])
 def test_each_head_trains_on_eight_devices_and_resumes_exactly(runs, name):
   workdir, full, extra = runs[name]
   assert all(np.isfinite(full[step]["train/loss"]) for step in (1, 2, 3, 4))
@@ -82,6 +85,21 @@ def test_each_head_trains_on_eight_devices_and_resumes_exactly(runs, name):
       if key.startswith("train/"):
         assert again[step][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, step, key)
   assert again[4]["eval/loss"] == pytest.approx(full[4]["eval/loss"], rel=1e-5)
+
+
+def test_the_private_run_reports_its_privacy_and_equals_one_device(runs, tmp_path):
+  workdir, full, _ = runs["lm_private"]
+  row = full[4]
+  assert 0 < row["privacy/epsilon"] < math.inf and row["privacy/noise_multiplier"] == 0.5
+  assert row["privacy/steps"] == 4 and row["privacy/sampling_rate"] == pytest.approx(8 / row["privacy/dataset_size"])
+  assert all(0 <= full[step]["train/clip_fraction"] <= 1 for step in (1, 2, 3, 4))
+  # The same run on this process's one device: the same per-example clipping and the same noise (the key's
+  # draw does not depend on how the gradient is sharded).
+  train_mode.train(config_for("lm_private", steps=2), str(tmp_path / "one"))
+  one = metric_rows(tmp_path / "one")
+  for step in (1, 2):
+    for key in ("train/loss", "train/grad_norm", "train/example_grad_norm"):
+      assert one[step][key] == pytest.approx(full[step][key], rel=1e-4), (step, key)
 
 
 def test_the_vae_reports_its_latent_metrics(runs):

@@ -1,0 +1,200 @@
+"""DP-SGD: per-example clipping and Gaussian noise in the engine's step, and the privacy accountant.
+
+The engine's step (`lm.train.step.make_train_step(..., privacy=...)`) computes
+one gradient per example (`jax.vmap` of the task's loss over single rows, a
+micro-batch at a time under gradient accumulation), clips each to L2 norm
+`clip_norm`, sums them over the logical batch, adds Gaussian noise of standard
+deviation `noise_multiplier * clip_norm` once per logical batch, divides by
+the batch size and hands the result to the optimizer (Abadi et al. 2016).
+
+What an "example" is: one row of the batch, i.e. one training window of an LM
+(`data.train_stride` must be >= `seq_len` so that windows do not overlap and
+every token is in one example) or one sentence of a classifier.
+
+Sampling and the accountant. A private run draws its batches with
+`lm.data.pipeline.private_train_dataset`: each epoch a fresh permutation of
+the N examples is cut into floor(N / B) batches of B (the last N mod B
+examples of that permutation sit the epoch out), so an example is in at most
+one batch per epoch. This is *shuffling*, not Poisson sampling, and the
+accountant matches it: no amplification by subsampling is claimed. Two
+neighbouring datasets differ by *replacing* one example (fixed-size batches
+make adding or removing one ill-defined for the batch layout); the example's
+batch sum then moves by at most 2 * clip_norm, so each epoch it takes part in
+is a Gaussian mechanism of noise multiplier noise_multiplier / 2, and E epochs
+compose (adaptively) to `SelfComposed(Gaussian(noise_multiplier / 2), E)`,
+with E = the epochs the run has started, ceil(steps / floor(N / B)). Epsilon
+at `delta` comes from Google's `dp_accounting` (RDP or PLD). Poisson sampling
+would give a much smaller epsilon for the same noise, but the pipeline does not
+do it, so `privacy.sampling=poisson` is refused (`epsilon_poisson` is here for
+comparison and for the published-setting check in the tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+ACCOUNTANTS = ("rdp", "pld")
+SAMPLINGS = ("shuffle", "poisson")
+
+
+@dataclasses.dataclass
+class DpSgd:
+  """The step's DP-SGD settings: clip each example's gradient to `clip_norm`, add N(0, (noise * clip)^2).
+
+  `noise_multiplier` may be set after the step is built and before it is first traced (a run whose
+  `privacy.target_epsilon` fixes it from the size of its training data, known only once that is read).
+  """
+
+  clip_norm: float
+  noise_multiplier: float | None = None
+
+  @property
+  def noise_std(self) -> float:
+    if self.noise_multiplier is None:
+      raise ValueError("DP-SGD's noise multiplier was not set before the step was traced (privacy.target_epsilon "
+                       "sets it from the training data: lm.app.train does).")
+    if self.noise_multiplier == 0:  # clipping alone (an infinite clip too: 0 * inf would be NaN)
+      return 0.0
+    return float(self.noise_multiplier) * float(self.clip_norm)
+
+  @classmethod
+  def from_config(cls, config: Any) -> DpSgd | None:
+    """None unless config.privacy.enabled; the noise multiplier is left unset under target_epsilon."""
+    privacy = config.privacy
+    if not privacy.enabled:
+      return None
+    noise = None if privacy.target_epsilon is not None else float(privacy.noise_multiplier)
+    return cls(float(privacy.clip_norm), noise)
+
+
+def clipped_gradient_sum(loss_fn: Callable[..., tuple[jax.Array, Any]], clip_norm: float) -> Callable:
+  """`fn(params, batch, rows) -> (sum of clipped per-example gradients, (losses, grad_norms, aux))`.
+
+  loss_fn(params, example, row) -> (loss, aux) sees one example with a batch axis of 1 (and its row's
+  [1] index); the per-example gradients, their clipping to `clip_norm` and their sum are jax-privacy's
+  (`jax_privacy.clipped_grad`, NaN-safe: an example whose gradient is not finite contributes zero). The
+  losses, norms (before clipping) and aux come back per example.
+  """
+  import jax_privacy  # pylint: disable=g-import-not-at-top  (only private runs need it)
+  clipped = jax_privacy.clipped_grad(loss_fn, has_aux=True, l2_clip_norm=clip_norm, batch_argnums=(1, 2),
+                                     return_values=True, return_grad_norms=True)
+
+  def fn(params: Any, batch: Any, rows: jax.Array) -> tuple[Any, tuple[jax.Array, jax.Array, Any]]:
+    total, out = clipped(params, batch, rows)
+    return total, (out.values, out.grad_norms, out.aux)
+
+  return fn
+
+
+def add_noise(total: Any, key: jax.Array, std: float) -> Any:
+  """total + N(0, std^2) per coordinate, one independent key per leaf."""
+  leaves, treedef = jax.tree.flatten(total)
+  keys = jax.random.split(key, len(leaves))
+  noisy = [leaf + std * jax.random.normal(k, leaf.shape, leaf.dtype) for leaf, k in zip(leaves, keys)]
+  return jax.tree.unflatten(treedef, noisy)
+
+
+# -- the accountant --------------------------------------------------------------------------------------
+def _accountant(kind: str) -> Any:
+  import dp_accounting  # pylint: disable=g-import-not-at-top  (only private runs need it)
+  if kind == "rdp":
+    return dp_accounting.rdp.RdpAccountant()
+  if kind == "pld":
+    return dp_accounting.pld.PLDAccountant()
+  raise ValueError(f"accountant {kind!r}: pick one of {', '.join(ACCOUNTANTS)}")
+
+
+def batches_per_epoch(dataset_size: int, batch_size: int) -> int:
+  return dataset_size // batch_size
+
+
+def epochs_started(steps: int, dataset_size: int, batch_size: int) -> int:
+  """Epochs a run of `steps` private steps has begun: the most batches any one example was in."""
+  return -(-int(steps) // batches_per_epoch(dataset_size, batch_size)) if steps > 0 else 0
+
+
+def epsilon_shuffled(noise_multiplier: float, epochs: int, delta: float, accountant: str = "rdp") -> float:
+  """Epsilon at `delta` after `epochs` epochs of shuffled fixed-size batches (module doc: replace-one)."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  if epochs <= 0:
+    return 0.0
+  if noise_multiplier <= 0:
+    return math.inf
+  acc = _accountant(accountant)
+  acc.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(noise_multiplier / 2.0), int(epochs)))
+  return float(acc.get_epsilon(delta))
+
+
+def epsilon_poisson(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
+                    accountant: str = "rdp") -> float:
+  """Epsilon at `delta` of DP-SGD with Poisson sampling at `sampling_rate` (add/remove one example), for
+  comparison: lm's pipeline does not sample this way."""
+  import dp_accounting  # pylint: disable=g-import-not-at-top
+  if steps <= 0:
+    return 0.0
+  if noise_multiplier <= 0:
+    return math.inf
+  acc = _accountant(accountant)
+  event = dp_accounting.PoissonSampledDpEvent(sampling_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+  acc.compose(dp_accounting.SelfComposedDpEvent(event, int(steps)))
+  return float(acc.get_epsilon(delta))
+
+
+def calibrate_noise(target_epsilon: float, epochs: int, delta: float, accountant: str = "rdp") -> float:
+  """The smallest noise multiplier (to 0.1 %) whose `epsilon_shuffled` is <= target_epsilon."""
+  low, high = 0.0, 1.0
+  while epsilon_shuffled(high, epochs, delta, accountant) > target_epsilon:
+    low, high = high, high * 2.0
+    if high > 1e6:
+      raise ValueError(f"no noise multiplier reaches epsilon {target_epsilon} in {epochs} epochs")
+  while high - low > 1e-3 * high:
+    middle = (low + high) / 2.0
+    if epsilon_shuffled(middle, epochs, delta, accountant) > target_epsilon:
+      low = middle
+    else:
+      high = middle
+  return high
+
+
+@dataclasses.dataclass(frozen=True)
+class Accounting:
+  """A private run's accountant inputs: what `metrics(step)` reports as privacy/... at every eval."""
+
+  noise_multiplier: float
+  clip_norm: float
+  delta: float
+  accountant: str
+  dataset_size: int
+  batch_size: int
+
+  @property
+  def sampling_rate(self) -> float:
+    return self.batch_size / self.dataset_size
+
+  def epsilon(self, steps: int) -> float:
+    return epsilon_shuffled(self.noise_multiplier, epochs_started(steps, self.dataset_size, self.batch_size),
+                            self.delta, self.accountant)
+
+  def metrics(self, steps: int) -> dict[str, float]:
+    return {"privacy/epsilon": self.epsilon(steps), "privacy/delta": self.delta,
+            "privacy/noise_multiplier": self.noise_multiplier, "privacy/clip_norm": self.clip_norm,
+            "privacy/sampling_rate": self.sampling_rate, "privacy/steps": float(steps),
+            "privacy/epochs": float(epochs_started(steps, self.dataset_size, self.batch_size)),
+            "privacy/dataset_size": float(self.dataset_size)}
+
+
+def accounting(privacy: Mapping[str, Any] | Any, *, dataset_size: int, batch_size: int, steps: int) -> Accounting:
+  """The run's accounting from `config.privacy` and its data: delta defaults to 1 / N, and with
+  `target_epsilon` set the noise multiplier is the smallest that keeps `steps` steps within it."""
+  delta = float(privacy.delta) if privacy.delta is not None else 1.0 / dataset_size
+  noise = privacy.noise_multiplier
+  if privacy.target_epsilon is not None:
+    epochs = epochs_started(steps, dataset_size, batch_size)
+    noise = calibrate_noise(float(privacy.target_epsilon), epochs, delta, privacy.accountant)
+  return Accounting(float(noise), float(privacy.clip_norm), delta, str(privacy.accountant), int(dataset_size),
+                    int(batch_size))
