@@ -144,7 +144,7 @@ class DistillTask(LMTask):
   data_formats = ("windows", "sentences")
   init_from_tasks = ("lm", "sft", "dpo", "distill")  # the student may start from a language model's weights
   counts_lm_flops = False  # a step also runs the teacher forward: not the LM's FLOP count
-  supports_online = sliding_eval = synthetic_data = ab_comparable = False
+  supports_online = sliding_eval = synthetic_data = ab_comparable = supports_privacy = False
   language_model = False  # the params hold two models; the language model is lm_params(params)
   exports_hf = True  # the student is a language model (lm_params)
   lm_part = STUDENT
