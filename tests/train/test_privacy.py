@@ -94,10 +94,9 @@ def test_no_noise_and_no_clip_is_the_ordinary_step(tmp_path, request, case, ks):
 
 def test_clipped_examples_move_the_step_by_at_most_the_clip(lm_windows):
   experiment, batch = lm_windows
-  _, free = _step_results(experiment, batch, privacy.DpSgd(clip_norm=math.inf, noise_multiplier=0.0))
-  clip = free["train/example_grad_norm"] / 4  # below every example's norm (they are alike at initialization)
+  clip = 1e-4  # below every example's gradient norm (about 1 at initialization)
   grads, metrics = _step_results(experiment, batch, privacy.DpSgd(clip_norm=clip, noise_multiplier=0.0))
-  assert metrics["train/clip_fraction"] == 1.0
+  assert metrics["train/clip_fraction"] == 1.0 and metrics["train/example_grad_norm"] > 100 * clip
   norm = float(optax.global_norm(grads))
   assert norm <= clip * (1 + 1e-5) and metrics["train/grad_norm"] == pytest.approx(norm, rel=1e-5)
 
