@@ -203,7 +203,7 @@ def test_accounting_counts_epochs_begun_and_calibrates_the_noise():
   assert privacy.epsilon_shuffled(0.0, 1, 1e-5) == math.inf and privacy.epsilon_shuffled(1.0, 0, 1e-5) == 0.0
 
 
-def test_private_batches_hold_each_example_once_per_epoch_and_depend_on_the_step_alone():
+def test_private_batches_hold_each_example_once_per_epoch_depend_on_the_step_alone_and_resume():
   examples = np.arange(103)[:, None] * np.ones((1, 5), np.int64)  # example i is a window of i's
   batches = pipeline._EpochBatches(examples, seed=3, batch_size=10)  # pylint: disable=protected-access
   for epoch in range(3):
@@ -214,6 +214,20 @@ def test_private_batches_hold_each_example_once_per_epoch_and_depend_on_the_step
   np.testing.assert_array_equal(fresh.rows(25), batches.rows(25))
   dataset = pipeline.private_train_dataset(examples, seed=3, global_batch_size=10)
   np.testing.assert_array_equal(dataset[25][:, 0], batches.rows(25))
+  # The loader's checkpointed state resumes the private batches where they were (the next epoch's too).
+  import grain  # pylint: disable=g-import-not-at-top
+  options = grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+  first = iter(dataset.to_iter_dataset(options))
+  for _ in range(8):
+    next(first)
+  state = first.get_state()
+  expected = [next(first)[:, 0] for _ in range(4)]  # batches 8..11: across the epoch boundary at 10
+  again = iter(dataset.to_iter_dataset(options))
+  again.set_state(state)
+  for want, step in zip(expected, range(8, 12)):
+    got = next(again)[:, 0]
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, batches.rows(step))
 
 
 # -- bad input -----------------------------------------------------------------------------------------------
