@@ -1,8 +1,9 @@
 """DP-SGD: per-example clipping and Gaussian noise in the engine's step, and the privacy accountant.
 
 The engine's step (`lm.train.step.make_train_step(..., privacy=...)`) computes
-one gradient per example (`jax.vmap` of the task's loss over single rows, a
-micro-batch at a time under gradient accumulation), clips each to L2 norm
+one gradient per example (jax-privacy's `clipped_grad`: a vmap of the task's
+loss over single rows, a micro-batch at a time under gradient accumulation),
+clips each to L2 norm
 `clip_norm`, sums them over the logical batch, adds Gaussian noise of standard
 deviation `noise_multiplier * clip_norm` once per logical batch, divides by
 the batch size and hands the result to the optimizer (Abadi et al. 2016).
@@ -36,7 +37,6 @@ import math
 from typing import Any, Callable, Mapping
 
 import jax
-import jax.numpy as jnp
 
 ACCOUNTANTS = ("rdp", "pld")
 SAMPLINGS = ("shuffle", "poisson")
@@ -77,8 +77,8 @@ def clipped_gradient_sum(loss_fn: Callable[..., tuple[jax.Array, Any]], clip_nor
 
   loss_fn(params, example, row) -> (loss, aux) sees one example with a batch axis of 1 (and its row's
   [1] index); the per-example gradients, their clipping to `clip_norm` and their sum are jax-privacy's
-  (`jax_privacy.clipped_grad`, NaN-safe: an example whose gradient is not finite contributes zero). The
-  losses, norms (before clipping) and aux come back per example.
+  (`jax_privacy.clipped_grad` with its `nan_safe` default: the sensitivity bound holds even where a gradient
+  is not finite). The losses, norms (before clipping) and aux come back per example.
   """
   import jax_privacy  # pylint: disable=g-import-not-at-top  (only private runs need it)
   clipped = jax_privacy.clipped_grad(loss_fn, has_aux=True, l2_clip_norm=clip_norm, batch_argnums=(1, 2),
