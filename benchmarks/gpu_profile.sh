@@ -4,14 +4,8 @@
 # (benchmarks/profile_summary.py), then the lm step under the options that could close a gap. Same preparation
 # as benchmarks/gpu_figures.sh (.whl/); everything lands under $OUT (default ./gpu-profile).
 set -u
-OUT=${OUT:-$PWD/gpu-profile}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 JAX_COMPILATION_CACHE_DIR=/tmp/jax-cache
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    >"$OUT/pip.log" 2>&1 || { echo "wheel install failed: $(tail -n 3 "$OUT/pip.log")"; exit 1; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+OUT=${OUT:-$PWD/gpu-profile}
+source "$(dirname "$0")/gpu_env.sh"
 BENCH=(python3 -m lm.main --config experiments/gpt2_124m.py --mode bench --config.bench.decode=False
        --config.bench.steps=20 --config.bench.warmup_steps=5)
 line() { grep '^{' "$1" | tail -n 1 | cut -c1-420; }
