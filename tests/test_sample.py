@@ -424,6 +424,10 @@ def test_bench_reports_decode_throughput_with_and_without_the_cache(tiny_config)
   assert (figures["decode/batch_sizes"], figures["decode/new_tokens"], figures["decode/prompt_len"]) == ([2, 3], 32, 1)
   off = types.SimpleNamespace(config=apply_overrides(config, {"bench.decode": False}), task=LMTask)
   assert bench.decode_figures(off, None) == {}
+  # On a CPU the figures say how the MFU's peak was derived (lm.train.perf.cpu_peak), shared by the devices.
+  if jax.default_backend() == "cpu":
+    assert figures["cpu_peak"]["peak_flops"] == pytest.approx(figures["peak_flops_per_device"] * jax.local_device_count())
+    assert figures["cpu_peak"]["source"] in ("flags x clock", "calibrated matmul")
 
 
 # -- --mode sample on the command line --------------------------------------------------

@@ -15,6 +15,7 @@ recompute after a short prompt) (`decode_figures`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -218,6 +219,9 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       "compile_time_s": compile_time,
       "device": perf.device_description(),
       "peak_flops_per_device": peak,
+      # How the CPU peak was derived (lm.train.perf.cpu_peak); None on accelerators and when overridden.
+      "cpu_peak": (dataclasses.asdict(perf.cpu_peak())
+                   if jax.local_devices()[0].platform == "cpu" and not config.bench.peak_flops_per_device else None),
       "flops_per_step": flops,
       "params": num_params,
       "flops_per_token": perf.flops_per_token(num_params, experiment.model_config, config.seq_len),
