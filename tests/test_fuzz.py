@@ -221,7 +221,7 @@ OUT_OF_RANGE = {
     "distill.alpha": st.one_of(st.floats(min_value=1.0 + 1e-9, allow_infinity=True), _NEGATIVE_FLOATS, st.just(math.nan)),
 }
 
-ENUMS = ("head", "mesh.preset", "data.tokenizer", "data.format", "optim.schedule", "model.variant", "model.position",
+ENUMS = ("head", "mesh.preset", "data.tokenizer", "data.format", "optim.name", "optim.schedule", "model.variant", "model.position",
          "model.norm", "model.mlp", "model.dtype", "model.attention_impl", "model.loss_impl", "model.remat_policy",
          "sample.kind", "xla.preset", "online.lr_schedule", "clean.normalization", "vae.injection", "vae.pooling",
          "gan.kind", "classifier.pooling")

@@ -20,6 +20,7 @@ from ml_collections.config_dict import placeholder
 from lm.core.configs import ConfigPart, require
 from lm.core.errors import ConfigError
 from lm.train import sharding
+from lm.train.optim import OPTIMIZERS
 
 OPTIM_SCHEDULES = ("cosine", "linear", "constant")
 
@@ -43,6 +44,7 @@ RUN_FIELDS = {
 }
 
 OPTIM_FIELDS = {
+    "optim.name": "adamw",  # adamw | sgd (momentum optim.b1; DP-SGD's usual optimizer)
     "optim.lr": 1e-3,
     "optim.warmup_steps": 100,
     "optim.min_lr": 1e-4,
@@ -90,7 +92,7 @@ BENCH_FIELDS = {
 
 
 # DP-SGD (lm.train.privacy; docs/privacy.md): per-example clipping and Gaussian noise in the step, epsilon from
-# Google's dp_accounting for the shuffled fixed-size batches the pipeline draws.
+# Google's dp_accounting for the batches the pipeline draws (privacy.sampling).
 PRIVACY_FIELDS = {
     "privacy.enabled": False,
     "privacy.clip_norm": 1.0,  # each example's gradient is clipped to this L2 norm
@@ -98,8 +100,13 @@ PRIVACY_FIELDS = {
     # Or: the smallest noise multiplier that keeps the run's config.steps within this epsilon (overrides it).
     "privacy.target_epsilon": placeholder(float),
     "privacy.delta": placeholder(float),  # None: 1 / (training examples)
-    "privacy.accountant": "rdp",  # rdp | pld (dp_accounting's Renyi or privacy-loss-distribution accountant)
-    "privacy.sampling": "shuffle",  # what the pipeline does; poisson is refused (lm.train.privacy)
+    # rdp | pld (dp_accounting's Renyi or privacy-loss-distribution accountant); None: rdp for shuffled batches,
+    # pld for Poisson sampling (the only one that evaluates its truncation).
+    "privacy.accountant": placeholder(str),
+    # shuffle: fixed-size batches, each example once per epoch; poisson: each example joins each batch with
+    # probability expected_batch_size / N, the batch truncated and padded to config.batch_size rows.
+    "privacy.sampling": "shuffle",
+    "privacy.expected_batch_size": placeholder(float),  # poisson; None: batch_size - 4 sqrt(batch_size)
 }
 
 
@@ -117,14 +124,23 @@ def _validate_privacy(config: ml_collections.ConfigDict) -> None:
           "privacy.noise_multiplier.")
   require(privacy.delta is None or 0 < privacy.delta < 1, f"config.privacy.delta={privacy.delta} must be in "
           "(0, 1), e.g. 1e-5, or unset for 1 / (training examples).")
-  require(privacy.accountant in privacy_lib.ACCOUNTANTS, f"config.privacy.accountant={privacy.accountant!r}: "
-          f"pick one of {', '.join(privacy_lib.ACCOUNTANTS)}.")
+  require(privacy.accountant is None or privacy.accountant in privacy_lib.ACCOUNTANTS,
+          f"config.privacy.accountant={privacy.accountant!r}: pick one of {', '.join(privacy_lib.ACCOUNTANTS)}, or "
+          "leave it unset (rdp for shuffled batches, pld for Poisson sampling).")
   require(privacy.sampling in privacy_lib.SAMPLINGS, f"config.privacy.sampling={privacy.sampling!r}: pick one of "
           f"{', '.join(privacy_lib.SAMPLINGS)}.")
-  require(privacy.sampling == "shuffle", "config.privacy.sampling='poisson' assumes each example joins each batch "
-          "independently, but lm's pipeline draws shuffled fixed-size batches (each example once per epoch); "
-          "accounting for Poisson sampling would understate epsilon. Fix: --config.privacy.sampling=shuffle, "
-          "whose accountant matches the pipeline (docs/privacy.md).")
+  if privacy.sampling == "poisson":
+    require(privacy.accountant in (None, "pld"), f"config.privacy.accountant={privacy.accountant!r} cannot account "
+            "privacy.sampling='poisson': its batches are truncated to config.batch_size rows, which only the PLD "
+            "accountant evaluates. Fix: --config.privacy.accountant=pld (or leave it unset).")
+    expected = privacy_lib.expected_batch_size(config.batch_size, privacy.expected_batch_size)
+    require(0 < expected <= config.batch_size, f"config.privacy.expected_batch_size={expected:g} (privacy.sampling="
+            f"'poisson') must be in (0, config.batch_size={config.batch_size}]: each batch is padded to "
+            "batch_size rows. Fix: set privacy.expected_batch_size a few standard deviations below batch_size "
+            "(the default, batch_size - 4 sqrt(batch_size), needs batch_size >= 17).")
+  else:
+    require(privacy.expected_batch_size is None, "config.privacy.expected_batch_size is Poisson sampling's: shuffled "
+            "batches hold config.batch_size examples. Fix: unset it, or --config.privacy.sampling=poisson.")
   require(config.grad_accum_steps >= 1 and config.batch_size % config.grad_accum_steps == 0,
           "config.grad_accum_steps must divide config.batch_size.")
 
@@ -146,6 +162,7 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
   require(0 <= optim.min_lr <= optim.lr,
           f"config.optim.min_lr={optim.min_lr} must be between 0 and config.optim.lr={optim.lr}.")
   require(optim.warmup_steps >= 0, "config.optim.warmup_steps must be >= 0.")
+  require(optim.name in OPTIMIZERS, f"config.optim.name={optim.name!r} is not one of {OPTIMIZERS}.")
   require(optim.schedule in OPTIM_SCHEDULES,
           f"config.optim.schedule={optim.schedule!r} is not one of {OPTIM_SCHEDULES}.")
   for key in ("b1", "b2"):

@@ -51,10 +51,28 @@ def decay_mask(params: Any, decay_embeddings: bool = True) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def _direction(optim: Mapping[str, Any]) -> list[optax.GradientTransformation]:
+  """The update direction of `optim.name`, before the learning rate: Adam's (b1, b2, eps), or SGD's
+  heavy-ball momentum b1 (0: plain SGD; DP-SGD's usual choice: it does not rescale each coordinate by its
+  own noise-dominated second moment as Adam does)."""
+  name = optim.get("name", "adamw")
+  if name == "adamw":
+    return [optax.scale_by_adam(b1=float(optim["b1"]), b2=float(optim["b2"]), eps=float(optim.get("eps", 1e-8)))]
+  if name == "sgd":
+    return [optax.trace(decay=float(optim["b1"]))] if float(optim["b1"]) else []
+  raise ValueError(f"optim.name={name!r} is not one of {OPTIMIZERS}.")
+
+
 def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """AdamW with global-norm clipping; returns the transformation and its schedule."""
+  """Global-norm clipping, then AdamW (`optim.name="adamw"`) or SGD with momentum and the same decoupled,
+  masked weight decay (`"sgd"`); returns the transformation and its schedule."""
   schedule = learning_rate_schedule(optim, total_steps)
-  parts = []
+  if optim.get("name", "adamw") != "adamw":
+    return optax.chain(make_update_direction(optim), optax.scale_by_learning_rate(schedule)), schedule
+  parts = []  # AdamW as optax builds it: the optimizer state's layout of every checkpoint written before "sgd"
   if optim.get("grad_clip"):
     parts.append(optax.clip_by_global_norm(float(optim["grad_clip"])))
   parts.append(
@@ -70,20 +88,20 @@ def make_optimizer(optim: Mapping[str, Any], total_steps: int) -> tuple[optax.Gr
 
 
 def make_update_direction(optim: Mapping[str, Any]) -> optax.GradientTransformation:
-  """AdamW without its learning rate: clip, Adam, decoupled weight decay (masked).
+  """The optimizer without its learning rate: clip, Adam (or momentum), decoupled weight decay (masked).
 
-  `-lr * direction` is exactly AdamW's update; loops that set the learning
-  rate per step themselves (the online loop's per-chunk schedule) scale it.
+  `-lr * direction` is exactly `make_optimizer`'s update; loops that set the
+  learning rate per step themselves (the online loop's per-chunk schedule) scale it.
   """
   parts = []
   if optim.get("grad_clip"):
     parts.append(optax.clip_by_global_norm(float(optim["grad_clip"])))
-  parts.append(optax.scale_by_adam(b1=float(optim["b1"]), b2=float(optim["b2"]), eps=float(optim.get("eps", 1e-8))))
+  parts.extend(_direction(optim))
   if float(optim["weight_decay"]):
     parts.append(optax.add_decayed_weights(
         float(optim["weight_decay"]),
         mask=functools.partial(decay_mask, decay_embeddings=bool(optim.get("decay_embeddings", True)))))
-  return optax.chain(*parts)
+  return optax.chain(*parts) if parts else optax.identity()
 
 
 class MultiOptimizer:
