@@ -28,10 +28,9 @@ import numpy as np
 
 from lm import xla_flags
 from lm.data import pipeline
-from lm.experiment import build_experiment, open_train_split, token_windows
+from lm.experiment import build_experiment, open_train_split, token_windows, train_dataset
 from lm.inference import sample as sample_lib
 from lm.train import perf
-from lm.train import privacy as privacy_lib
 
 
 def _bytes(value: Any) -> int | None:
@@ -110,9 +109,11 @@ def compile_memory(config: ml_collections.ConfigDict, workdir: str = "") -> dict
   small on simulated CPU devices) to compare sharding strategies.
   """
   experiment, _ = build_experiment(config, workdir or "/nonexistent-bench-workdir", "bench")
-  batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.seq_len)[:rank], np.int32,
-                                     sharding=experiment.steps.batch_shardings[key])
-           for key, rank in experiment.task.batch_ranks.items()}
+  ranks = {**experiment.task.batch_ranks, **experiment.task.train_only_ranks}
+  batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.seq_len)[:rank],
+                                     np.float32 if key == "dp_real" else np.int32,
+                                     sharding=experiment.steps.train_shardings[key])
+           for key, rank in ranks.items()}
   with experiment.steps.context():
     start = time.perf_counter()
     compiled = experiment.steps.train_step.lower(experiment.abstract_state, batch).compile()
@@ -174,17 +175,9 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
     return compile_memory(config, workdir)
   experiment, _ = build_experiment(config, workdir or "/nonexistent-bench-workdir", "bench")
   windows = token_windows(experiment, open_train_split(config), config.data.train_stride, train=True)
-  if config.privacy.enabled:  # DP-SGD's step and batches, with the noise the run would have (lm.app.train)
-    accounting = privacy_lib.accounting(config.privacy, dataset_size=len(windows), batch_size=config.batch_size,
-                                        steps=config.steps)
-    experiment.task.dp_sgd.noise_multiplier = accounting.noise_multiplier
-    dataset = pipeline.private_train_dataset(windows, seed=config.seed, global_batch_size=config.batch_size,
-                                             rows=experiment.process_rows)
-  else:
-    dataset = pipeline.train_dataset(windows, seed=config.seed, global_batch_size=config.batch_size,
-                                     rows=experiment.process_rows)
+  dataset, _ = train_dataset(experiment, windows)  # DP-SGD's batches, and the noise the run would have
   total = config.bench.warmup_steps + config.bench.steps
-  batches = [pipeline.to_global_batch(dataset[i], experiment.steps.batch_shardings, config.batch_size)
+  batches = [pipeline.to_global_batch(dataset[i], experiment.steps.train_shardings, config.batch_size)
              for i in range(total)]
   state = experiment.init_state()
   with experiment.steps.context():

@@ -22,13 +22,11 @@ from absl import logging
 
 from lm.app.lock import run_lock
 from lm.app.reports import report_context
-from lm.core.errors import ConfigError
 from lm.data import pipeline
 from lm.experiment import (TOKENIZER_DIR, Experiment, build_experiment, initial_state, open_eval_split,
-                           open_train_split, token_windows)
+                           open_train_split, token_windows, train_dataset)
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import perf
-from lm.train import privacy as privacy_lib
 from lm.train.loop import CheckpointHook, EvalHook, LogHook, Loop, MetricsHook, ProgressHook, StopSignal, fit
 from lm.train.metrics import MetricWriter
 
@@ -76,32 +74,17 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, train_source: Any
   train_examples = token_windows(experiment, train_source or open_train_split(config), config.data.train_stride,
                                  clean=config.data.clean_train, train=True)
   eval_examples = token_windows(experiment, eval_source or open_eval_split(config), config.seq_len)
-  accounting = None
-  if config.privacy.enabled:  # DP-SGD: batches the accountant describes, and the noise it calls for
-    try:
-      accounting = privacy_lib.accounting(config.privacy, dataset_size=len(train_examples),
-                                          batch_size=config.batch_size, steps=config.steps)
-    except ValueError as error:
-      raise ConfigError(f"config.privacy.target_epsilon={config.privacy.target_epsilon}: {error}. Fix: a larger "
-                        "target, fewer steps or a larger batch.") from None
-    task.dp_sgd.noise_multiplier = accounting.noise_multiplier
-    logging.info("DP-SGD: clip %g, noise multiplier %.4g, %d examples, batch %d (shuffled, each example once per "
-                 "epoch; replace-one neighbours), delta %.3g, %s accountant: epsilon %.4g after %d steps.",
-                 accounting.clip_norm, accounting.noise_multiplier, accounting.dataset_size, accounting.batch_size,
-                 accounting.delta, accounting.accountant, accounting.epsilon(config.steps), config.steps)
-    try:
-      dataset = pipeline.private_train_dataset(train_examples, seed=config.seed, global_batch_size=config.batch_size,
-                                               rows=experiment.process_rows)
-    except ValueError as error:
-      raise ConfigError(str(error)) from None
-  else:
-    dataset = pipeline.train_dataset(train_examples, seed=config.seed, global_batch_size=config.batch_size,
-                                     rows=experiment.process_rows)
+  dataset, accounting = train_dataset(experiment, train_examples)  # DP-SGD: the batches its accountant describes
+  if accounting is not None:
+    logging.info("DP-SGD: clip %g, noise multiplier %.4g, %d examples, %s, delta %.3g, %s accountant: epsilon %.4g "
+                 "after %d steps.", accounting.clip_norm, accounting.noise_multiplier, accounting.dataset_size,
+                 accounting.describe(), accounting.delta, accounting.accountant, accounting.epsilon(config.steps),
+                 config.steps)
   state, data_state, how = initial_state(experiment)
   write_run_files(experiment, tokenizer_is_new)
   logging.info("Train state %s; %d training windows, %d eval windows.", how, len(train_examples), len(eval_examples))
 
-  batches = pipeline.BatchIterator(dataset, experiment.steps.batch_shardings, global_batch_size=config.batch_size,
+  batches = pipeline.BatchIterator(dataset, experiment.steps.train_shardings, global_batch_size=config.batch_size,
                                    prefetch=config.data.prefetch, threads=config.data.threads)
   if data_state:
     batches.set_state(data_state["iterator"])

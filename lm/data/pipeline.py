@@ -280,6 +280,57 @@ def private_train_dataset(examples: Examples, *, seed: int, global_batch_size: i
   return grain.MapDataset.source(batches).map(local)
 
 
+class _PoissonBatches:
+  """Global batch s of a Poisson-sampled private run: each of the N examples joins independently with
+  probability q (a binomial count, then that many distinct indices, uniformly: the same law), at most
+  `batch_size` of them (a uniform subset when more are drawn), from (seed, s) alone."""
+
+  def __init__(self, examples: Any, seed: int, batch_size: int, sampling_rate: float):
+    self.examples, self.seed, self.batch_size, self.rate = examples, int(seed), int(batch_size), float(sampling_rate)
+
+  def __len__(self) -> int:
+    return 2**31  # unbounded for any run: steps are int32
+
+  def rows(self, step: int) -> np.ndarray:
+    """The example indices of global batch `step` (at most batch_size; their order is random)."""
+    rng = np.random.default_rng([self.seed, int(step), 0x9015])
+    count = min(int(rng.binomial(len(self.examples), self.rate)), self.batch_size)
+    return rng.choice(len(self.examples), size=count, replace=False)
+
+  def __getitem__(self, step: int) -> tuple[list[Any], int]:
+    chosen = self.rows(step)
+    padding = [self.examples[int(chosen[0]) if len(chosen) else 0]] * (self.batch_size - len(chosen))
+    return [self.examples[int(index)] for index in chosen] + padding, len(chosen)
+
+
+def poisson_train_dataset(examples: Examples, *, seed: int, global_batch_size: int, expected_batch_size: float,
+                          rows: ProcessRows | None = None) -> grain.MapDataset:
+  """`train_dataset` for DP-SGD with Poisson sampling (lm.train.privacy): element s is this process's rows of
+  global batch s, `global_batch_size` rows of which the first are the sampled examples and the rest padding
+  (a copy of one of them), told apart by the key `dp_real` (1.0 sampled, 0.0 padding)."""
+  rows = _rows(rows, global_batch_size)
+  if isinstance(examples, MixedExamples):
+    raise ValueError("DP-SGD's accountant samples one corpus; a mixture draws each source at its own rate. "
+                     "Fix: train the private run on one data.source.")
+  if not 0 < expected_batch_size <= global_batch_size or expected_batch_size >= len(examples):
+    raise ValueError(f"Poisson sampling's expected batch {expected_batch_size:g} must be in (0, batch size "
+                     f"{global_batch_size}] and below the {len(examples)} training examples. Fix: set "
+                     "config.privacy.expected_batch_size, or a smaller config.batch_size.")
+  batches = _PoissonBatches(examples, seed, global_batch_size, expected_batch_size / len(examples))
+
+  def local(drawn: tuple[list[Any], int]) -> Any:
+    global_batch, count = drawn
+    mine = global_batch[rows.start:rows.start + rows.size]
+    stacked = np.stack(mine) if isinstance(mine[0], np.ndarray) else {
+        key: np.stack([example[key] for example in mine]) for key in mine[0]}
+    windows = isinstance(examples, Windows) or isinstance(stacked, np.ndarray)  # token windows: inputs, targets
+    batch = _split_inputs_targets(stacked) if windows else dict(stacked)
+    batch["dp_real"] = (np.arange(rows.start, rows.start + rows.size) < count).astype(np.float32)
+    return batch
+
+  return grain.MapDataset.source(batches).map(local)
+
+
 def eval_dataset(
     windows: Examples, *, global_batch_size: int, num_batches: int | None = None,
     rows: ProcessRows | None = None,

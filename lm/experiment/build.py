@@ -245,7 +245,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
   abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
   compiled = step_lib.jit_steps(task.make_train_step(tx, schedule), task.make_eval_step(), shardings, mesh, rules,
                                 task.batch_ranks, global_batch_size=int(config.batch_size),
-                                compiler_options=step_lib.cpu_compiler_options(config.xla_cpu_options, mesh))
+                                compiler_options=step_lib.cpu_compiler_options(config.xla_cpu_options, mesh),
+                                train_only_ranks=task.train_only_ranks)
   hf_dir = interop.hf_directory(config.init_from)
   for directory, how in ((workdir if checkpoint_lib.has_checkpoint(workdir) and config.resume else None, "resume"),
                          (config.warm_start, "warm_start"), (None if hf_dir is not None else config.init_from,
@@ -276,3 +277,33 @@ def token_windows(experiment: Experiment, source: sources.TextSource, stride: in
   if clean:
     source = cleaned_documents(experiment.config, source)
   return experiment.task.examples(source, train=train, stride=stride)
+
+
+def train_dataset(experiment: Experiment, examples: Any) -> tuple[Any, Any]:
+  """The run's training batches (a Grain MapDataset, element s = this process's rows of step s) and, for a
+  DP-SGD run, its accounting (lm.train.privacy.Accounting; None otherwise).
+
+  A private run draws the batches its accountant describes (config.privacy.sampling: shuffled fixed-size
+  batches or Poisson sampling), and its step's noise multiplier is set here, from `target_epsilon` and the
+  size of `examples` when that is how it is given. Raises ConfigError when the data cannot be accounted.
+  """
+  from lm.train import privacy as privacy_lib  # pylint: disable=g-import-not-at-top
+  config = experiment.config
+  common = dict(seed=config.seed, global_batch_size=config.batch_size, rows=experiment.process_rows)
+  if not config.privacy.enabled:
+    return pipeline.train_dataset(examples, **common), None
+  try:
+    accounting = privacy_lib.accounting(config.privacy, dataset_size=len(examples), batch_size=config.batch_size,
+                                        steps=config.steps)
+  except ValueError as error:
+    raise ConfigError(f"config.privacy: {error}. Fix: a larger target_epsilon, fewer steps or a larger batch, "
+                      "or (Poisson sampling) a smaller privacy.expected_batch_size.") from None
+  experiment.task.dp_sgd.noise_multiplier = accounting.noise_multiplier
+  try:
+    if accounting.sampling == "poisson":
+      dataset = pipeline.poisson_train_dataset(examples, expected_batch_size=accounting.expected_batch_size, **common)
+    else:
+      dataset = pipeline.private_train_dataset(examples, **common)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+  return dataset, accounting

@@ -122,6 +122,13 @@ class Task:
     """The batch's keys and ranks ([batch, length] = 2, [batch] = 1)."""
     return {"inputs": 2, "targets": 2, "mask": 2, "index": 1}
 
+  @property
+  def train_only_ranks(self) -> dict[str, int]:
+    """Keys of a training batch that evaluation batches lack: `dp_real` (1.0 sampled, 0.0 padding) under
+    DP-SGD's Poisson sampling (lm.data.pipeline.poisson_train_dataset)."""
+    privacy = self.config.privacy
+    return {"dp_real": 1} if privacy.enabled and privacy.sampling == "poisson" else {}
+
   def example_batch(self, batch_size: int) -> dict[str, jax.Array]:
     """Zeros shaped like a (micro-)batch of `batch_size` rows, for initialization and tracing."""
     length = self.config.seq_len

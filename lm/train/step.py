@@ -207,6 +207,8 @@ def make_train_step(updates: LossFn | Update | Sequence[Update], optimizer: Any,
 
       def clipped(index, micro_batch):
         base = context(index, params, repeat)
+        real = micro_batch.get("dp_real")  # Poisson sampling: 1.0 for a drawn example, 0.0 for padding
+        micro_batch = {key: value for key, value in micro_batch.items() if key != "dp_real"}
 
         def one(trainable, single, row):  # one example, with a batch axis of 1, and its row of the global batch
           totals = {"rows": jnp.float32(1.0), **(loss_totals(single) if loss_totals else {})}
@@ -214,9 +216,12 @@ def make_train_step(updates: LossFn | Update | Sequence[Update], optimizer: Any,
               base, rng=jax.random.fold_in(base.rng, row[0]), rows=row, totals=totals))
 
         summed, (losses, norms, aux) = privacy_lib.clipped_gradient_sum(one, privacy.clip_norm)(
-            trainable, micro_batch, base.rows)
-        return summed, {"loss": jnp.sum(losses), "aux": jax.tree.map(jnp.sum, aux),
-                        "clipped": jnp.sum((norms > privacy.clip_norm).astype(jnp.float32)), "norms": jnp.sum(norms)}
+            trainable, micro_batch, base.rows, None if real is None else real == 0)
+        weight = jnp.ones_like(losses) if real is None else real
+        return summed, {"loss": jnp.sum(weight * losses),
+                        "aux": jax.tree.map(lambda v: jnp.sum(weight.reshape((-1,) + (1,) * (v.ndim - 1)) * v), aux),
+                        "clipped": jnp.sum(weight * (norms > privacy.clip_norm)), "norms": jnp.sum(weight * norms),
+                        "real": jnp.sum(weight)}
 
       if k == 1:
         total, sums = clipped(0, data)
@@ -226,10 +231,15 @@ def make_train_step(updates: LossFn | Update | Sequence[Update], optimizer: Any,
         (total, sums), _ = jax.lax.scan(lambda carry, item: (jax.tree.map(jnp.add, carry, clipped(*item)), None),
                                         zeros, (jnp.arange(k), data))
       noisy = privacy_lib.add_noise(total, jax.random.fold_in(step_rng, _NOISE_STREAM), privacy.noise_std)
-      grads = jax.tree.map(lambda g: g / size, noisy)
-      aux = {**jax.tree.map(lambda v: v / size, sums["aux"]), "clip_fraction": sums["clipped"] / size,
-             "example_grad_norm": sums["norms"] / size}
-      return (sums["loss"] / size, aux), grads
+      # Poisson sampling divides by the expected batch, a constant (dividing by the rows drawn would let one
+      # example change the scale of everyone's contribution); shuffled batches always hold `size` rows.
+      grads = jax.tree.map(lambda g: g / (privacy.expected_batch_size or size), noisy)
+      rows = jnp.maximum(sums["real"], 1.0)
+      aux = {**jax.tree.map(lambda v: v / rows, sums["aux"]), "clip_fraction": sums["clipped"] / rows,
+             "example_grad_norm": sums["norms"] / rows}
+      if privacy.expected_batch_size:
+        aux["dp_rows"] = sums["real"]
+      return (sums["loss"] / rows, aux), grads
 
     lr = inputs["lr"] if lr_from_inputs else None
     params, opt_state, metrics = state.params, state.opt_state, {}
@@ -276,6 +286,12 @@ class CompiledSteps:
   batch_shardings: dict[str, NamedSharding] = dataclasses.field(default_factory=dict)
   global_batch_size: int = 0
   compiler_options: dict[str, Any] | None = None
+  train_batch_shardings: dict[str, NamedSharding] | None = None  # None: batch_shardings (training-only keys added)
+
+  @property
+  def train_shardings(self) -> dict[str, NamedSharding]:
+    """One sharding per key of a training batch (the eval keys and any the train step alone reads)."""
+    return self.batch_shardings if self.train_batch_shardings is None else self.train_batch_shardings
 
   def context(self) -> contextlib.AbstractContextManager:
     """Mesh + logical-rule context every call of the steps (and tracing) runs under."""
@@ -332,23 +348,27 @@ def cpu_compiler_options(options: Mapping[str, Any], mesh: Mesh) -> dict[str, An
 def jit_steps(train_step: Callable[..., tuple[TrainState, Metrics]], eval_step: Callable[[Any, Batch], Metrics],
               state_shardings: TrainState, mesh: Mesh, rules: sharding_lib.Rules, batch_ranks: Mapping[str, int], *,
               global_batch_size: int, compiler_options: Mapping[str, Any] | None = None,
-              takes_inputs: bool = False) -> CompiledSteps:
+              takes_inputs: bool = False, train_only_ranks: Mapping[str, int] | None = None) -> CompiledSteps:
   """Jits a task's pure steps over the mesh: state donated, batch split over its rows, metrics replicated.
+
+  train_only_ranks: batch keys the train step reads and the eval step does not (DP-SGD's `dp_real`).
 
   takes_inputs: the train step has a third argument (`inputs`), placed as the
   caller's arrays are (the online loop's learning rate and anchor weights).
   """
   batch_sharding = sharding_lib.batch_sharding(mesh, rules)
   batch_shardings = {key: sharding_lib.batch_sharding(mesh, rules, rank) for key, rank in batch_ranks.items()}
+  train_shardings = dict(batch_shardings, **{key: sharding_lib.batch_sharding(mesh, rules, rank)
+                                             for key, rank in (train_only_ranks or {}).items()})
   replicated = sharding_lib.replicated(mesh)
   options = dict(compiler_options) if compiler_options else None
   if takes_inputs:
     train_step = jax.jit(train_step, donate_argnums=0, out_shardings=(state_shardings, replicated),
                          compiler_options=options)
   else:
-    train_step = jax.jit(train_step, in_shardings=(state_shardings, batch_shardings),
+    train_step = jax.jit(train_step, in_shardings=(state_shardings, train_shardings),
                          out_shardings=(state_shardings, replicated), donate_argnums=0, compiler_options=options)
   eval_step = jax.jit(eval_step, in_shardings=(state_shardings.params, batch_shardings), out_shardings=replicated,
                       compiler_options=options)
   return CompiledSteps(train_step, eval_step, state_shardings, batch_sharding, mesh, rules, batch_shardings,
-                       global_batch_size, options)
+                       global_batch_size, options, train_shardings if train_only_ranks else None)

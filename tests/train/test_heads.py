@@ -32,8 +32,10 @@ HEADS = {
     "vae": {"head": "vae"},
     "relgan": {"head": "gan", "gan.kind": "relgan"},
     "latent": {"head": "gan", "gan.kind": "latent"},
-    # DP-SGD (lm.train.privacy): per-example gradients of rows split over fsdp x tensor, noise once per batch
-    "lm_private": {"head": "lm", "privacy.enabled": True, "privacy.noise_multiplier": 0.5, "privacy.clip_norm": 0.5},
+    # DP-SGD (lm.train.privacy): per-example gradients of rows split over fsdp x tensor, noise once per batch;
+    # Poisson sampling, so the padding rows' `dp_real` is split over the mesh with the rest of the batch
+    "lm_private": {"head": "lm", "privacy.enabled": True, "privacy.noise_multiplier": 0.5, "privacy.clip_norm": 0.5,
+                   "privacy.sampling": "poisson", "privacy.expected_batch_size": 6.0},
 }
 INIT_FROM = {"relgan": "lm", "latent": "vae"}
 
@@ -65,7 +67,7 @@ def runs(tmp_path_factory):
   return done
 
 
-@pytest.mark.parametrize("name", ["lm", "vae", "relgan", "latent"])  # lm_private: its own test below
+@pytest.mark.parametrize("name", ["lm", "vae", "relgan", "latent", "lm_private"])
 def test_each_head_trains_on_eight_devices_and_resumes_exactly(runs, name):
   workdir, full, extra = runs[name]
   assert all(np.isfinite(full[step]["train/loss"]) for step in (1, 2, 3, 4))
@@ -91,8 +93,10 @@ def test_the_private_run_reports_its_privacy_and_equals_one_device(runs, tmp_pat
   workdir, full, _ = runs["lm_private"]
   row = full[4]
   assert 0 < row["privacy/epsilon"] < math.inf and row["privacy/noise_multiplier"] == 0.5
-  assert row["privacy/steps"] == 4 and row["privacy/sampling_rate"] == pytest.approx(8 / row["privacy/dataset_size"])
-  assert all(0 <= full[step]["train/clip_fraction"] <= 1 for step in (1, 2, 3, 4))
+  assert row["privacy/steps"] == 4 and row["privacy/sampling_rate"] == pytest.approx(6 / row["privacy/dataset_size"])
+  assert row["privacy/expected_batch_size"] == 6.0
+  assert all(0 <= full[step]["train/clip_fraction"] <= 1 and 0 <= full[step]["train/dp_rows"] <= 8
+             for step in (1, 2, 3, 4))
   # The same run on this process's one device: the same per-example clipping and the same noise (the key's
   # draw does not depend on how the gradient is sharded).
   train_mode.train(config_for("lm_private", steps=2), str(tmp_path / "one"))

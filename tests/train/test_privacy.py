@@ -230,6 +230,95 @@ def test_private_batches_hold_each_example_once_per_epoch_depend_on_the_step_alo
     np.testing.assert_array_equal(got, batches.rows(step))
 
 
+# -- Poisson sampling ----------------------------------------------------------------------------------------
+def test_poisson_batches_sample_each_example_independently_pad_and_resume():
+  examples = np.arange(60)[:, None] * np.ones((1, 5), np.int64)  # example i is a window of i's
+  batches = pipeline._PoissonBatches(examples, seed=3, batch_size=24, sampling_rate=0.25)  # pylint: disable=protected-access
+  counts, joined = [], np.zeros(60)
+  for step in range(2000):
+    rows = batches.rows(step)
+    assert len(set(rows.tolist())) == len(rows) <= 24
+    np.testing.assert_array_equal(rows, batches.rows(step))  # a function of (seed, step) alone
+    counts.append(len(rows))
+    joined[rows] += 1
+  counts = np.asarray(counts)
+  # Binomial(60, 0.25): mean 15, variance 11.25; over 2,000 steps the mean within 5 standard errors, each
+  # example's rate too (truncation at 24 is > 2.6 sigma out: about 0.6 % of steps lose a few rows).
+  assert abs(counts.mean() - 15) < 5 * math.sqrt(11.25 / 2000)
+  assert counts.var() == pytest.approx(11.25, rel=0.15)
+  assert np.all(np.abs(joined / 2000 - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 2000))
+  pairs = [(set(batches.rows(s)), set(batches.rows(s))) for s in range(1)]
+  assert pairs  # the same rows twice (above); across steps, independent draws:
+  together = np.mean([(7 in set(batches.rows(s))) and (8 in set(batches.rows(s))) for s in range(2000)])
+  assert together == pytest.approx(0.0625, abs=5 * math.sqrt(0.0625 * 0.9375 / 2000))
+
+  dataset = pipeline.poisson_train_dataset(examples, seed=3, global_batch_size=24, expected_batch_size=15.0)
+  first = dataset[5]
+  count = len(batches.rows(5))
+  np.testing.assert_array_equal(first["dp_real"], (np.arange(24) < count).astype(np.float32))
+  np.testing.assert_array_equal(first["inputs"][:count, 0], batches.rows(5))
+  assert set(first["inputs"][count:, 0].tolist()) <= set(batches.rows(5).tolist())  # padding: a drawn row
+  options = pipeline.grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
+  iterator = iter(dataset.to_iter_dataset(options))
+  for _ in range(4):
+    next(iterator)
+  state = iterator.get_state()
+  expected = [next(iterator)["inputs"][:, 0] for _ in range(3)]
+  again = iter(dataset.to_iter_dataset(options))
+  again.set_state(state)
+  for want in expected:
+    np.testing.assert_array_equal(next(again)["inputs"][:, 0], want)
+  with pytest.raises(ValueError, match="expected batch 30 must be in"):
+    pipeline.poisson_train_dataset(examples, seed=3, global_batch_size=24, expected_batch_size=30.0)
+
+
+def test_padding_rows_contribute_nothing_and_the_sum_is_divided_by_the_expected_batch(tmp_path):
+  """A Poisson batch of 8 rows, 5 drawn: its DP step (no noise, no clip) is the step of the 5 drawn rows
+  alone, times 5 / (the expected batch); padding that were counted would change it."""
+  config = load_config(str(ROOT / "experiments" / "shakespeare_char.py"),
+                       tiny_overrides(**{"model.dropout": 0.0, "data.train_stride": 32, "privacy.enabled": True,
+                                         "privacy.sampling": "poisson", "privacy.expected_batch_size": 4.0}))
+  experiment, _ = build_experiment(config, str(tmp_path / "poisson"), "train")
+  examples = token_windows(experiment, open_train_split(config), 32, train=True)
+  drawn = pipeline._split_inputs_targets(np.stack([examples[i] for i in (3, 11, 19, 27, 35)]))  # pylint: disable=protected-access
+  garbage = pipeline._split_inputs_targets(np.stack([examples[i] for i in (40, 41, 42)]))  # pylint: disable=protected-access
+  padded = {key: np.concatenate([drawn[key], garbage[key]]) for key in drawn}
+  padded["dp_real"] = np.asarray([1.0] * 5 + [0.0] * 3, np.float32)
+  dp = privacy.DpSgd(clip_norm=math.inf, noise_multiplier=0.0, expected_batch_size=4.0)
+  got, metrics = _step_results(experiment, {key: jnp.asarray(value) for key, value in padded.items()}, dp)
+  want, plain = _step_results(experiment, {key: jnp.asarray(value) for key, value in drawn.items()},
+                              privacy.DpSgd(clip_norm=math.inf, noise_multiplier=0.0))
+  overall = max(float(np.max(np.abs(leaf))) for leaf in jax.tree.leaves(want))
+  for have, base in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert float(np.max(np.abs(have - base * 5 / 4))) <= 2e-6 * overall
+  assert metrics["train/loss"] == pytest.approx(plain["train/loss"], rel=1e-6)  # the mean over drawn rows
+  assert metrics["train/dp_rows"] == 5.0 and metrics["train/example_grad_norm"] == pytest.approx(
+      plain["train/example_grad_norm"], rel=1e-5)
+
+
+def test_truncated_poisson_epsilon_is_the_poisson_one_when_truncation_cannot_happen_and_above_it_otherwise():
+  untruncated = privacy.epsilon_poisson(1.0, 0.05, 200, 1e-5, "pld")
+  assert privacy.epsilon_truncated_poisson(1.0, 400, 0.05, 400, 200, 1e-5) == pytest.approx(untruncated, rel=0.01)
+  assert privacy.epsilon_truncated_poisson(1.0, 400, 0.05, 26, 200, 1e-5) >= untruncated * 0.999
+  accounting = privacy.Accounting(1.0, 1.0, 1e-5, "pld", 400, 32, "poisson", 20.0)
+  assert accounting.sampling_rate == 0.05 and accounting.epochs(200) == 10.0
+  metrics = accounting.metrics(200)
+  assert metrics["privacy/expected_batch_size"] == 20.0
+  assert metrics["privacy/epsilon"] == pytest.approx(privacy.epsilon_truncated_poisson(1.0, 400, 0.05, 32, 200, 1e-5))
+
+
+def test_poisson_accounting_calibrates_to_the_target_and_needs_less_noise_than_shuffling():
+  settings_ = dict(enabled=True, clip_norm=1.0, noise_multiplier=1.0, target_epsilon=3.0, delta=None,
+                   accountant=None, expected_batch_size=None)
+  poisson = privacy.accounting(type("P", (), dict(settings_, sampling="poisson"))(), dataset_size=5000,
+                               batch_size=256, steps=100)
+  assert poisson.accountant == "pld" and poisson.expected_batch_size == 256 - 64
+  assert poisson.epsilon(100) <= 3.0 < poisson.epsilon(100, poisson.noise_multiplier * 0.99)
+  shuffled = privacy.accounting(type("S", (), dict(settings_, sampling="shuffle"))(), dataset_size=5000,
+                                batch_size=256, steps=100)
+  assert poisson.noise_multiplier < shuffled.noise_multiplier / 2
+
+
 # -- bad input -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,value,match", [
     ("noise_multiplier", -0.5, "config.privacy.noise_multiplier=-0.5 must be >= 0"),
@@ -238,12 +327,26 @@ def test_private_batches_hold_each_example_once_per_epoch_depend_on_the_step_alo
     ("delta", 0.0, "config.privacy.delta=0.0 must be in (0, 1)"),
     ("target_epsilon", -1.0, "config.privacy.target_epsilon=-1.0 must be > 0"),
     ("accountant", "moments", "config.privacy.accountant='moments': pick one of rdp, pld"),
-    ("sampling", "poisson", "lm's pipeline draws shuffled fixed-size batches"),
+    ("sampling", "uniform", "config.privacy.sampling='uniform': pick one of shuffle, poisson"),
+    ("expected_batch_size", 4.0, "config.privacy.expected_batch_size is Poisson sampling's"),
 ])
 def test_bad_privacy_settings_name_the_field(field, value, match):
   config = load_config(str(ROOT / "experiments" / "shakespeare_char.py"),
                        tiny_overrides(**{"privacy.enabled": True, f"privacy.{field}": value}))
   with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)")):
+    validate(config, "train")
+
+
+@pytest.mark.parametrize("extra,match", [
+    ({"privacy.accountant": "rdp"}, "config.privacy.accountant='rdp' cannot account privacy.sampling='poisson'"),
+    ({"privacy.expected_batch_size": 9.0}, "config.privacy.expected_batch_size=9 (privacy.sampling='poisson') "
+                                           "must be in (0, config.batch_size=8]"),
+    ({}, "config.privacy.expected_batch_size=-3.31371"),  # batch 8: the default B - 4 sqrt(B) is negative
+])
+def test_bad_poisson_settings_name_the_field(extra, match):
+  config = load_config(str(ROOT / "experiments" / "shakespeare_char.py"),
+                       tiny_overrides(**{"privacy.enabled": True, "privacy.sampling": "poisson", **extra}))
+  with pytest.raises(ConfigError, match=match.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
     validate(config, "train")
 
 
