@@ -19,7 +19,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.helpers import ROOT  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.helpers import ROOT, tiny_overrides  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GPT2_PARAMS = 124_475_904  # GPT-2 small with a 50,304-entry vocabulary, tied, positions included
 GPT2_SHAPE = dict(vocab_size=50304, num_layers=12, num_heads=12, width=768, max_len=1024)
@@ -298,3 +298,15 @@ def test_fast_path_refuses_an_unknown_variant():
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
   assert result.returncode == 2
   assert result.stderr.startswith("error: --variants names 'nope', not a variant: pick from logits loss")
+
+
+def test_privacy_clip_measures_the_clipping_of_a_tiny_lm():
+  privacy_clip = _load("privacy_clip")
+  result = privacy_clip.measure(str(ROOT / "experiments" / "shakespeare_char.py"), [1e-6, 1e6], batch=8, micro=4,
+                                overrides=tiny_overrides(**{"data.train_stride": 32, "model.dropout": 0.0}))
+  tiny, huge = result["clips"]
+  assert tiny["clip_fraction"] == 1.0 and tiny["clipped_mean_norm"] <= 1e-6 * (1 + 1e-5)
+  assert huge["clip_fraction"] == 0.0 and huge["cosine_with_mean_gradient"] == pytest.approx(1.0, abs=1e-5)
+  assert huge["clipped_mean_norm"] == pytest.approx(result["mean_gradient_norm"], rel=1e-5)
+  q = result["example_norm_quantiles"]
+  assert result["examples_for_quantiles"] == 8 and 0 < q["p10"] <= q["p50"] <= q["p90"]
