@@ -22,6 +22,7 @@ from absl import logging
 
 from lm.app.lock import run_lock
 from lm.app.reports import report_context
+from lm.core.errors import DataError
 from lm.data import pipeline
 from lm.experiment import (TOKENIZER_DIR, Experiment, build_experiment, initial_state, open_eval_split,
                            open_train_split, token_windows, train_dataset)
@@ -74,6 +75,10 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, train_source: Any
   train_examples = token_windows(experiment, train_source or open_train_split(config), config.data.train_stride,
                                  clean=config.data.clean_train, train=True)
   eval_examples = token_windows(experiment, eval_source or open_eval_split(config), config.seq_len)
+  if len(eval_examples) < config.batch_size:  # the first evaluation would say so, after eval_every steps of work
+    raise DataError(f"The eval split has {len(eval_examples)} examples, fewer than one batch of {config.batch_size} "
+                    "(evaluation reads whole batches of config.batch_size). Fix: a smaller config.batch_size, or a "
+                    "larger eval split (data.eval_split).")
   dataset, accounting = train_dataset(experiment, train_examples)  # DP-SGD: the batches its accountant describes
   if accounting is not None:
     logging.info("DP-SGD: clip %g, noise multiplier %.4g, %d examples, %s, delta %.3g, %s accountant: epsilon %.4g "

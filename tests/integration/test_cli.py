@@ -101,6 +101,11 @@ def test_unknown_tfds_split(tmp_path):
   _bad_input(tmp_path, "--config.data.eval_split=valid", match="valid")
 
 
+def test_an_eval_split_smaller_than_one_batch_is_refused_before_training(tmp_path):
+  # tiny_shakespeare's validation split holds 1,745 windows of 32: fewer than one batch of 2,048
+  _bad_input(tmp_path, "--config.batch_size=2048", match="fewer than one batch of 2048")
+
+
 def test_missing_local_corpus(tmp_path):
   _bad_input(tmp_path, f"--config.data.source={tmp_path / 'missing.txt'}", match="does not exist")
 
