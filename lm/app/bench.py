@@ -110,8 +110,7 @@ def compile_memory(config: ml_collections.ConfigDict, workdir: str = "") -> dict
   """
   experiment, _ = build_experiment(config, workdir or "/nonexistent-bench-workdir", "bench")
   ranks = {**experiment.task.batch_ranks, **experiment.task.train_only_ranks}
-  batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.seq_len)[:rank],
-                                     np.float32 if key == "dp_real" else np.int32,
+  batch = {key: jax.ShapeDtypeStruct((config.batch_size, config.seq_len)[:rank], np.int32,
                                      sharding=experiment.steps.train_shardings[key])
            for key, rank in ranks.items()}
   with experiment.steps.context():
@@ -213,8 +212,8 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       "device": perf.device_description(),
       "peak_flops_per_device": peak,
       # How the CPU peak was derived (lm.train.perf.cpu_peak); None on accelerators and when overridden.
-      "cpu_peak": (dataclasses.asdict(perf.cpu_peak())
-                   if jax.local_devices()[0].platform == "cpu" and not config.bench.peak_flops_per_device else None),
+      "cpu_peak": dataclasses.asdict(used) if (used := perf.cpu_peak_in_use(config.bench.peak_flops_per_device))
+                  else None,
       "flops_per_step": flops,
       "params": num_params,
       "flops_per_token": perf.flops_per_token(num_params, experiment.model_config, config.seq_len),

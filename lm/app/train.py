@@ -104,8 +104,8 @@ def _train(config: ml_collections.ConfigDict, workdir: str, *, train_source: Any
     flops_per_step = perf.flops_per_token(num_params, experiment.model_config, config.seq_len) * tokens_per_step
     peak = perf.peak_flops_per_device(experiment.model_config.dtype, config.bench.peak_flops_per_device) * (
         jax.device_count())
-    if jax.local_devices()[0].platform == "cpu" and not config.bench.peak_flops_per_device:
-      logging.info("MFU's CPU peak: %s", perf.cpu_peak())
+    if (cpu_peak := perf.cpu_peak_in_use(config.bench.peak_flops_per_device)) is not None:
+      logging.info("MFU's CPU peak: %s", cpu_peak)
 
   start_step = int(state.step)
   if start_step >= config.steps:

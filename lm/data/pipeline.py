@@ -307,7 +307,7 @@ def poisson_train_dataset(examples: Examples, *, seed: int, global_batch_size: i
                           rows: ProcessRows | None = None) -> grain.MapDataset:
   """`train_dataset` for DP-SGD with Poisson sampling (lm.train.privacy): element s is this process's rows of
   global batch s, `global_batch_size` rows of which the first are the sampled examples and the rest padding
-  (a copy of one of them), told apart by the key `dp_real` (1.0 sampled, 0.0 padding)."""
+  (a copy of one of them), told apart by the key `dp_real` (int32: 1 sampled, 0 padding)."""
   rows = _rows(rows, global_batch_size)
   if isinstance(examples, MixedExamples):
     raise ValueError("DP-SGD's accountant samples one corpus; a mixture draws each source at its own rate. "
@@ -325,7 +325,7 @@ def poisson_train_dataset(examples: Examples, *, seed: int, global_batch_size: i
         key: np.stack([example[key] for example in mine]) for key in mine[0]}
     windows = isinstance(examples, Windows) or isinstance(stacked, np.ndarray)  # token windows: inputs, targets
     batch = _split_inputs_targets(stacked) if windows else dict(stacked)
-    batch["dp_real"] = (np.arange(rows.start, rows.start + rows.size) < count).astype(np.float32)
+    batch["dp_real"] = (np.arange(rows.start, rows.start + rows.size) < count).astype(np.int32)
     return batch
 
   return grain.MapDataset.source(batches).map(local)

@@ -124,7 +124,7 @@ class Task:
 
   @property
   def train_only_ranks(self) -> dict[str, int]:
-    """Keys of a training batch that evaluation batches lack: `dp_real` (1.0 sampled, 0.0 padding) under
+    """Keys of a training batch that evaluation batches lack: `dp_real` (1 sampled, 0 padding) under
     DP-SGD's Poisson sampling (lm.data.pipeline.poisson_train_dataset)."""
     privacy = self.config.privacy
     return {"dp_real": 1} if privacy.enabled and privacy.sampling == "poisson" else {}

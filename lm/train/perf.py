@@ -226,6 +226,11 @@ def cpu_peak_flops() -> float:
   return cpu_peak().peak_flops
 
 
+def cpu_peak_in_use(override: float | None = None) -> CpuPeak | None:
+  """cpu_peak() when it is the MFU's peak (the devices are CPUs and no `override` is set), else None."""
+  return None if override or jax.local_devices()[0].platform != "cpu" else cpu_peak()
+
+
 def peak_flops_per_device(dtype: str = "float32", override: float | None = None) -> float:
   """Peak FLOP/s of one local device, from the table, cpu_peak() shared by the CPU devices, or `override`.
 

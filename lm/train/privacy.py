@@ -35,7 +35,7 @@ Sampling and the accountant (`privacy.sampling`).
   `TruncatedSubsampledGaussian(N, q, B, noise_multiplier)`
   (dp_accounting; https://arxiv.org/abs/2508.15089), composed over the steps
   run, which only the PLD accountant evaluates. Subsampling amplifies privacy:
-  at SST-2's N = 67,349, b = 1,847, 128 steps and epsilon 8 the noise multiplier
+  at SST-2's N = 67,349, b = 1,867, 128 steps and epsilon 8 the noise multiplier
   is ~4x smaller than shuffling's (docs/privacy.md).
 """
 
@@ -147,7 +147,7 @@ def epsilon_shuffled(noise_multiplier: float, epochs: int, delta: float, account
 def epsilon_poisson(noise_multiplier: float, sampling_rate: float, steps: int, delta: float,
                     accountant: str = "rdp") -> float:
   """Epsilon at `delta` of DP-SGD with untruncated Poisson sampling at `sampling_rate` (add/remove one
-  example); the published-setting check in the tests, and an upper-bound-free comparison point."""
+  example): the published-setting check in the tests, and the figure truncation can only raise."""
   import dp_accounting  # pylint: disable=g-import-not-at-top
   if steps <= 0:
     return 0.0

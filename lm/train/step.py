@@ -207,7 +207,7 @@ def make_train_step(updates: LossFn | Update | Sequence[Update], optimizer: Any,
 
       def clipped(index, micro_batch):
         base = context(index, params, repeat)
-        real = micro_batch.get("dp_real")  # Poisson sampling: 1.0 for a drawn example, 0.0 for padding
+        real = micro_batch.get("dp_real")  # Poisson sampling: 1 for a drawn example, 0 for padding
         micro_batch = {key: value for key, value in micro_batch.items() if key != "dp_real"}
 
         def one(trainable, single, row):  # one example, with a batch axis of 1, and its row of the global batch
@@ -217,7 +217,7 @@ def make_train_step(updates: LossFn | Update | Sequence[Update], optimizer: Any,
 
         summed, (losses, norms, aux) = privacy_lib.clipped_gradient_sum(one, privacy.clip_norm)(
             trainable, micro_batch, base.rows, None if real is None else real == 0)
-        weight = jnp.ones_like(losses) if real is None else real
+        weight = jnp.ones_like(losses) if real is None else real.astype(losses.dtype)
         return summed, {"loss": jnp.sum(weight * losses),
                         "aux": jax.tree.map(lambda v: jnp.sum(weight.reshape((-1,) + (1,) * (v.ndim - 1)) * v), aux),
                         "clipped": jnp.sum(weight * (norms > privacy.clip_norm)), "norms": jnp.sum(weight * norms),

@@ -187,6 +187,7 @@ def test_the_override_and_the_environment_skip_the_calibration(monkeypatch):
   monkeypatch.setattr(perf, "calibrated_matmul_flops", no_matmul)
   monkeypatch.setattr(perf, "cpu_peak", no_matmul)
   assert perf.peak_flops_per_device("float32", override=5e11) == 5e11
+  assert perf.cpu_peak_in_use(5e11) is None  # what bench's JSON and training's log report: nothing derived
   monkeypatch.undo()
   monkeypatch.setattr(perf, "calibrated_matmul_flops", no_matmul)
   monkeypatch.setenv(perf.CALIBRATE_ENV, "0")

@@ -14,6 +14,7 @@ exactly, equals one device) is in tests/train/test_heads.py.
 from __future__ import annotations
 
 import math
+import types
 
 import jax
 import jax.numpy as jnp
@@ -247,15 +248,15 @@ def test_poisson_batches_sample_each_example_independently_pad_and_resume():
   assert abs(counts.mean() - 15) < 5 * math.sqrt(11.25 / 2000)
   assert counts.var() == pytest.approx(11.25, rel=0.15)
   assert np.all(np.abs(joined / 2000 - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 2000))
-  pairs = [(set(batches.rows(s)), set(batches.rows(s))) for s in range(1)]
-  assert pairs  # the same rows twice (above); across steps, independent draws:
+  # two examples join a step together at q^2: the draws are independent across examples
   together = np.mean([(7 in set(batches.rows(s))) and (8 in set(batches.rows(s))) for s in range(2000)])
   assert together == pytest.approx(0.0625, abs=5 * math.sqrt(0.0625 * 0.9375 / 2000))
 
   dataset = pipeline.poisson_train_dataset(examples, seed=3, global_batch_size=24, expected_batch_size=15.0)
   first = dataset[5]
   count = len(batches.rows(5))
-  np.testing.assert_array_equal(first["dp_real"], (np.arange(24) < count).astype(np.float32))
+  np.testing.assert_array_equal(first["dp_real"], (np.arange(24) < count).astype(np.int32))
+  assert first["dp_real"].dtype == np.int32
   np.testing.assert_array_equal(first["inputs"][:count, 0], batches.rows(5))
   assert set(first["inputs"][count:, 0].tolist()) <= set(batches.rows(5).tolist())  # padding: a drawn row
   options = pipeline.grain.ReadOptions(num_threads=1, prefetch_buffer_size=2)
@@ -283,7 +284,7 @@ def test_padding_rows_contribute_nothing_and_the_sum_is_divided_by_the_expected_
   drawn = pipeline._split_inputs_targets(np.stack([examples[i] for i in (3, 11, 19, 27, 35)]))  # pylint: disable=protected-access
   garbage = pipeline._split_inputs_targets(np.stack([examples[i] for i in (40, 41, 42)]))  # pylint: disable=protected-access
   padded = {key: np.concatenate([drawn[key], garbage[key]]) for key in drawn}
-  padded["dp_real"] = np.asarray([1.0] * 5 + [0.0] * 3, np.float32)
+  padded["dp_real"] = np.asarray([1] * 5 + [0] * 3, np.int32)
   dp = privacy.DpSgd(clip_norm=math.inf, noise_multiplier=0.0, expected_batch_size=4.0)
   got, metrics = _step_results(experiment, {key: jnp.asarray(value) for key, value in padded.items()}, dp)
   want, plain = _step_results(experiment, {key: jnp.asarray(value) for key, value in drawn.items()},
@@ -310,11 +311,11 @@ def test_truncated_poisson_epsilon_is_the_poisson_one_when_truncation_cannot_hap
 def test_poisson_accounting_calibrates_to_the_target_and_needs_less_noise_than_shuffling():
   settings_ = dict(enabled=True, clip_norm=1.0, noise_multiplier=1.0, target_epsilon=3.0, delta=None,
                    accountant=None, expected_batch_size=None)
-  poisson = privacy.accounting(type("P", (), dict(settings_, sampling="poisson"))(), dataset_size=5000,
+  poisson = privacy.accounting(types.SimpleNamespace(**settings_, sampling="poisson"), dataset_size=5000,
                                batch_size=256, steps=100)
   assert poisson.accountant == "pld" and poisson.expected_batch_size == 256 - 64
   assert poisson.epsilon(100) <= 3.0 < poisson.epsilon(100, poisson.noise_multiplier * 0.99)
-  shuffled = privacy.accounting(type("S", (), dict(settings_, sampling="shuffle"))(), dataset_size=5000,
+  shuffled = privacy.accounting(types.SimpleNamespace(**settings_, sampling="shuffle"), dataset_size=5000,
                                 batch_size=256, steps=100)
   assert poisson.noise_multiplier < shuffled.noise_multiplier / 2
 
