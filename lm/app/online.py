@@ -57,16 +57,19 @@ from lm.data import pairs as pairs_lib
 from lm.data import pipeline, sources
 from lm.data import stream as stream_lib
 from lm.experiment import Experiment, build_experiment, open_eval_split, open_train_split
+from lm.online import privacy as privacy_lib
 from lm.online import regularizers
 from lm.online import replay as replay_lib
 from lm.online.run_state import OnlineRun, is_heldout, stable_seed, tokens_of, windows_of
 from lm.online.step import (Regularization, chunk_learning_rate, make_online_preference_step, make_online_step,
                             make_preference_margins, make_sequence_losses)
+from lm.online import store
 from lm.online.store import OnlineCheckpointer, is_online_checkpoint
 from lm.stats import ab
 from lm.stats.continual import ContinualMatrix
 from lm.train import checkpoint as checkpoint_lib
 from lm.train import optim
+from lm.train import privacy as train_privacy
 from lm.train import sharding as sharding_lib
 from lm.train import state as state_lib
 from lm.train.loop import CheckpointHook, Hook, LogHook, Loop, MetricsHook, StopSignal, fit
@@ -83,6 +86,8 @@ class OnlineResult:
   interrupted: str | None
   continual: dict[str, Any]
   workdir: str
+  privacy: dict[str, float] | None = None  # a private run's privacy/... figures after its last chunk
+  stopped: str | None = None  # why the loop stopped before the stream ended (online.max_epsilon's budget)
 
 
 def _prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
@@ -95,8 +100,24 @@ def _prepare_config(config: ml_collections.ConfigDict, workdir: str) -> ml_colle
     raise CheckpointError(
         f"{workdir} holds checkpoints of a --mode train run, not of an online run. Give the online run its own "
         f"--workdir and start it from this one: --config.online.init_from={workdir}")
+  saved = store.latest_online_json(workdir) if checkpoint_lib.has_checkpoint(workdir) else None
+  if saved is not None:  # before anything opens the workdir (start() checks the checkpoint it restores, too)
+    check_privacy_matches(config, workdir, bool((saved.get("privacy") or {}).get("enabled")))
   # The per-chunk schedule is the online loop's own; the optimizer's total steps do not matter.
   return apply_overrides(config, {"init_from": config.online.init_from, "warm_start": ""})
+
+
+def check_privacy_matches(config: ml_collections.ConfigDict, workdir: str, saved: bool) -> None:
+  """A run's DP-SGD guarantee covers all of it or none of it: refuse to resume it with privacy switched."""
+  enabled = bool(config.privacy.enabled)
+  if enabled != saved:
+    how = "with DP-SGD" if saved else "without DP-SGD"
+    raise ConfigError(
+        f"config.privacy.enabled={enabled}, but the online run in {workdir} trained {how}: "
+        + ("chunks trained without noise have no privacy guarantee that later private chunks could extend. "
+           if enabled else "resuming it without DP-SGD would void the guarantee of what it has trained. ")
+        + f"Fix: --config.privacy.enabled={saved} to continue it, or start a new online run in another --workdir "
+        "(--config.online.init_from=THIS_RUN's workdir starts from its weights).")
 
 
 def _warn_unknown_tokens(experiment: Experiment, chunk_id: str, windows: pipeline.Windows) -> None:
@@ -127,8 +148,13 @@ class OnlineLoop:
     self.reg = Regularization.from_config(self.online)
     self.abstract_state = self._abstract_online_state()
     state_shardings = jax.tree.map(lambda leaf: leaf.sharding, self.abstract_state)
+    privacy = self.config.privacy
+    # DP-SGD (lm.online.privacy): the divisor of the noisy sum is each chunk's expected rows, given per call.
+    self.dp_sgd = train_privacy.DpSgd(float(privacy.clip_norm), float(privacy.noise_multiplier),
+                                      expected_rows_from_inputs=True) if privacy.enabled else None
+    self.budget_spent: str | None = None  # set when online.max_epsilon stops the loop before a chunk
     self.step_fn = jax.jit(make_online_step(experiment.model, self.direction, self.reg,
-                                            grad_accum_steps=int(self.config.grad_accum_steps)),
+                                            grad_accum_steps=int(self.config.grad_accum_steps), privacy=self.dp_sgd),
                            donate_argnums=0, out_shardings=(state_shardings, sharding_lib.replicated(experiment.mesh)))
     dpo = self.config.dpo
     self.preference_step_fn = jax.jit(
@@ -186,6 +212,7 @@ class OnlineLoop:
         checkpoint_lib.has_checkpoint(self.workdir)) else None
     if restored is not None:
       self.run_state.load(restored.online, restored.arrays)
+      check_privacy_matches(self.config, self.workdir, self.run_state.private)
       in_progress = self.run_state.in_progress
       self.resumed = {"id": in_progress["id"], "anchor": restored.anchor, "fisher": restored.fisher} if (
           in_progress) else None
@@ -237,6 +264,11 @@ class OnlineLoop:
       try:
         chunk = self.stream.next_chunk(run.consumed)
         if chunk is not None and chunk.preferences is not None:
+          if self.dp_sgd is not None:
+            raise stream_lib.ChunkError(
+                f"Chunk {chunk.id!r} holds preference pairs, which a private online run does not train on (DPO has "
+                "no DP-SGD step here: lm.online.privacy); train it in a run with config.privacy.enabled=False.",
+                chunk_id=chunk.id, path=chunk.path)
           self._pairs_of(chunk)
         return chunk
       except stream_lib.ChunkError as error:
@@ -252,7 +284,9 @@ class OnlineLoop:
     fraction = float(self.online.heldout_fraction)
     heldout = [doc for doc in kept if is_heldout(doc, fraction)]
     train_docs = [doc for doc in kept if not is_heldout(doc, fraction)]
-    windows = windows_of(self.experiment.tokenizer, self.config.seq_len, train_docs, chunk.id, stride=1)
+    # A private run's examples are windows without overlap (a token in one example: lm.online.privacy).
+    stride = self.config.seq_len if self.dp_sgd is not None else 1
+    windows = windows_of(self.experiment.tokenizer, self.config.seq_len, train_docs, chunk.id, stride=stride)
     return windows, train_docs, heldout, dropped
 
   def _steps_for(self, windows: pipeline.Windows) -> int:
@@ -274,14 +308,19 @@ class OnlineLoop:
       return state, current, True
     _warn_unknown_tokens(self.experiment, chunk.id, windows)
     index = len(run.matrix.chunks) - 1 if run.matrix else 0
+    replay = run.replay if self.online.replay_fraction > 0 and len(run.replay) else None
     progress = run.in_progress if run.in_progress and run.in_progress["id"] == chunk.id else {
         "id": chunk.id, "step_in_chunk": 0, "steps": self._steps_for(windows), "index": index}
+    draw = None
+    if self.dp_sgd is not None:
+      draw = self._private_draw(chunk, progress, windows, replay)
+      if draw is None:  # online.max_epsilon: the chunk stays unconsumed
+        return state, current, False
     run.in_progress = progress
     if progress["step_in_chunk"] == 0:
       self._add_heldout(state, chunk.domain, heldout_docs)
     anchor, fisher = self._chunk_anchor(state, chunk, progress)
     seed = stable_seed(self.config.seed, chunk.id)
-    replay = run.replay if self.online.replay_fraction > 0 and len(run.replay) else None
     sharding = self.experiment.steps.batch_sharding
     row_sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(sharding.spec[0]))
     rows = self.experiment.process_rows
@@ -289,17 +328,22 @@ class OnlineLoop:
     config = self.config
 
     def batch_at(k: int) -> dict[str, jax.Array]:
-      local = replay_lib.mixed_batch(windows, replay, batch_size=config.batch_size,
-                                     replay_fraction=float(self.online.replay_fraction), step=k, seed=seed)
+      if draw is not None:
+        local = privacy_lib.private_batch(windows, replay, draw, step=k, seed=seed)
+      else:
+        local = replay_lib.mixed_batch(windows, replay, batch_size=config.batch_size,
+                                       replay_fraction=float(self.online.replay_fraction), step=k, seed=seed)
       # Every process builds the whole (cheap) global batch and contributes its own rows.
-      return {name: pipeline.to_global(local[name][rows.start:rows.stop], row_sharding if name == "is_replay"
-                                       else sharding, config.batch_size)
-              for name in ("inputs", "targets", "is_replay")}
+      return {name: pipeline.to_global(value[rows.start:rows.stop], sharding if value.ndim == 2 else row_sharding,
+                                       config.batch_size) for name, value in local.items()}
 
     def inputs_at(k: int) -> dict[str, Any]:
       lr = chunk_learning_rate(k, steps, progress["index"], lr=float(config.optim.lr), min_lr=float(config.optim.min_lr),
                                warmup_steps=int(config.optim.warmup_steps), schedule=self.online.lr_schedule)
-      return {"lr": np.float32(lr), "anchor": anchor, "fisher": fisher}
+      out = {"lr": np.float32(lr), "anchor": anchor, "fisher": fisher}
+      if draw is not None:
+        out["dp_expected_rows"] = np.float32(draw.expected_rows)
+      return out
 
     def save(loop: Loop) -> None:
       # Mid-chunk (or on a stop): with the anchor and Fisher, so a resumed chunk keeps the ones it started with.
@@ -320,11 +364,46 @@ class OnlineLoop:
       return state, current, False
     self.last_step = int(state.step)
     current = self._evaluate_and_gate(state, current, chunk)
+    if draw is not None:  # the chunk's steps join the run's privacy ledger, reported with its row
+      run.ledger.draws.append(draw)
+      self.chunk_row.update(self.privacy_metrics())
     # The chunk is done: its documents join the dedup index and the replay buffer.
     self._finish_chunk_bookkeeping(chunk, train_docs, heldout_docs, dropped, windows)
     self._save(state, current)
     faults.point("online/between_chunks", len(run.consumed))  # the chunk's last checkpoint written
     return state, current, True
+
+  def _private_draw(self, chunk: stream_lib.Chunk, progress: dict[str, Any], windows: pipeline.Windows,
+                    replay: replay_lib.ReplayBuffer | None) -> privacy_lib.ChunkDraw | None:
+    """The chunk's Poisson draw (lm.online.privacy), kept in its progress record so a resumed chunk draws the
+    same; None when it would take the run past online.max_epsilon (then the loop stops: `budget_spent`)."""
+    if "privacy" in progress:
+      return privacy_lib.ChunkDraw.from_json(progress["privacy"])
+    config = self.config
+    draw = privacy_lib.plan(chunk.id, steps=int(progress["steps"]), noise_multiplier=float(self.dp_sgd.noise_multiplier),
+                            new_windows=len(windows), replay_windows=len(replay) if replay is not None else 0,
+                            batch_size=int(config.batch_size),
+                            replay_rows=replay_lib.replay_rows(int(config.batch_size),
+                                                               float(self.online.replay_fraction), replay),
+                            expected_batch_size=privacy_lib.expected_batch_size(config))
+    budget = float(self.online.max_epsilon)
+    if budget:
+      ledger = self.run_state.ledger
+      delta = float(config.privacy.delta)
+      before, after = ledger.epsilon(delta), ledger.epsilon(delta, ledger.draws + [draw])
+      if after > budget:
+        self.budget_spent = (f"chunk {chunk.id} would take epsilon from {before:.4g} to {after:.4g} (delta "
+                             f"{delta:g}), past online.max_epsilon={budget:g}")
+        logging.warning("Privacy budget: %s; stopping before it (it stays unconsumed).", self.budget_spent)
+        return None
+    progress["privacy"] = draw.to_json()
+    return draw
+
+  def privacy_metrics(self) -> dict[str, float]:
+    """A private run's privacy/... figures (lm.online.privacy.Ledger.metrics); {} without DP-SGD."""
+    if self.dp_sgd is None:
+      return {}
+    return self.run_state.ledger.metrics(float(self.config.privacy.delta), float(self.config.privacy.clip_norm))
 
   def _chunk_anchor(self, state: TrainState, chunk: stream_lib.Chunk, progress: dict[str, Any]) -> tuple[Any, Any]:
     """The regularizers' anchor (the parameters before the chunk) and EWC Fisher; () for those not needed.
@@ -637,6 +716,8 @@ class OnlineLoop:
             continue
           logging.info("Chunk %s (%s): %d documents.", chunk.id, chunk.domain, len(chunk.documents))
           state, current, finished = self.run_chunk(state, current, chunk, stop)
+          if self.budget_spent:
+            break
           if finished:
             chunks_done += 1
             idle_since = time.monotonic()
@@ -644,7 +725,8 @@ class OnlineLoop:
       self.checkpointer.close()
       self.writer.close()
     metrics = self.run_state.matrix.metrics() if self.run_state.matrix else {}
-    return OnlineResult(chunks_done, int(state.step), stop.agreed, metrics, self.workdir)
+    return OnlineResult(chunks_done, int(state.step), stop.agreed, metrics, self.workdir,
+                        self.privacy_metrics() or None, self.budget_spent)
 
 
 class _ChunkProgress(Hook):
@@ -674,6 +756,11 @@ def run_online(config: ml_collections.ConfigDict, workdir: str, stream: stream_l
 def run(config: ml_collections.ConfigDict, workdir: str, report: Any = print) -> int:
   """The CLI's --mode online: prints chunks done, the step and the continual metrics; 130 after SIGINT."""
   outcome = run_online(config, workdir)
-  report(json.dumps({"chunks": outcome.chunks_done, "step": outcome.step, **{
-      key: outcome.continual.get(key) for key in ("avg_loss", "forgetting", "bwt", "fwt")}}))
+  summary = {"chunks": outcome.chunks_done, "step": outcome.step, **{
+      key: outcome.continual.get(key) for key in ("avg_loss", "forgetting", "bwt", "fwt")}}
+  if outcome.privacy is not None:
+    summary.update({key: outcome.privacy[key] for key in ("privacy/epsilon", "privacy/delta", "privacy/steps")})
+  if outcome.stopped:
+    summary["stopped"] = outcome.stopped
+  report(json.dumps(summary))
   return 0 if outcome.interrupted in (None, "SIGTERM") else 128 + 2

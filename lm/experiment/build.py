@@ -222,11 +222,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
       raise
     raise ConfigError(str(error)) from error
   if config.privacy.enabled:
-    if mode == "online":
-      raise ConfigError("config.privacy.enabled=True: --mode online does not train with DP-SGD yet (its replayed rows "
-                        "would be seen again in every chunk, which the accountant does not count). Fix: train the "
-                        "private model with --mode train, or set --config.privacy.enabled=False for the online loop.")
-    task.check_privacy()
+    task.check_privacy(online=mode == "online")
   tx, schedule = task.make_optimizer()
   try:
     mesh_sizes, rules = sharding.mesh_settings(config.mesh)

@@ -31,6 +31,9 @@ FIELDS = {
     "online.ewc_batches": 8,
     "online.distill": 0.0,  # weight of distillation toward the previous model on replay rows (LwF)
     "online.distill_temperature": 1.0,
+    # DP-SGD (config.privacy.enabled; lm.online.privacy): stop before a chunk that would take the run's epsilon
+    # (at privacy.delta) past this budget (0: no budget; epsilon is reported after every chunk either way).
+    "online.max_epsilon": 0.0,
     "online.checkpoint_every": 100,  # steps within a chunk (0: only at chunk ends)
     "online.poll_interval": 2.0,  # seconds between looks at a watched folder
     "online.idle_timeout": 0.0,  # stop after this many seconds without a new chunk (0: wait forever)
@@ -66,6 +69,28 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
           f"(a fall of held-out preference accuracy; got {online.gate.max_preference_drop}).")
   require(online.gate.max_regression >= 0 and 0.5 <= online.gate.confidence < 1,
           "config.online.gate.max_regression must be >= 0 and gate.confidence in [0.5, 1).")
+  require(online.max_epsilon >= 0, f"config.online.max_epsilon={online.max_epsilon} must be >= 0 (0: no budget).")
+  if mode == "online" and config.privacy.enabled:
+    _validate_private(config)
+
+
+def _validate_private(config: ml_collections.ConfigDict) -> None:
+  """What a private online run needs (lm.online.privacy): Poisson draws, a fixed delta, no EWC."""
+  privacy, online = config.privacy, config.online
+  require(privacy.sampling == "poisson", f"config.privacy.sampling={privacy.sampling!r}: the online loop draws "
+          "each private batch by Poisson sampling of the chunk's windows and the replay buffer (shuffled epochs "
+          "do not fit a stream). Fix: --config.privacy.sampling=poisson.")
+  require(privacy.target_epsilon is None, f"config.privacy.target_epsilon={privacy.target_epsilon}: an online run "
+          "does not know how many chunks will come, so no noise can be calibrated to it. Fix: set "
+          "--config.privacy.noise_multiplier, and --config.online.max_epsilon=EPSILON to stop before a chunk "
+          "that would spend more.")
+  require(privacy.delta is not None, "config.privacy.delta is unset: an online run's data grows with every "
+          "chunk, so delta cannot default to 1 / (training examples). Fix: --config.privacy.delta=1e-6 (below 1 / "
+          "the windows you expect to train on).")
+  require(not online.ewc, f"config.online.ewc={online.ewc}: EWC's Fisher is computed from replayed windows "
+          "without clipping or noise, outside DP-SGD's guarantee. Fix: --config.online.ewc=0 (l2_init, distill "
+          "and replay are private: their terms are in each example's clipped gradient).")
+  require(not online.max_epsilon or online.max_epsilon > 0, "config.online.max_epsilon must be > 0.")
 
 
 CONFIG = ConfigPart("lm.online", FIELDS, validate)

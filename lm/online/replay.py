@@ -73,7 +73,7 @@ def _domain_key(seed: int, domain: str) -> np.uint64:
   return np.uint64(int.from_bytes(digest, "little"))
 
 
-def _gather(windows: WindowSource, indices: np.ndarray, window: int) -> np.ndarray:
+def gather(windows: WindowSource, indices: np.ndarray, window: int) -> np.ndarray:
   """Rows `indices` of `windows` -> [len(indices), window] int32."""
   if isinstance(windows, np.ndarray):
     rows = windows[indices]
@@ -159,7 +159,7 @@ class ReplayBuffer:
     # Until the reservoir is full every item is kept, in order: slot t = item t.
     fill = min(n, max(self.capacity - seen, 0))
     if fill:
-      stored = np.concatenate([stored, _gather(windows, np.arange(fill), self.window)])
+      stored = np.concatenate([stored, gather(windows, np.arange(fill), self.window)])
     if fill < n:
       t = np.arange(seen + fill, seen + n, dtype=np.uint64)
       # j = hash % (t + 1) is uniform on [0, t] up to a bias of (t + 1) / 2**64.
@@ -171,7 +171,7 @@ class ReplayBuffer:
         reversed_slots = slots[hits][::-1]
         kept_slots, first_in_reversed = np.unique(reversed_slots, return_index=True)
         kept_items = hits[::-1][first_in_reversed]
-        stored[kept_slots.astype(np.intp)] = _gather(windows, fill + kept_items, self.window)
+        stored[kept_slots.astype(np.intp)] = gather(windows, fill + kept_items, self.window)
     self._stored[domain] = stored
     self._seen[domain] = seen + n
 
@@ -197,6 +197,20 @@ class ReplayBuffer:
     for index, rows in enumerate(self._stored.values()):
       positions = np.arange(index, count, num_domains)
       out[positions] = rows[rng.integers(0, len(rows), size=len(positions))]
+    return out
+
+  def take(self, indices: np.ndarray) -> np.ndarray:
+    """Windows [len(indices), window] int32 at `indices` of all stored windows, domains in order (`domains`):
+    index i < size(first domain) is its window i, and so on (what a draw over the whole buffer picks)."""
+    indices = np.asarray(indices, np.int64)
+    sizes = np.cumsum([0] + [len(rows) for rows in self._stored.values()])
+    if len(indices) and (indices.min() < 0 or indices.max() >= sizes[-1]):
+      raise ValueError(f"indices must be in [0, {sizes[-1]}), the windows stored; got {indices.min()}..{indices.max()}")
+    out = np.empty((len(indices), self.window), np.int32)
+    which = np.searchsorted(sizes, indices, side="right") - 1
+    for index, rows in enumerate(self._stored.values()):
+      mine = which == index
+      out[mine] = rows[indices[mine] - sizes[index]]
     return out
 
   def to_arrays(self) -> dict[str, np.ndarray]:
@@ -328,7 +342,7 @@ def mixed_batch(new_windows: WindowSource, replay: ReplayBuffer | None, *, batch
   order, replayed = mixed_rows(size, replay, batch_size=batch_size, replay_fraction=replay_fraction, step=step,
                                seed=seed, window=window)
   num_new = len(order)
-  new_rows = _gather(new_windows, order, window)
+  new_rows = gather(new_windows, order, window)
   rows = np.concatenate([new_rows, replayed])
   return {
       "inputs": rows[:, :-1],

@@ -22,6 +22,7 @@ from lm.core.errors import DataError
 from lm.data import pipeline
 from lm.data.tokenizers import Tokenizer
 from lm.stats.continual import ContinualMatrix
+from lm.online import privacy as privacy_lib
 from lm.online import replay as replay_lib
 
 _HELDOUT_BUCKETS = 1_000_000
@@ -55,12 +56,16 @@ class OnlineRun:
     self.cleaner = clean_lib.Cleaner(clean_lib.CleanConfig.from_mapping(self.config.clean.to_dict()))
     seq_len = self.config.seq_len
     self.replay = replay_lib.ReplayBuffer(int(self.online.replay_capacity), seq_len + 1, seed=int(self.config.seed))
+    # DP-SGD (lm.online.privacy): whether the run trains privately (fixed at its start) and every chunk's draw.
+    self.private = bool(self.config.privacy.enabled)
+    self.ledger = privacy_lib.Ledger()
 
   # -- checkpoint contents ---------------------------------------------------
   def to_json(self) -> dict[str, Any]:
     return {"consumed": self.consumed, "in_progress": self.in_progress,
             "matrix": self.matrix.to_json() if self.matrix else None, "gate": self.gate_history,
-            "clean_counts": dict(self.clean_counts), "quarantined": self.quarantined}
+            "clean_counts": dict(self.clean_counts), "quarantined": self.quarantined,
+            "privacy": {"enabled": self.private, "draws": self.ledger.to_json()}}
 
   def arrays(self) -> dict[str, np.ndarray]:
     out = {f"replay/{k}": v for k, v in self.replay.to_arrays().items()}
@@ -79,6 +84,9 @@ class OnlineRun:
     self.gate_history = list(online["gate"])
     self.clean_counts = Counter(online["clean_counts"])
     self.quarantined = list(online.get("quarantined", []))
+    privacy = online.get("privacy") or {"enabled": False, "draws": []}  # none before private online runs
+    self.private = bool(privacy["enabled"])
+    self.ledger = privacy_lib.Ledger.from_json(privacy["draws"])
     group = lambda prefix: {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}  # noqa: E731
     self.replay = replay_lib.ReplayBuffer.from_arrays(group("replay/"))
     self.cleaner = clean_lib.Cleaner(self.cleaner.config, clean_lib.DedupIndex.from_arrays(group("dedup/")))

@@ -30,6 +30,7 @@ import optax
 from lm.models.losses import cross_entropy, lm_loss_sum
 from lm.models.preference import pair_logprobs, pair_weights, preference_loss
 from lm.online import regularizers
+from lm.train import privacy as privacy_lib
 from lm.train import step as step_lib
 
 Batch = dict[str, jax.Array]
@@ -97,10 +98,14 @@ def loss_totals(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def make_online_step(model: nn.Module, direction: optax.GradientTransformation, reg: Regularization,
-                     grad_accum_steps: int = 1) -> Callable:
-  """`step(state, batch, {"lr", "anchor", "fisher"}) -> (state, metrics)`: the engine's step with the online loss."""
+                     grad_accum_steps: int = 1, privacy: privacy_lib.DpSgd | None = None) -> Callable:
+  """`step(state, batch, {"lr", "anchor", "fisher"}) -> (state, metrics)`: the engine's step with the online loss.
+
+  privacy: DP-SGD's (a private run, lm.online.privacy): each row's online loss is clipped on its own, the batch
+  carries 'dp_real' and the inputs "dp_expected_rows", the chunk's divisor of the noisy sum."""
   return step_lib.make_train_step(step_lib.Update(make_online_loss(model, reg), loss_name="total_loss"), direction,
-                                  lr_from_inputs=True, grad_accum_steps=grad_accum_steps, loss_totals=loss_totals)
+                                  lr_from_inputs=True, grad_accum_steps=grad_accum_steps, loss_totals=loss_totals,
+                                  privacy=privacy)
 
 
 def make_online_preference_loss(model: nn.Module, *, beta: float, label_smoothing: float, kind: str

@@ -26,6 +26,7 @@ with the previous checkpoint intact.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import shutil
 from typing import Any, NamedTuple
@@ -63,6 +64,19 @@ def is_online_checkpoint(directory: str) -> bool:
     return False
   root = checkpoint_lib.resolve_checkpoint_root(directory)
   return (epath.Path(root) / str(step) / "current").exists()
+
+
+def latest_online_json(directory: str) -> dict[str, Any] | None:
+  """The `online` item (the run's bookkeeping, JSON) of a workdir's latest checkpoint, read without restoring
+  it; None if it cannot be read (`OnlineCheckpointer.restore_latest` then decides which step to use)."""
+  step = checkpoint_lib.latest_step(directory)
+  if step is None:
+    return None
+  path = epath.Path(checkpoint_lib.resolve_checkpoint_root(directory)) / str(step) / "online" / "metadata"
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None
 
 
 class Restored(NamedTuple):

@@ -215,8 +215,9 @@ class Task:
                                     loss_totals=self.loss_totals, prepare=self.prepare,
                                     step_metrics=self.step_metrics, privacy=self.dp_sgd)
 
-  def check_privacy(self) -> None:
-    """Raises ConfigError unless DP-SGD's accounting holds for how this task's examples are drawn."""
+  def check_privacy(self, online: bool = False) -> None:
+    """Raises ConfigError unless DP-SGD's accounting holds for how this task's examples are drawn (`online`: by
+    the online loop, which cuts its own examples: lm.online.privacy)."""
     if not self.supports_privacy:
       raise ConfigError(f"config.privacy.enabled=True, but head={self.config.head!r} cannot be trained with DP-SGD "
                         "(it needs one loss per example and one update per step): use head=lm or head=classifier, "

@@ -121,9 +121,12 @@ class LMTask(Task):
   ab_comparable = True
 
 
-  def check_privacy(self) -> None:
-    """An example of DP-SGD is a training window: windows must not overlap, or one token is in many."""
-    super().check_privacy()
+  def check_privacy(self, online: bool = False) -> None:
+    """An example of DP-SGD is a training window: windows must not overlap, or one token is in many (the online
+    loop cuts its chunks' windows without overlap itself)."""
+    super().check_privacy(online)
+    if online:
+      return
     if self.config.data.format != "sentences" and self.config.data.train_stride < self.config.seq_len:
       raise ConfigError(f"config.privacy.enabled=True with config.data.train_stride={self.config.data.train_stride} "
                         f"< seq_len={self.config.seq_len}: overlapping windows put each token in up to "

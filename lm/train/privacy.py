@@ -62,6 +62,8 @@ class DpSgd:
   clip_norm: float
   noise_multiplier: float | None = None
   expected_batch_size: float | None = None  # Poisson sampling: the noisy sum is divided by it, not by the rows
+  # The divisor is given per call instead, as inputs["dp_expected_rows"] (the online loop's: one per chunk).
+  expected_rows_from_inputs: bool = False
 
   @property
   def noise_std(self) -> float:

@@ -233,11 +233,13 @@ def make_train_step(updates: LossFn | Update | Sequence[Update], optimizer: Any,
       noisy = privacy_lib.add_noise(total, jax.random.fold_in(step_rng, _NOISE_STREAM), privacy.noise_std)
       # Poisson sampling divides by the expected batch, a constant (dividing by the rows drawn would let one
       # example change the scale of everyone's contribution); shuffled batches always hold `size` rows.
-      grads = jax.tree.map(lambda g: g / (privacy.expected_batch_size or size), noisy)
+      divisor = inputs["dp_expected_rows"] if privacy.expected_rows_from_inputs else (
+          privacy.expected_batch_size or size)
+      grads = jax.tree.map(lambda g: g / divisor, noisy)
       rows = jnp.maximum(sums["real"], 1.0)
       aux = {**jax.tree.map(lambda v: v / rows, sums["aux"]), "clip_fraction": sums["clipped"] / rows,
              "example_grad_norm": sums["norms"] / rows}
-      if privacy.expected_batch_size:
+      if privacy.expected_batch_size or privacy.expected_rows_from_inputs:
         aux["dp_rows"] = sums["real"]
       return (sums["loss"] / rows, aux), grads
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -455,3 +456,57 @@ def test_train_and_online_workdirs_are_not_mixed_up(pretrained, tmp_path):
   result = run_cli("--config", str(ROOT / "experiments" / "shakespeare_byte.py"), "--workdir", str(online),
                    *cli_args(steps=20))
   assert result.returncode == 2 and "holds checkpoints of an online run" in result.stderr
+
+
+PRIVATE = {"privacy.enabled": True, "privacy.sampling": "poisson", "privacy.expected_batch_size": 6.0,
+           "privacy.delta": 1e-5, "privacy.clip_norm": 1.0, "privacy.noise_multiplier": 1.0}
+
+
+def test_a_private_online_run_accounts_every_chunk_and_stops_at_its_budget(pretrained, tmp_path):
+  """DP-SGD in the online loop (lm.online.privacy): each chunk's draw joins the saved ledger and its epsilon is
+  reported; a preference chunk is quarantined; the run cannot be resumed without privacy; a budget stops it."""
+  from lm.online import privacy as online_privacy  # pylint: disable=g-import-not-at-top
+  from tests.helpers import snapshot  # pylint: disable=g-import-not-at-top
+  watched = tmp_path / "incoming"
+  watched.mkdir()
+  (watched / "a.txt").write_text("\n\n".join(SENTENCES[:60]))
+  (watched / "feedback.preferences.jsonl").write_text("\n".join(json.dumps(r) for r in preference_records(16)))
+  (watched / "c.jsonl").write_text("\n".join(json.dumps({"text": s}) for s in SENTENCES[60:120]))
+  for index, name in enumerate(("a.txt", "feedback.preferences.jsonl", "c.jsonl")):
+    os.utime(watched / name, (1_000_000 + index, 1_000_000 + index))
+  overrides = online_overrides(pretrained, **{"online.stream": f"dir:{watched}", "online.replay_fraction": 0.25,
+                                              "online.l2_init": 0.1, **PRIVATE})
+  workdir = tmp_path / "online"
+  result = online_loop.run_online(load_config(CONFIG, overrides), str(workdir))
+  assert result.chunks_done == 2 and result.step == 8
+  reason = (workdir / "quarantine" / "feedback.preferences.jsonl.reason.txt").read_text()
+  assert "which a private online run does not train on" in reason
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  steps = [r for r in rows if "train/loss" in r]
+  assert len(steps) == 8 and all(1 <= r["train/dp_rows"] <= 8 and "train/clip_fraction" in r for r in steps)
+  chunks = [r for r in rows if "privacy/epsilon" in r]
+  assert [r["step"] for r in chunks] == [4, 8] and [r["privacy/steps"] for r in chunks] == [4.0, 8.0]
+  first, second = (r["privacy/epsilon"] for r in chunks)
+  assert 0 < first < second < math.inf
+  saved = _online_item(workdir)["privacy"]
+  assert saved["enabled"] and [d["chunk"] for d in saved["draws"]] == ["a.txt", "c.jsonl"]
+  assert all((d["new_rows"], d["replay_rows"]) == (6, 2) for d in saved["draws"])  # the buffer holds Shakespeare
+  assert online_privacy.Ledger.from_json(saved["draws"]).epsilon(1e-5) == second == result.privacy["privacy/epsilon"]
+  # Windows without overlap: the new windows of a.txt are its training tokens cut into seq_len pieces.
+  assert saved["draws"][0]["new_windows"] < 60 * 60 / 32
+  # Resuming the private run without DP-SGD is refused, and nothing in it changes.
+  before = snapshot(workdir)
+  refused = run_cli("--config", CONFIG, "--workdir", str(workdir), "--mode", "online",
+                    *[f"--config.{k}={v}" for k, v in {**overrides, "privacy.enabled": False}.items()])
+  assert refused.returncode == 2
+  assert "error: config.privacy.enabled=False, but the online run in" in refused.stderr, refused.stderr[-1500:]
+  assert snapshot(workdir) == before
+  # A budget between the two chunks' epsilons: a new run trains a.txt, stops before c.jsonl and says why.
+  budgeted = tmp_path / "budgeted"
+  result = run_cli("--config", CONFIG, "--workdir", str(budgeted), "--mode", "online", *[
+      f"--config.{k}={v}" for k, v in {**overrides, "online.max_epsilon": (first + second) / 2}.items()])
+  assert result.returncode == 0, result.stderr[-1500:]
+  summary = json.loads(result.stdout.strip().splitlines()[-1])
+  assert summary["chunks"] == 1 and summary["privacy/epsilon"] == pytest.approx(first)
+  assert summary["stopped"].startswith("chunk c.jsonl would take epsilon from")
+  assert _online_item(budgeted)["consumed"] == ["a.txt"]

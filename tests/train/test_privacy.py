@@ -366,12 +366,3 @@ def test_runs_the_accountant_cannot_cover_are_refused_before_anything_is_written
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert errors and errors[0].startswith(match), result.stderr[-1500:]
   assert snapshot(workdir) == before
-
-
-def test_the_online_loop_refuses_a_private_config(tmp_path):
-  config = load_config(str(ROOT / "experiments" / "shakespeare_char.py"),
-                       tiny_overrides(**{"privacy.enabled": True, "data.train_stride": 32,
-                                         "online.stream": str(SHARED / "data" / "ptb")}))
-  with pytest.raises(ConfigError, match="--mode online does not train with DP-SGD yet"):
-    build_experiment(config, str(tmp_path / "online"), "online")
-  assert not (tmp_path / "online").exists()
