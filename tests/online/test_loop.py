@@ -22,7 +22,7 @@ from lm.app import online as online_loop
 from lm.online.step import chunk_learning_rate
 from lm.online.store import OnlineCheckpointer
 from lm.train import checkpoint as checkpoint_lib
-from tests.helpers import ROOT, cli_args, run_cli, tiny_overrides, train_losses
+from tests.helpers import ROOT, cli_args, device_env, run_cli, tiny_overrides, train_losses
 
 CONFIG = str(ROOT / "experiments" / "online_shakespeare.py")
 SENTENCES = [f"the {adjective} film number {index} was {verdict} and {extra}"
@@ -501,12 +501,17 @@ def test_a_private_online_run_accounts_every_chunk_and_stops_at_its_budget(pretr
   assert refused.returncode == 2
   assert "error: config.privacy.enabled=False, but the online run in" in refused.stderr, refused.stderr[-1500:]
   assert snapshot(workdir) == before
-  # A budget between the two chunks' epsilons: a new run trains a.txt, stops before c.jsonl and says why.
+  # A budget between the two chunks' epsilons: a new run, on a mesh of 4 devices (2 of the 8 rows each), trains
+  # a.txt as the one-device run did (the same draws and noise), stops before c.jsonl and says why.
   budgeted = tmp_path / "budgeted"
   result = run_cli("--config", CONFIG, "--workdir", str(budgeted), "--mode", "online", *[
-      f"--config.{k}={v}" for k, v in {**overrides, "online.max_epsilon": (first + second) / 2}.items()])
+      f"--config.{k}={v}" for k, v in {**overrides, "online.max_epsilon": (first + second) / 2}.items()],
+      env=device_env(4))
   assert result.returncode == 0, result.stderr[-1500:]
   summary = json.loads(result.stdout.strip().splitlines()[-1])
   assert summary["chunks"] == 1 and summary["privacy/epsilon"] == pytest.approx(first)
   assert summary["stopped"].startswith("chunk c.jsonl would take epsilon from")
   assert _online_item(budgeted)["consumed"] == ["a.txt"]
+  on_mesh = [json.loads(line) for line in (budgeted / "metrics.jsonl").read_text().splitlines()]
+  assert [r["train/loss"] for r in on_mesh if "train/loss" in r] == pytest.approx(
+      [r["train/loss"] for r in steps[:4]], rel=1e-4)
