@@ -20,6 +20,11 @@ from then on every gate also refuses a candidate whose accuracy on the held-out
 pairs (log p(chosen) > log p(rejected)) falls below the current model's by more
 than gate.max_preference_drop. Text and preference chunks alternate freely.
 
+With config.privacy.enabled every text chunk trains with DP-SGD on Poisson-sampled
+windows of the chunk and the replay buffer; epsilon is composed across chunks in a
+ledger saved with the checkpoint, and online.max_epsilon stops the loop before a
+chunk that would exceed it (lm.online.privacy).
+
 A kill at any moment resumes from the last checkpoint: mid-chunk checkpoints
 record the chunk and the step within it (and, with a regularizer on, its
 anchor and EWC Fisher), and the chunk is re-read and re-cleaned identically
