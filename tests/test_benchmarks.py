@@ -13,6 +13,7 @@ import gzip
 import importlib.util
 import json
 import math
+import os
 import sys
 
 import pytest
@@ -276,12 +277,51 @@ def test_profile_summary_reads_torch_kernels_and_refuses_a_trace_without_any(tmp
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   # Inductor's "_to_copy" kernels are fused compute, not copies.
   assert out["kinds_ms_per_step"] == pytest.approx({"other": 0.5, "copy": 0.05})
-  with open(tmp_path / "cpu.json", "w") as f:
-    json.dump({"traceEvents": torch_trace[2:]}, f)
-  with pytest.raises(SystemExit, match="error: .* holds no device kernels"):
-    summary_lib.main([str(tmp_path / "cpu.json")])
+  assert out["source"] == "device kernels"
+  with open(tmp_path / "host.json", "w") as f:
+    json.dump({"traceEvents": [{"ph": "X", "name": "train", "pid": 1, "tid": 1, "ts": 0, "dur": 5.0}]}, f)
+  with pytest.raises(SystemExit, match="error: .* holds no device kernels and no CPU ops: .* "
+                                       "XLA_FLAGS=--xla_cpu_enable_xprof_traceme=true"):
+    summary_lib.main([str(tmp_path / "host.json")])
   with pytest.raises(SystemExit, match="error: no trace file"):
     summary_lib.main([str(tmp_path / "empty")])
+
+
+def test_profile_summary_counts_nested_torch_cpu_operators_once_by_self_time():
+  """aten::linear calls aten::t and aten::addmm, which calls aten::copy_: each gets its own time only."""
+  ops = [("aten::linear", 0, 100), ("aten::t", 5, 5), ("aten::addmm", 10, 80), ("aten::copy_", 20, 10),
+         ("aten::gelu", 110, 40)]
+  events = [{"ph": "X", "cat": "cpu_op", "name": name, "pid": 1, "tid": 1, "ts": ts, "dur": dur}
+            for name, ts, dur in ops]
+  events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "pid": 1, "tid": 2, "ts": 0, "dur": 50})  # 2nd thread
+  found, source = summary_lib.cpu_ops(events)
+  assert source.startswith("PyTorch") and dict(found) == {"aten::linear": 15.0, "aten::t": 5.0, "aten::addmm": 70.0,
+                                                          "aten::copy_": 10.0, "aten::gelu": 40.0, "aten::mm": 50.0}
+  summary = summary_lib.summarize(found, steps=1, top=2, kinds=summary_lib.CPU_KINDS)
+  assert summary["kinds_ms_per_step"] == pytest.approx({"matmul": 0.12, "elementwise": 0.055, "layout": 0.015})
+
+
+def test_profile_summary_sums_xla_cpu_ops_of_a_real_trace(tmp_path, capsys):
+  """A jitted matmul + GELU profiled on the CPU with XLA's per-op trace events: the busiest module's ops."""
+  import subprocess  # pylint: disable=g-import-not-at-top
+  program = ("import jax, jax.numpy as jnp\n"
+             "f = jax.jit(lambda a, b: jax.nn.gelu(a @ b).sum())\n"
+             "a = jnp.ones((256, 256)); f(a, a).block_until_ready()\n"
+             f"with jax.profiler.trace({str(tmp_path)!r}, create_perfetto_trace=True):\n"
+             "  [f(a, a).block_until_ready() for _ in range(2)]\n")
+  flags = f" --xla_cpu_enable_xprof_traceme=true --xla_dump_to={tmp_path / 'hlo'} --xla_dump_hlo_as_text"
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + flags, JAX_PLATFORMS="cpu")
+  subprocess.run([sys.executable, "-c", program], check=True, env=env, timeout=120, capture_output=True)
+  summary_lib.main([str(tmp_path), "--steps", "2", "--hlo", str(tmp_path / "hlo")])
+  out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert out["source"] == "XLA:CPU ops of jit__lambda" and out["kernels_per_step"] >= 1, out
+  assert out["kinds_ms_per_step"]["matmul"] > 0 and set(out["kinds_ms_per_step"]) <= {
+      "matmul", "elementwise", "reduce", "layout"}
+  # By part, from the dump's op_name metadata: the matmul is a projection's here (not attention's).
+  assert out["parts_ms_per_step"]["matmul: projections"] > 0
+  assert sum(out["parts_ms_per_step"].values()) == pytest.approx(out["busy_ms_per_step"])
+  with pytest.raises(SystemExit, match="error: the trace has no XLA module 'jit_train_step'; its modules: "):
+    summary_lib.main([str(tmp_path), "--module", "jit_train_step"])
 
 
 def test_tiny_peer_run_writes_its_profile(tmp_path):
