@@ -90,7 +90,6 @@ def _validate_private(config: ml_collections.ConfigDict) -> None:
   require(not online.ewc, f"config.online.ewc={online.ewc}: EWC's Fisher is computed from replayed windows "
           "without clipping or noise, outside DP-SGD's guarantee. Fix: --config.online.ewc=0 (l2_init, distill "
           "and replay are private: their terms are in each example's clipped gradient).")
-  require(not online.max_epsilon or online.max_epsilon > 0, "config.online.max_epsilon must be > 0.")
 
 
 CONFIG = ConfigPart("lm.online", FIELDS, validate)
