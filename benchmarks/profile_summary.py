@@ -41,6 +41,7 @@ KINDS = (
     ("attention", re.compile(r"flash|fmha|cudnn|sdpa|attention|_attn", re.I)),
     ("matmul", re.compile(r"gemm|cutlass|xmma|cublas|nvjet|sm\d\d_.*(hmma|gmma|mma)|wgmma|triton_.*dot|__dot|matmul", re.I)),
     ("copy", re.compile(r"memcpy|memset", re.I)),
+    ("other", re.compile("")),  # the rest
 )
 
 
@@ -51,14 +52,13 @@ CPU_KINDS = (
                           r"native_layer_norm)", re.I)),
     ("layout", re.compile(r"^copy|transpose|aten::(copy_|clone|contiguous|cat|t|transpose|view|as_strided|"
                           r"_reshape_alias|expand|permute|reshape|empty|empty_strided|zeros|fill_|zero_)$", re.I)),
+    ("elementwise", re.compile("")),  # the rest: XLA's other fusions, the other aten operators
 )
 
 
 def kind_of(name: str, kinds: tuple = KINDS) -> str:
-  for kind, pattern in kinds:
-    if pattern.search(name):
-      return kind
-  return "elementwise" if kinds is CPU_KINDS else "other"
+  """The first kind whose pattern the name matches (each table ends with a catch-all)."""
+  return next(kind for kind, pattern in kinds if pattern.search(name))
 
 
 def find_trace(path: str) -> str:
@@ -155,7 +155,7 @@ def op_names(hlo_dir: str, module: str) -> dict[str, str]:
 def part_of(op: str, op_name: str) -> str:
   """The part of lm's Transformer an XLA:CPU op computes, from its name and op_name (the table of
   BENCHMARKS.md's CPU profiles)."""
-  matmul = op.startswith(("ynn_fusion", "dot"))
+  matmul = kind_of(op, CPU_KINDS) == "matmul"
   attention = "vmap(" in op_name or any(key in op_name for key in ("attention", "softmax", "dot_product"))
   if matmul:
     return "matmul: attention scores and values" if attention else "matmul: projections"

@@ -372,6 +372,10 @@ class OnlineLoop:
     if draw is not None:  # the chunk's steps join the run's privacy ledger, reported with its row
       run.ledger.draws.append(draw)
       self.chunk_row.update(self.privacy_metrics())
+      classes = run.ledger.class_epsilons(float(self.config.privacy.delta))
+      worst = max(classes, key=classes.get)
+      logging.info("Chunk %s: privacy epsilon %.4g (delta %g), the most spent by %s's windows.", chunk.id,
+                   classes[worst], float(self.config.privacy.delta), worst)
     # The chunk is done: its documents join the dedup index and the replay buffer.
     self._finish_chunk_bookkeeping(chunk, train_docs, heldout_docs, dropped, windows)
     self._save(state, current)
@@ -390,7 +394,8 @@ class OnlineLoop:
                             batch_size=int(config.batch_size),
                             replay_rows=replay_lib.replay_rows(int(config.batch_size),
                                                                float(self.online.replay_fraction), replay),
-                            expected_batch_size=privacy_lib.expected_batch_size(config))
+                            expected_batch_size=train_privacy.expected_batch_size(int(config.batch_size),
+                                                                                  config.privacy.expected_batch_size))
     budget = float(self.online.max_epsilon)
     if budget:
       ledger = self.run_state.ledger

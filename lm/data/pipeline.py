@@ -280,6 +280,14 @@ def private_train_dataset(examples: Examples, *, seed: int, global_batch_size: i
   return grain.MapDataset.source(batches).map(local)
 
 
+def poisson_rows(size: int, rate: float, limit: int, rng: np.random.Generator) -> np.ndarray:
+  """Poisson sampling of `size` items at `rate`, truncated to `limit`: a binomial count, then that many
+  distinct indices, uniformly (the same law as drawing each item independently), at most `limit` of them (a
+  uniform subset when more are drawn). Their order is random."""
+  count = min(int(rng.binomial(size, rate)), int(limit))
+  return rng.choice(size, size=count, replace=False)
+
+
 class _PoissonBatches:
   """Global batch s of a Poisson-sampled private run: each of the N examples joins independently with
   probability q (a binomial count, then that many distinct indices, uniformly: the same law), at most
@@ -294,8 +302,7 @@ class _PoissonBatches:
   def rows(self, step: int) -> np.ndarray:
     """The example indices of global batch `step` (at most batch_size; their order is random)."""
     rng = np.random.default_rng([self.seed, int(step), 0x9015])
-    count = min(int(rng.binomial(len(self.examples), self.rate)), self.batch_size)
-    return rng.choice(len(self.examples), size=count, replace=False)
+    return poisson_rows(len(self.examples), self.rate, self.batch_size, rng)
 
   def __getitem__(self, step: int) -> tuple[list[Any], int]:
     chosen = self.rows(step)

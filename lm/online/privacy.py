@@ -41,12 +41,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lm.data import pipeline
 from lm.online import replay as replay_lib
 from lm.train import privacy as privacy_lib
 
-# The accountant's grid of privacy-loss values (lm.train.privacy.epsilon_truncated_poisson's, for the same
-# reason: an upper bound to ~4 digits at a tenth of the default grid's time).
-_GRID = 1e-3
 # The Poisson draws of a private online batch: a stream apart from the replay buffer's others.
 _POISSON_STREAM = 0xD9D9
 
@@ -93,12 +91,6 @@ def plan(chunk: str, *, steps: int, noise_multiplier: float, new_windows: int, r
                    int(replay_windows), replay_rows, float(replay_rate))
 
 
-def poisson_indices(size: int, rate: float, rows: int, rng: np.random.Generator) -> np.ndarray:
-  """Each of `size` items independently with probability `rate`, truncated to a uniform subset of `rows`."""
-  count = int(rng.binomial(size, rate)) if rate < 1.0 else size
-  return np.sort(rng.choice(size, size=min(count, rows), replace=False))
-
-
 def private_batch(new_windows: Any, replay: Any, draw: ChunkDraw, *, step: int, seed: int) -> dict[str, np.ndarray]:
   """Batch `step` of a private chunk: {'inputs', 'targets' [B, seq_len], 'is_replay', 'dp_real' [B]}.
 
@@ -111,14 +103,14 @@ def private_batch(new_windows: Any, replay: Any, draw: ChunkDraw, *, step: int, 
   window = len(np.asarray(new_windows[0]))
   batch = np.zeros((draw.new_rows + draw.replay_rows, window), np.int32)
   real = np.zeros(len(batch), np.int32)
-  new = poisson_indices(len(new_windows), draw.new_rate, draw.new_rows, rng)
+  new = np.sort(pipeline.poisson_rows(len(new_windows), draw.new_rate, draw.new_rows, rng))
   batch[:len(new)] = replay_lib.gather(new_windows, new, window)
   real[:len(new)] = 1
   if draw.replay_rows:
     if len(replay) != draw.replay_windows:
       raise ValueError(f"the replay buffer holds {len(replay)} windows, the chunk's draw was planned for "
                        f"{draw.replay_windows}: keep the buffer fixed while training on a chunk")
-    drawn = poisson_indices(len(replay), draw.replay_rate, draw.replay_rows, rng)
+    drawn = np.sort(pipeline.poisson_rows(len(replay), draw.replay_rate, draw.replay_rows, rng))
     batch[draw.new_rows:draw.new_rows + len(drawn)] = replay.take(drawn)
     real[draw.new_rows:draw.new_rows + len(drawn)] = 1
   return {"inputs": batch[:, :-1], "targets": batch[:, 1:], "is_replay": np.arange(len(batch)) >= draw.new_rows,
@@ -126,15 +118,8 @@ def private_batch(new_windows: Any, replay: Any, draw: ChunkDraw, *, step: int, 
 
 
 # -- the ledger -------------------------------------------------------------------------------------------
-@functools.lru_cache(maxsize=256)
-def _pld(size: int, rate: float, rows: int, noise_multiplier: float, steps: int) -> Any:
-  """The privacy loss distribution of `steps` truncated Poisson-sampled Gaussian steps (identity for none)."""
-  from dp_accounting.pld import privacy_loss_distribution as pld_lib  # pylint: disable=g-import-not-at-top
-  if steps <= 0 or rate <= 0 or rows <= 0 or size <= 0:
-    return pld_lib.identity(value_discretization_interval=_GRID)
-  return pld_lib.from_truncated_subsampled_gaussian_mechanism(
-      dataset_size=size, sampling_probability=rate, truncated_batch_size=rows, noise_multiplier=noise_multiplier,
-      value_discretization_interval=_GRID).self_compose(steps)
+# Each chunk's two distributions, built once per process (the ledger composes them again after every chunk).
+_pld = functools.lru_cache(maxsize=256)(privacy_lib.truncated_poisson_pld)
 
 
 def _new_pld(draw: ChunkDraw) -> Any:
@@ -150,6 +135,8 @@ class Ledger:
   """Every private chunk's draw, in order: the run's epsilon (module doc), saved with the online checkpoint."""
 
   draws: list[ChunkDraw] = dataclasses.field(default_factory=list)
+  # class_epsilons by (draws, delta): the budget's check before a chunk and the metrics after it ask for the same.
+  _epsilons: dict[tuple, dict[str, float]] = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
   @property
   def steps(self) -> int:
@@ -157,17 +144,26 @@ class Ledger:
 
   def epsilon(self, delta: float, draws: Sequence[ChunkDraw] | None = None) -> float:
     """The largest epsilon at `delta` over the classes of examples (the pretraining windows, each chunk's)."""
-    draws = list(self.draws if draws is None else draws)
+    return max(self.class_epsilons(delta, draws).values(), default=0.0)
+
+  def class_epsilons(self, delta: float, draws: Sequence[ChunkDraw] | None = None) -> dict[str, float]:
+    """Each class's epsilon at `delta`: "pretraining" (the windows seeded into the replay buffer) and each
+    chunk's windows, by chunk id; {} before any chunk. `draws`: these instead of the ledger's."""
+    draws = tuple(self.draws if draws is None else draws)
     if not draws:
-      return 0.0
-    if any(draw.noise_multiplier <= 0 for draw in draws):
-      return math.inf
-    # suffix[j]: the replay steps of chunks j, j + 1, ... composed (what an example stored before chunk j meets).
-    suffix = [_pld(0, 0.0, 0, 1.0, 0)] * (len(draws) + 1)
-    for j in range(len(draws) - 1, -1, -1):
-      suffix[j] = _replay_pld(draws[j]).compose(suffix[j + 1])
-    classes = [suffix[0]] + [_new_pld(draw).compose(suffix[i + 1]) for i, draw in enumerate(draws)]
-    return max(float(pld.get_epsilon_for_delta(delta)) for pld in classes)
+      return {}
+    key = (draws, float(delta))
+    if key not in self._epsilons:
+      if any(draw.noise_multiplier <= 0 for draw in draws):
+        return {name: math.inf for name in ["pretraining"] + [draw.chunk for draw in draws]}
+      # suffix[j]: the replay steps of chunks j, j + 1, ... composed (what an example stored before chunk j meets).
+      suffix = [_pld(0, 0.0, 0, 1.0, 0)] * (len(draws) + 1)
+      for j in range(len(draws) - 1, -1, -1):
+        suffix[j] = _replay_pld(draws[j]).compose(suffix[j + 1])
+      classes = {"pretraining": suffix[0], **{draw.chunk: _new_pld(draw).compose(suffix[i + 1])
+                                              for i, draw in enumerate(draws)}}
+      self._epsilons[key] = {name: float(pld.get_epsilon_for_delta(delta)) for name, pld in classes.items()}
+    return dict(self._epsilons[key])
 
   def metrics(self, delta: float, clip_norm: float) -> dict[str, float]:
     """privacy/... as a run's metrics.jsonl reports them (lm.train.privacy.Accounting.metrics' names)."""
@@ -186,7 +182,3 @@ class Ledger:
   def from_json(cls, data: list[dict[str, Any]] | None) -> Ledger:
     return cls([ChunkDraw.from_json(item) for item in data or ()])
 
-
-def expected_batch_size(config: Any) -> float:
-  """The run's b: privacy.expected_batch_size, or B - 4 sqrt(B)."""
-  return privacy_lib.expected_batch_size(int(config.batch_size), config.privacy.expected_batch_size)

@@ -120,11 +120,16 @@ def test_the_ledger_is_the_worst_class_of_examples_each_composed_by_the_accounta
   want = [_accountant_epsilon(events, delta) for events in classes]
   got = privacy.Ledger(draws).epsilon(delta)
   assert got == pytest.approx(max(want), rel=1e-9)
+  classes = privacy.Ledger(draws).class_epsilons(delta)
+  assert list(classes) == ["pretraining", "a", "b", "c"] and list(classes.values()) == pytest.approx(want, rel=1e-9)
   assert max(want) > min(want) * 1.5  # the classes differ: the maximum is a real choice
-  # With no replay, one chunk's epsilon is the train mode's truncated-Poisson accounting of its steps.
+  # With no replay, one chunk's epsilon is the accountant's truncated-Poisson epsilon of its steps alone.
   alone = _draw("a", steps=50, new=2000, replay=0)
-  assert privacy.Ledger([alone]).epsilon(delta) == pytest.approx(train_privacy.epsilon_truncated_poisson(
-      1.0, 2000, alone.new_rate, 64, 50, delta), rel=1e-9)
+  assert privacy.Ledger([alone]).epsilon(delta) == pytest.approx(_accountant_epsilon(_events(alone, "new"), delta),
+                                                                 rel=1e-9)
+  # The train mode's accounting of the same steps is the same distribution.
+  assert train_privacy.epsilon_truncated_poisson(1.0, 2000, alone.new_rate, 64, 50, delta) == pytest.approx(
+      privacy.Ledger([alone]).epsilon(delta), rel=1e-9)
   # More chunks never lower it; no noise is no privacy; nothing trained is epsilon 0.
   ledger = privacy.Ledger(draws[:1])
   assert ledger.epsilon(delta) <= ledger.epsilon(delta, draws[:2]) <= got
