@@ -87,11 +87,12 @@ def model_config_for(config: ml_collections.ConfigDict, tokenizer: tokenizers_li
 
 
 def settle_attention(model_config: TransformerConfig) -> TransformerConfig:
-  """model.attention_impl cudnn/auto -> cudnn or xla for these devices, saying why cuDNN is not used."""
+  """model.attention_impl cudnn/cpu/auto -> cudnn, cpu or xla for these devices, saying why a kernel is not used."""
   settled, problem = transformer_lib.resolve_attention(model_config)
-  if problem and model_config.attention_impl == "cudnn":
-    logging.warning("model.attention_impl=cudnn cannot be used: %s. Using XLA's attention instead (same result, "
-                    "no flash kernel); set model.attention_impl=auto to choose silently.", problem)
+  if problem and model_config.attention_impl in ("cudnn", "cpu"):
+    logging.warning("model.attention_impl=%s cannot be used: %s. Using XLA's attention instead (same result, "
+                    "no fused kernel); set model.attention_impl=auto to choose silently.", model_config.attention_impl,
+                    problem)
   elif model_config.attention_impl != "xla":
     logging.info("model.attention_impl=%s -> %s%s", model_config.attention_impl, settled.attention_impl,
                  f" ({problem})" if problem else "")

@@ -38,7 +38,7 @@ CHOICES = {
     "position": ("learned", "rope"),
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
-    "attention_impl": ("xla", "cudnn", "auto"),
+    "attention_impl": ("xla", "cudnn", "cpu", "auto"),
     "loss_impl": ("auto", "fused", "logits"),
     "remat_policy": REMAT_POLICY_NAMES,
     "dtype": tuple(DTYPES),
@@ -77,8 +77,9 @@ class TransformerConfig:
   init_std: float = 0.02
   dtype: str = "float32"  # computation
   param_dtype: str = "float32"  # storage (master weights)
-  # xla | cudnn (flash attention on NVIDIA GPUs) | auto (cudnn where it can run, else xla);
-  # `resolve_attention` settles it for the devices at hand and says why it falls back.
+  # xla | cudnn (flash attention on NVIDIA GPUs) | cpu (lm's fused float32 attention kernel for XLA:CPU,
+  # lm/kernels) | auto (cudnn where it can run, else cpu where it can, else xla); `resolve_attention`
+  # settles it for the devices at hand and says why it falls back.
   attention_impl: str = "xla"
   remat_policy: str = "none"
   scan_layers: bool = False

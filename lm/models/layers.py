@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
+from lm.kernels import attention as cpu_attention
 from lm.models.quantize import is_quantized, projection_matmul
 from lm.models.config import TransformerConfig
 
@@ -73,29 +74,63 @@ def segment_mask(segment_ids: jax.Array, causal: bool = True) -> jax.Array:
   return same[:, None]
 
 
+def settle_attention_impl(config: TransformerConfig, platform: str,
+                          compute_capability: str | None = None) -> tuple[str, str | None]:
+  """What `config.attention_impl` runs on `platform`: (xla, cudnn or cpu, why not the one asked for or None).
+
+  "cudnn" and "cpu" fall back to "xla" when they cannot run (the reason is
+  returned); "auto" tries cuDNN, then lm's CPU kernel, then XLA.
+  """
+  impl = config.attention_impl
+  if impl == "xla":
+    return "xla", None
+  problems = []
+  if impl in ("cudnn", "auto"):
+    problem = cudnn_attention_problem(config, platform, compute_capability)
+    if problem is None:
+      return "cudnn", None
+    problems.append(problem)
+  if impl in ("cpu", "auto"):
+    problem = cpu_attention.problem(platform, config.dtype, config.max_len)
+    if problem is None:
+      return "cpu", None
+    problems.append(problem)
+  return "xla", "; ".join(problems)
+
+
 def _attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool, config: TransformerConfig,
                mask: jax.Array | None = None) -> jax.Array:
   """Self-attention [batch, length, heads, head_dim] through `config.attention_impl`: causal or full, and
   with `mask` [batch, 1, length, length] bool (True: the key is seen; it already holds the causal part) when
   the rows pack several documents (`segment_mask`).
 
-  A config from `build_experiment` is settled to "xla" or "cudnn" already
+  A config from `build_experiment` is settled to "xla", "cudnn" or "cpu" already
   (`transformer.resolve_attention`); one built by hand may still say "auto",
-  which asks `cudnn_attention_problem` first. cuDNN is then tried, and where
-  it refuses the shape at trace time XLA's attention runs, with a warning
-  naming the reason.
+  which is settled here (`settle_attention_impl`). cuDNN is then tried, and
+  where it refuses the shape at trace time XLA's attention runs, with a
+  warning naming the reason.
 
   cuDNN takes the mask as an additive bias [batch, 1, length, length] (0 or a
   large negative, `jax.nn.dot_product_attention` converts it) next to its own
   causal mask, which still lets it skip the blocks above the diagonal; its
-  segment-id ("packed") layout is not reachable through `jax.nn`.
+  segment-id ("packed") layout is not reachable through `jax.nn`. lm's CPU
+  kernel (`lm.kernels.attention`) takes no mask: packed rows, and a mesh that
+  splits the sequence or head dimension, use XLA's attention, with a warning.
   """
   impl = config.attention_impl
   platform = jax.default_backend()
   if impl == "auto":
     device = jax.local_devices()[0]
-    problem = cudnn_attention_problem(config, platform, getattr(device, "compute_capability", None))
-    impl = "xla" if problem else "cudnn"
+    impl, _ = settle_attention_impl(config, platform, getattr(device, "compute_capability", None))
+  if impl == "cpu":
+    problem = ("it takes no document mask (packed rows)" if mask is not None
+               else cpu_attention.mesh_problem()
+               or cpu_attention.problem(platform, jnp.dtype(query.dtype).name, query.shape[-3]))
+    if problem is None:
+      return cpu_attention.attention(query, key, value, causal)
+    _warn_once(f"lm's fused CPU attention cannot run here: {problem}; using XLA's attention instead: same "
+               "result, no fused kernel. Set model.attention_impl=xla to silence this.")
+    impl = "xla"
   if impl == "cudnn" and mask is not None and query.shape[1] % 2:
     # jax checks this only when differentiating (check_is_flash_attention: a bias needs even lengths in
     # training), which under remat or scan happens after this function returns: too late to fall back.

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 from lm.models.config import REMAT_POLICY_NAMES, TransformerConfig
 from lm.models.fused_loss import mask_padding
-from lm.models.layers import (QKV_NAMES, Attention, Mlp, Projection, add_learned_positions, cudnn_attention_problem,
-                              make_norm, token_embedding)
+from lm.models.layers import (QKV_NAMES, Attention, Mlp, Projection, add_learned_positions, make_norm,
+                              settle_attention_impl, token_embedding)
 
 # Rematerialization of each block (`model.remat_policy`): what the backward pass may keep from the
 # forward instead of recomputing it. Fewer saved values: less memory, more FLOPs.
@@ -39,11 +39,12 @@ assert tuple(REMAT_POLICIES) == REMAT_POLICY_NAMES
 
 def resolve_attention(config: TransformerConfig, platform: str | None = None,
                       compute_capability: str | None = None) -> tuple[TransformerConfig, str | None]:
-  """Settles attention_impl "cudnn"/"auto" for the devices at hand: (config with xla or cudnn, why not cudnn).
+  """Settles attention_impl "cudnn"/"cpu"/"auto" for the devices at hand: (config with xla, cudnn or cpu,
+  why not the one asked for).
 
   The reason is None when the config keeps what it asked for (or asked for
   xla). Defaults: JAX's default backend and its first device's compute
-  capability.
+  capability. The rule is `layers.settle_attention_impl`.
   """
   if config.attention_impl == "xla":
     return config, None
@@ -51,10 +52,8 @@ def resolve_attention(config: TransformerConfig, platform: str | None = None,
     platform = jax.default_backend()
     if platform == "gpu":
       compute_capability = getattr(jax.local_devices()[0], "compute_capability", None)
-  problem = cudnn_attention_problem(config, platform, compute_capability)
-  if problem is None:
-    return dataclasses.replace(config, attention_impl="cudnn"), None
-  return dataclasses.replace(config, attention_impl="xla"), problem
+  impl, problem = settle_attention_impl(config, platform, compute_capability)
+  return dataclasses.replace(config, attention_impl=impl), problem
 
 
 class Block(nn.Module):

@@ -186,8 +186,9 @@ def test_cudnn_attention_is_used_only_where_it_can_run(platform, dtype, heads, c
     assert expected in problem and reason == problem and settled.attention_impl == "xla"
 
 
-def test_auto_attention_on_cpu_is_xla_and_xla_stays_xla():
-  auto = TransformerConfig(vocab_size=8, num_layers=1, num_heads=2, width=32, max_len=8, attention_impl="auto")
+def test_auto_attention_in_bfloat16_on_cpu_is_xla_and_xla_stays_xla():
+  auto = TransformerConfig(vocab_size=8, num_layers=1, num_heads=2, width=32, max_len=8, attention_impl="auto",
+                           dtype="bfloat16")  # float32 takes lm's CPU kernel: tests/models/test_cpu_attention.py
   assert resolve_attention(auto)[0].attention_impl == "xla"
   plain = TransformerConfig(vocab_size=8, num_layers=1, num_heads=2, width=32, max_len=8)
   assert resolve_attention(plain) == (plain, None)
