@@ -48,6 +48,7 @@ KINDS = (
 CPU_KINDS = (
     ("matmul", re.compile(r"^ynn_fusion|^dot\b|^dot\.|_dot_fusion|aten::(mm|addmm|bmm|baddbmm|matmul)$", re.I)),
     ("attention", re.compile(r"scaled_dot_product|flash_attention", re.I)),
+    ("lm kernel", re.compile(r"^ffi_call", re.I)),  # lm's XLA:CPU kernels (lm/kernels), XLA FFI custom calls
     ("reduce", re.compile(r"reduce|aten::(sum|mean|max|amax|norm|linalg_vector_norm|_softmax|_log_softmax|"
                           r"native_layer_norm)", re.I)),
     ("layout", re.compile(r"^copy|transpose|aten::(copy_|clone|contiguous|cat|t|transpose|view|as_strided|"
@@ -159,6 +160,8 @@ def part_of(op: str, op_name: str) -> str:
   attention = "vmap(" in op_name or any(key in op_name for key in ("attention", "softmax", "dot_product"))
   if matmul:
     return "matmul: attention scores and values" if attention else "matmul: projections"
+  if kind_of(op, CPU_KINDS) == "lm kernel" and "/attn/" in op_name:
+    return "attention: lm's fused kernel (forward and backward)"
   if attention or any(f"/{key}/" in op_name for key in ("query", "key", "value")):
     return "attention: mask, softmax, head transposes"
   if "erf" in op_name or "/mlp/" in op_name:

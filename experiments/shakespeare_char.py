@@ -47,9 +47,11 @@ def get_config():
   config.model.use_bias = False  # nanoGPT's train.py default (bias=False)
   config.model.tie_embeddings = False  # see the docstring: the one deviation from nanoGPT
   config.model.dropout = 0.0
-  # lm's fused float32 attention kernel on CPU (lm/kernels: 5 % faster a step than XLA's attention here,
-  # BENCHMARKS.md), cuDNN's or XLA's elsewhere.
+  # lm's float32 XLA:CPU kernels on CPU (lm/kernels, BENCHMARKS.md): fused attention, LayerNorm, GELU;
+  # cuDNN's or XLA's attention, flax's LayerNorm and XLA's GELU elsewhere.
   config.model.attention_impl = "auto"
+  config.model.norm_impl = "auto"
+  config.model.gelu_impl = "auto"
 
   config.optim.lr = 1e-3
   config.optim.min_lr = 1e-4

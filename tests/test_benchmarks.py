@@ -302,23 +302,31 @@ def test_profile_summary_counts_nested_torch_cpu_operators_once_by_self_time():
 
 
 def test_profile_summary_sums_xla_cpu_ops_of_a_real_trace(tmp_path, capsys):
-  """A jitted matmul + GELU profiled on the CPU with XLA's per-op trace events: the busiest module's ops."""
+  """A jitted matmul + GELU, and lm's attention kernel in an `attn` scope as the model names it, profiled on the
+  CPU with XLA's per-op trace events: the busiest module's ops."""
   import subprocess  # pylint: disable=g-import-not-at-top
   program = ("import jax, jax.numpy as jnp\n"
-             "f = jax.jit(lambda a, b: jax.nn.gelu(a @ b).sum())\n"
-             "a = jnp.ones((256, 256)); f(a, a).block_until_ready()\n"
+             "from lm.kernels import attention\n"
+             "def g(a, b, q):\n"
+             "  with jax.named_scope('attn'):\n"
+             "    o = attention.attention(q, q, q)\n"
+             "  return jax.nn.gelu(a @ b).sum() + o.sum()\n"
+             "f = jax.jit(g)\n"
+             "a = jnp.ones((256, 256)); q = jnp.ones((2, 16, 2, 16)); f(a, a, q).block_until_ready()\n"
              f"with jax.profiler.trace({str(tmp_path)!r}, create_perfetto_trace=True):\n"
-             "  [f(a, a).block_until_ready() for _ in range(2)]\n")
+             "  [f(a, a, q).block_until_ready() for _ in range(2)]\n")
   flags = f" --xla_cpu_enable_xprof_traceme=true --xla_dump_to={tmp_path / 'hlo'} --xla_dump_hlo_as_text"
   env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + flags, JAX_PLATFORMS="cpu")
   subprocess.run([sys.executable, "-c", program], check=True, env=env, timeout=120, capture_output=True)
   summary_lib.main([str(tmp_path), "--steps", "2", "--hlo", str(tmp_path / "hlo")])
   out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert out["source"] == "XLA:CPU ops of jit__lambda" and out["kernels_per_step"] >= 1, out
-  assert out["kinds_ms_per_step"]["matmul"] > 0 and set(out["kinds_ms_per_step"]) <= {
-      "matmul", "elementwise", "reduce", "layout"}
-  # By part, from the dump's op_name metadata: the matmul is a projection's here (not attention's).
+  assert out["source"] == "XLA:CPU ops of jit_g" and out["kernels_per_step"] >= 1, out
+  assert out["kinds_ms_per_step"]["matmul"] > 0 and out["kinds_ms_per_step"]["lm kernel"] > 0
+  assert set(out["kinds_ms_per_step"]) <= {"matmul", "lm kernel", "elementwise", "reduce", "layout"}
+  # By part, from the dump's op_name metadata: the matmul is a projection's here (not attention's), and the
+  # FFI call in the `attn` scope is the fused attention.
   assert out["parts_ms_per_step"]["matmul: projections"] > 0
+  assert out["parts_ms_per_step"]["attention: lm's fused kernel (forward and backward)"] > 0
   assert sum(out["parts_ms_per_step"].values()) == pytest.approx(out["busy_ms_per_step"])
   with pytest.raises(SystemExit, match="error: the trace has no XLA module 'jit_train_step'; its modules: "):
     summary_lib.main([str(tmp_path), "--module", "jit_train_step"])

@@ -32,7 +32,7 @@ from lm.data import pipeline, sources
 from lm.data import tokenizers as tokenizers_lib
 from lm.experiment.config import validate
 from lm.experiment.registry import make_task, saved_task, task_class
-from lm.experiment.model import TOKENIZER_DIR, model_config_for, resolve_tokenizer, settle_attention, tokenizer_identity
+from lm.experiment.model import TOKENIZER_DIR, model_config_for, resolve_tokenizer, settle_kernels, tokenizer_identity
 from lm.experiment.splits import cleaned_documents, open_train_split
 from lm.models.config import SHAPE_FIELDS, TransformerConfig
 from lm.tasks.base import Task
@@ -214,7 +214,7 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
   run_identity = to_json_dict(config)
   run_identity.pop("distributed")  # differs per process by design (process_id)
   distributed.check_same_on_all_processes({"config": run_identity, "tokenizer": tokenizer_identity(tokenizer)})
-  model_config = settle_attention(model_config_for(config, tokenizer))
+  model_config = settle_kernels(model_config_for(config, tokenizer))
   try:
     task = make_task(config, model_config, tokenizer, train_split=functools.partial(open_train_split, config))
   except ValueError as error:

@@ -86,8 +86,9 @@ def model_config_for(config: ml_collections.ConfigDict, tokenizer: tokenizers_li
     raise ConfigError(str(error)) from error
 
 
-def settle_attention(model_config: TransformerConfig) -> TransformerConfig:
-  """model.attention_impl cudnn/cpu/auto -> cudnn, cpu or xla for these devices, saying why a kernel is not used."""
+def settle_kernels(model_config: TransformerConfig) -> TransformerConfig:
+  """model.attention_impl (cudnn/cpu/auto), model.norm_impl and model.gelu_impl (cpu/auto) -> what these devices
+  run, saying why a kernel asked for is not used."""
   settled, problem = transformer_lib.resolve_attention(model_config)
   if problem and model_config.attention_impl in ("cudnn", "cpu"):
     logging.warning("model.attention_impl=%s cannot be used: %s. Using XLA's attention instead (same result, "
@@ -96,6 +97,15 @@ def settle_attention(model_config: TransformerConfig) -> TransformerConfig:
   elif model_config.attention_impl != "xla":
     logging.info("model.attention_impl=%s -> %s%s", model_config.attention_impl, settled.attention_impl,
                  f" ({problem})" if problem else "")
+  for field, resolve, kind in (("norm_impl", transformer_lib.resolve_norm, "flax's LayerNorm"),
+                                ("gelu_impl", transformer_lib.resolve_gelu, "XLA's GELU")):
+    asked = getattr(model_config, field)
+    settled, problem = resolve(settled)
+    if problem and asked == "cpu":
+      logging.warning("model.%s=cpu cannot be used: %s. Using %s instead (same result); set model.%s=auto to "
+                      "choose silently.", field, problem, kind, field)
+    elif asked != "xla":
+      logging.info("model.%s=%s -> %s%s", field, asked, getattr(settled, field), f" ({problem})" if problem else "")
   return settled
 
 

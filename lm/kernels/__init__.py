@@ -1,9 +1,9 @@
 """lm's own XLA:CPU kernels: C++ sources compiled on first use, cached, and registered as XLA FFI targets.
 
 A kernel is built for the CPU it runs on (`-march=native`) with the machine's C++ compiler (`$CXX`, else
-`g++`, else `c++`) against the XLA FFI headers jaxlib ships (`jax.ffi.include_dir()`). The shared library is
-cached in `$LM_KERNEL_CACHE` (default `~/.cache/lm/kernels`) under a name that hashes the source, the
-compiler command, jaxlib's version and the CPU's model and flags, so a change to any of them builds afresh
+`g++`, else `c++`) against the XLA FFI headers jaxlib ships (`jax.ffi.include_dir()`) and this folder's
+shared header (`common.h`). The shared library is cached in `$LM_KERNEL_CACHE` (default
+`~/.cache/lm/kernels`) under a name that hashes the sources, the compiler command, jaxlib's version and the CPU's model and flags, so a change to any of them builds afresh
 and processes that share a cache (pytest -n 2, a multi-process launch) never load a half-written file:
 each builds into a temporary name and renames it into place.
 
@@ -22,8 +22,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import flax.linen as nn
 import jax
 import jaxlib
+from jax.sharding import PartitionSpec
 
 SOURCE_DIR = Path(__file__).resolve().parent
 # -fopenmp-simd: the `#pragma omp simd` reductions vectorize without -ffast-math (no OpenMP runtime is
@@ -63,9 +65,10 @@ def build(name: str) -> Path:
   if cxx is None:
     raise KernelUnavailable(f"no C++ compiler to build lm's {name} kernel (looked for $CXX, g++, c++); install "
                             "one (apt-get install g++) or set model.attention_impl=xla")
-  include = jax.ffi.include_dir()
-  command = [cxx, *FLAGS, f"-I{include}", str(source)]
-  key = hashlib.sha256("\0".join([source.read_text(), *command, jaxlib.__version__, _cpu_signature()]).encode())
+  command = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", f"-I{SOURCE_DIR}", str(source)]
+  headers = [path.read_text() for path in sorted(SOURCE_DIR.glob("*.h"))]
+  key = hashlib.sha256("\0".join([source.read_text(), *headers, *command, jaxlib.__version__,
+                                   _cpu_signature()]).encode())
   target = cache_dir() / f"{name}-{key.hexdigest()[:16]}.so"
   if target.exists():
     return target
@@ -86,3 +89,39 @@ def load(name: str, targets: tuple[str, ...]) -> ctypes.CDLL:
   for symbol in targets:
     jax.ffi.register_ffi_target(f"lm_{symbol}", jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
   return library
+
+
+@functools.cache
+def load_problem(name: str, targets: tuple[str, ...]) -> str | None:
+  """Why `name`.cc cannot be built or loaded on this machine (cached per process); None once it is loaded."""
+  try:
+    load(name, targets)
+  except (KernelUnavailable, OSError) as error:
+    return str(error)
+  return None
+
+
+def platform_problem(what: str, platform: str, dtype: str) -> str | None:
+  """Why lm's `what` kernel (float32, XLA:CPU) cannot run compute `dtype` on `platform`; None if it can."""
+  if platform != "cpu":
+    return f"lm's {what} kernel is for XLA:CPU, and this run's devices are {platform}"
+  if dtype != "float32":
+    return f"lm's {what} kernel takes float32, and model.dtype={dtype}; set model.dtype=float32"
+  return None
+
+
+def mesh_spec(axes: tuple[str, ...]) -> PartitionSpec | None:
+  """The mesh axes of an activation with logical `axes` under the active mesh (`jax.set_mesh`) and logical
+  rules, one entry per axis; None without a mesh of several devices (the kernel then runs as one call)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  spec = tuple(nn.logical_to_mesh_axes(axes))
+  return PartitionSpec(*(spec + (None,) * (len(axes) - len(spec))))
+
+
+def per_shard(fn, spec: PartitionSpec | None, in_specs, out_specs):
+  """`fn` run on each device's shard (`jax.shard_map`) under a mesh, or `fn` itself without one (spec None)."""
+  if spec is None:
+    return fn
+  return jax.shard_map(fn, in_specs=in_specs, out_specs=out_specs, check_vma=False)

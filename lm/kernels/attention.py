@@ -18,11 +18,9 @@ from __future__ import annotations
 import functools
 import math
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
 from lm import kernels
 
@@ -34,43 +32,21 @@ AXES = ("batch", "length", "heads", "kv")
 MAX_LENGTH = 4096
 
 
-@functools.cache
-def build_problem() -> str | None:
-  """Why the kernel cannot be built or loaded on this machine (cached per process); None once it is loaded."""
-  try:
-    kernels.load(NAME, TARGETS)
-  except (kernels.KernelUnavailable, OSError) as error:
-    return str(error)
-  return None
-
-
 def problem(platform: str, dtype: str, length: int) -> str | None:
   """Why the fused CPU attention cannot run sequences of `length` in compute `dtype` on `platform`; None if it
   can."""
-  if platform != "cpu":
-    return f"lm's fused attention kernel is for XLA:CPU, and this run's devices are {platform}"
-  if dtype != "float32":
-    return f"lm's fused CPU attention takes float32, and model.dtype={dtype}; set model.dtype=float32"
-  if length > MAX_LENGTH:
-    return (f"lm's fused CPU attention holds each head's length x length scores, and sequences of {length} "
-            f"exceed its {MAX_LENGTH}")
-  return build_problem()
-
-
-def _spec() -> PartitionSpec | None:
-  """The [batch, length, heads, kv] layout's mesh axes under the active logical rules, None without a mesh."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or mesh.size == 1:
-    return None
-  return nn.logical_to_mesh_axes(AXES)
+  reason = kernels.platform_problem("fused attention", platform, dtype)
+  if reason is None and length > MAX_LENGTH:
+    reason = (f"lm's fused CPU attention holds each head's length x length scores, and sequences of {length} "
+              f"exceed its {MAX_LENGTH}")
+  return reason or kernels.load_problem(NAME, TARGETS)
 
 
 def mesh_problem() -> str | None:
   """Why the active mesh's layout of attention's inputs cannot run the kernel per shard; None if it can."""
-  spec = _spec()
+  spec = kernels.mesh_spec(AXES)
   if spec is None:
     return None
-  spec = tuple(spec) + (None,) * (4 - len(spec))
   split = [name for name, axis in zip(AXES, spec) if axis is not None and name in ("length", "kv")]
   if split:
     return (f"the sharding rules split attention's {' and '.join(split)} axis over the mesh, and the fused CPU "
@@ -126,13 +102,9 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool =
     raise ValueError(f"key {key.shape} and value {value.shape} must match query {query.shape} but for the heads")
   if query.shape[-2] % key.shape[-2]:
     raise ValueError(f"the query's {query.shape[-2]} heads must be a multiple of the key's {key.shape[-2]}")
-  spec = _spec()
-  if spec is None:
-    return _attention(query, key, value, causal)
   reason = mesh_problem()
   if reason:
     raise ValueError(reason)
-  spec = PartitionSpec(*(tuple(spec) + (None,) * (4 - len(spec))))
-  sharded = jax.shard_map(lambda q, k, v: _attention(q, k, v, causal), in_specs=(spec, spec, spec), out_specs=spec,
-                          check_vma=False)
-  return sharded(query, key, value)
+  spec = kernels.mesh_spec(AXES)
+  return kernels.per_shard(lambda q, k, v: _attention(q, k, v, causal), spec, (spec, spec, spec), spec)(
+      query, key, value)

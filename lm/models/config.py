@@ -39,6 +39,8 @@ CHOICES = {
     "norm": ("layernorm", "rmsnorm"),
     "mlp": ("gelu", "swiglu"),
     "attention_impl": ("xla", "cudnn", "cpu", "auto"),
+    "norm_impl": ("xla", "cpu", "auto"),
+    "gelu_impl": ("xla", "cpu", "auto"),
     "loss_impl": ("auto", "fused", "logits"),
     "remat_policy": REMAT_POLICY_NAMES,
     "dtype": tuple(DTYPES),
@@ -81,6 +83,11 @@ class TransformerConfig:
   # lm/kernels) | auto (cudnn where it can run, else cpu where it can, else xla); `resolve_attention`
   # settles it for the devices at hand and says why it falls back.
   attention_impl: str = "xla"
+  # xla (flax's LayerNorm) | cpu (lm's float32 LayerNorm kernel for XLA:CPU, lm/kernels) | auto (cpu where it
+  # can run, else xla); `resolve_norm` settles it and says why it falls back. RMSNorm is always flax's.
+  norm_impl: str = "xla"
+  # The exact GELU (gelu_approximate=False): xla | cpu (lm's float32 kernel for XLA:CPU) | auto, as norm_impl.
+  gelu_impl: str = "xla"
   remat_policy: str = "none"
   scan_layers: bool = False
   # The training/eval loss: logits (full [batch, length, vocab] float32 logits), fused

@@ -19,6 +19,8 @@ from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
 from lm.kernels import attention as cpu_attention
+from lm.kernels import gelu as cpu_gelu
+from lm.kernels import layernorm as cpu_layernorm
 from lm.models.quantize import is_quantized, projection_matmul
 from lm.models.config import TransformerConfig
 
@@ -235,9 +237,57 @@ def add_learned_positions(module: nn.Module, config: TransformerConfig, x: jax.A
   return x + jnp.take(table, positions, axis=0).astype(config.compute_dtype)
 
 
+def settle_norm_impl(config: TransformerConfig, platform: str) -> tuple[str, str | None]:
+  """What `config.norm_impl` runs on `platform`: (xla or cpu, why not the kernel asked for, or None)."""
+  if config.norm_impl == "xla":
+    return "xla", None
+  if config.norm != "layernorm":
+    return "xla", f"lm's norm kernel is a LayerNorm, and model.norm={config.norm}"
+  problem = cpu_layernorm.problem(platform, config.dtype)
+  return ("xla", problem) if problem else ("cpu", None)
+
+
+class KernelLayerNorm(nn.Module):
+  """flax's `nn.LayerNorm` (the same parameters, names and float32 arithmetic) through lm's XLA:CPU kernel.
+
+  `make_norm` builds it for float32 models where the kernel can run. Where
+  it cannot at trace time (a mesh splitting the normalized axis) flax's
+  formula computes it here, with a warning.
+  """
+
+  epsilon: float
+  use_bias: bool
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    features = (x.shape[-1],)
+    scale = self.param("scale", ones_init(("embed",)), features, self.param_dtype)
+    bias = self.param("bias", zeros_init(("embed",)), features, self.param_dtype) if self.use_bias else None
+    x = x.astype(jnp.float32)  # make_norm builds this module only for float32 models
+    axes = ("batch", "length", "embed")[-x.ndim:]
+    problem = cpu_layernorm.mesh_problem(axes) if x.ndim <= 3 else "it takes [batch, length, embed] activations"
+    if problem is None:
+      return cpu_layernorm.layer_norm(x, scale, bias, self.epsilon, axes)
+    _warn_once(f"lm's LayerNorm kernel cannot run here: {problem}; using flax's LayerNorm instead: same result. "
+               "Set model.norm_impl=xla to silence this.")
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(x * x, -1, keepdims=True) - mean * mean)
+    y = (x - mean) * (jax.lax.rsqrt(var + self.epsilon) * scale)
+    return y if bias is None else y + bias
+
+
 def make_norm(config: TransformerConfig, name: str) -> nn.Module:
-  """LayerNorm (GPT-2) or RMSNorm (Llama), parameters on the `embed` axis."""
+  """LayerNorm (GPT-2; flax's, or lm's CPU kernel with norm_impl cpu) or RMSNorm (Llama), parameters on the
+  `embed` axis."""
   if config.norm == "layernorm":
+    impl, problem = settle_norm_impl(config, jax.default_backend())
+    if problem and config.norm_impl == "cpu":
+      _warn_once(f"lm's LayerNorm kernel cannot run here: {problem}; using flax's LayerNorm instead: same "
+                 "result. Set model.norm_impl=xla to silence this.")
+    if impl == "cpu":
+      return KernelLayerNorm(epsilon=config.norm_eps, use_bias=config.use_bias, param_dtype=config.weight_dtype,
+                             name=name)
     return nn.LayerNorm(
         epsilon=config.norm_eps,
         use_bias=config.use_bias,
@@ -394,6 +444,17 @@ class Attention(nn.Module):
     return cached_key.value, cached_value.value, mask[None, None]
 
 
+def settle_gelu_impl(config: TransformerConfig, platform: str) -> tuple[str, str | None]:
+  """What `config.gelu_impl` runs on `platform`: (xla or cpu, why not the kernel asked for, or None)."""
+  if config.gelu_impl == "xla":
+    return "xla", None
+  if config.mlp != "gelu" or config.gelu_approximate:
+    return "xla", "lm's GELU kernel is the exact GELU, and this model's MLP is " + (
+        f"model.mlp={config.mlp}" if config.mlp != "gelu" else "the tanh approximation (model.gelu_approximate)")
+  problem = cpu_gelu.problem(platform, config.dtype)
+  return ("xla", problem) if problem else ("cpu", None)
+
+
 def gelu(x: jax.Array, approximate: bool = False) -> jax.Array:
   """GELU; the exact form as `x/2 * (1 + erf(x/sqrt(2)))`, PyTorch's formula.
 
@@ -424,7 +485,15 @@ class Mlp(nn.Module):
       up = dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x)
       hidden = nn.silu(gate) * up
     else:
-      hidden = gelu(dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x), approximate=cfg.gelu_approximate)
+      up = dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x)
+      impl, problem = settle_gelu_impl(cfg, jax.default_backend())
+      if problem and cfg.gelu_impl == "cpu":
+        _warn_once(f"lm's GELU kernel cannot run here: {problem}; using XLA's GELU instead: same result. Set "
+                   "model.gelu_impl=xla to silence this.")
+      if impl == "cpu" and up.ndim == 3 and up.dtype == jnp.float32:
+        hidden = cpu_gelu.gelu(up, ("batch", "length", "mlp"))
+      else:
+        hidden = gelu(up, approximate=cfg.gelu_approximate)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     out = dense(cfg.width, ("mlp", "embed"), "down", std=residual_std)(hidden)

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from lm.models.config import REMAT_POLICY_NAMES, TransformerConfig
 from lm.models.fused_loss import mask_padding
 from lm.models.layers import (QKV_NAMES, Attention, Mlp, Projection, add_learned_positions, make_norm,
-                              settle_attention_impl, token_embedding)
+                              settle_attention_impl, settle_gelu_impl, settle_norm_impl,
+                              token_embedding)
 
 # Rematerialization of each block (`model.remat_policy`): what the backward pass may keep from the
 # forward instead of recomputing it. Fewer saved values: less memory, more FLOPs.
@@ -54,6 +55,22 @@ def resolve_attention(config: TransformerConfig, platform: str | None = None,
       compute_capability = getattr(jax.local_devices()[0], "compute_capability", None)
   impl, problem = settle_attention_impl(config, platform, compute_capability)
   return dataclasses.replace(config, attention_impl=impl), problem
+
+
+def resolve_norm(config: TransformerConfig, platform: str | None = None) -> tuple[TransformerConfig, str | None]:
+  """Settles norm_impl "cpu"/"auto" for the devices at hand: (config with xla or cpu, why not cpu)."""
+  if config.norm_impl == "xla":
+    return config, None
+  impl, problem = settle_norm_impl(config, platform or jax.default_backend())
+  return dataclasses.replace(config, norm_impl=impl), problem
+
+
+def resolve_gelu(config: TransformerConfig, platform: str | None = None) -> tuple[TransformerConfig, str | None]:
+  """Settles gelu_impl "cpu"/"auto" for the devices at hand: (config with xla or cpu, why not cpu)."""
+  if config.gelu_impl == "xla":
+    return config, None
+  impl, problem = settle_gelu_impl(config, platform or jax.default_backend())
+  return dataclasses.replace(config, gelu_impl=impl), problem
 
 
 class Block(nn.Module):

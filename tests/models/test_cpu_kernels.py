@@ -1,10 +1,11 @@
-"""lm's fused XLA:CPU attention kernel (lm/kernels): XLA's results within 1e-6, under vmap, in the model, and
-what happens where it cannot run."""
+"""lm's XLA:CPU kernels (lm/kernels: fused attention, LayerNorm, GELU): XLA's and flax's results within 1e-6,
+under vmap, in the model, and what happens where they cannot run."""
 
 from __future__ import annotations
 
 import logging
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +13,11 @@ import pytest
 
 from lm import kernels
 from lm.kernels import attention as cpu_attention
+from lm.kernels import gelu as cpu_gelu
+from lm.kernels import layernorm as cpu_layernorm
 from lm.models import layers
 from lm.models.config import TransformerConfig
-from lm.models.transformer import resolve_attention
+from lm.models.transformer import resolve_attention, resolve_gelu, resolve_norm
 from tests.models.test_fast_path import batch, loss_and_grads, make
 
 
@@ -70,9 +73,12 @@ def test_vmapped_per_row_gradients_equal_the_unbatched_ones():
     np.testing.assert_allclose(batched[i], row_grad(query[i], key[i], value[i], cotangent[i]), rtol=1e-6, atol=1e-7)
 
 
-def test_the_model_with_the_kernel_gives_xla_attentions_loss_and_gradients():
+@pytest.mark.parametrize("kernel", ["attention_impl", "norm_impl", "gelu_impl"])
+def test_the_model_with_a_kernel_gives_xlas_loss_and_gradients(kernel):
   model, params = make(num_kv_heads=2)
-  kernel_model, _ = make(num_kv_heads=2, attention_impl="cpu")
+  kernel_model, _ = make(num_kv_heads=2, **{kernel: "cpu"})
+  hlo = jax.jit(lambda p: kernel_model.apply({"params": p}, batch()["inputs"])).lower(params).as_text()
+  assert {"attention_impl": "LmAttention", "norm_impl": "LmLayerNorm", "gelu_impl": "LmGelu"}[kernel] in hlo
   data = batch()
   loss, grads = loss_and_grads(model, params, data)
   kernel_loss, kernel_grads = loss_and_grads(kernel_model, params, data)
@@ -128,3 +134,70 @@ def test_the_build_is_cached_by_source_and_reused(tmp_path, monkeypatch):
   stamp = first.stat().st_mtime_ns
   assert kernels.build("attention_cpu") == first and first.stat().st_mtime_ns == stamp
   assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temporary left behind
+
+
+def layer_norm_inputs(shape, seed=0):
+  keys = jax.random.split(jax.random.key(seed), 4)
+  x = jax.random.normal(keys[0], shape) * 2 + 0.3
+  scale = 1 + 0.1 * jax.random.normal(keys[1], shape[-1:])
+  bias = 0.1 * jax.random.normal(keys[2], shape[-1:])
+  return x, scale, bias, jax.random.normal(keys[3], shape)
+
+
+@pytest.mark.parametrize("shape, use_bias", [((12, 64, 128), True), ((12, 64, 128), False), ((3, 5, 37), True),
+                                             ((7, 16), True)])
+def test_layer_norm_and_its_gradients_equal_flax_within_1e_6(shape, use_bias):
+  x, scale, bias, cotangent = layer_norm_inputs(shape)
+  params = {"scale": scale, "bias": bias} if use_bias else {"scale": scale}
+  flax_norm = nn.LayerNorm(epsilon=1e-5, use_bias=use_bias)
+  axes = ("batch", "length", "embed")[-len(shape):]
+
+  def ours(p, x):
+    return cpu_layernorm.layer_norm(x, p["scale"], p.get("bias"), 1e-5, axes)
+
+  def theirs(p, x):
+    return flax_norm.apply({"params": p}, x)
+  assert rel_error(jax.jit(ours)(params, x), jax.jit(theirs)(params, x)) < 1e-6
+  def grads(norm):
+    return jax.jit(jax.grad(lambda p, x: jnp.sum(norm(p, x) * cotangent), (0, 1)))(params, x)
+  for mine, expected in zip(jax.tree.leaves(grads(ours)), jax.tree.leaves(grads(theirs))):
+    assert rel_error(mine, expected) < 1e-6
+  # Per-row parameter gradients under vmap (DP-SGD's per-example gradients): each row its own.
+  def row_grads(norm):
+    return jax.jit(jax.vmap(jax.grad(lambda p, x, g: jnp.sum(norm(p, x[None]) * g[None])), in_axes=(None, 0, 0)))(
+        params, x, cotangent)
+  if len(shape) == 3:
+    for mine, expected in zip(jax.tree.leaves(row_grads(ours)), jax.tree.leaves(row_grads(theirs))):
+      assert mine.shape == (shape[0], shape[-1]) and rel_error(mine, expected) < 1e-6
+
+
+@pytest.mark.parametrize("shape", [(12, 64, 512), (3, 5, 7)])
+def test_gelu_and_its_gradient_equal_xlas_within_1e_6(shape):
+  x = 3 * jax.random.normal(jax.random.key(0), shape)
+  cotangent = jax.random.normal(jax.random.key(1), shape)
+  ours = jax.jit(lambda x: cpu_gelu.gelu(x, ("batch", "length", "mlp")))
+  assert "LmGeluForward" in ours.lower(x).as_text()
+  assert rel_error(ours(x), jax.jit(layers.gelu)(x)) < 1e-6
+  mine = jax.jit(jax.grad(lambda x: jnp.sum(cpu_gelu.gelu(x) * cotangent)))(x)
+  assert rel_error(mine, jax.jit(jax.grad(lambda x: jnp.sum(layers.gelu(x) * cotangent)))(x)) < 1e-6
+  batched = jax.jit(jax.vmap(jax.grad(lambda x, g: jnp.sum(cpu_gelu.gelu(x[None]) * g[None]))))(x, cotangent)
+  assert rel_error(batched, mine) < 1e-6
+
+
+@pytest.mark.parametrize("options, field, reason", [
+    (dict(norm="rmsnorm"), "norm_impl", "a LayerNorm, and model.norm=rmsnorm"),
+    (dict(dtype="bfloat16"), "norm_impl", "set model.dtype=float32"),
+    (dict(gelu_approximate=True), "gelu_impl", "the tanh approximation"),
+    (dict(mlp="swiglu"), "gelu_impl", "model.mlp=swiglu"),
+    (dict(dtype="bfloat16"), "gelu_impl", "set model.dtype=float32"),
+])
+def test_norm_and_gelu_kernels_say_why_they_cannot_run(options, field, reason):
+  resolve = {"norm_impl": resolve_norm, "gelu_impl": resolve_gelu}[field]
+  def config(impl, **more):
+    return TransformerConfig(vocab_size=8, num_layers=1, num_heads=2, width=32, max_len=8, **{field: impl}, **more)
+  settled, problem = resolve(config("cpu", **options))
+  assert getattr(settled, field) == "xla" and reason in problem
+  assert getattr(resolve(config("auto", **options))[0], field) == "xla"
+  assert resolve(config("auto")) == (config("cpu"), None)
+  settled, problem = resolve(config("auto"), "gpu")
+  assert getattr(settled, field) == "xla" and "for XLA:CPU, and this run's devices are gpu" in problem
