@@ -120,6 +120,23 @@ def mesh_spec(axes: tuple[str, ...]) -> PartitionSpec | None:
   return PartitionSpec(*(spec + (None,) * (len(axes) - len(spec))))
 
 
+def split_problem(spec: PartitionSpec | None, shape: tuple[int, ...]) -> str | None:
+  """Why an array of `shape` cannot be split over the active mesh as `spec` says (an axis the mesh axes'
+  devices do not divide: a per-example vmap's batch of 1, say); None if it can, or without a mesh."""
+  if spec is None:
+    return None
+  sizes = dict(zip(jax.sharding.get_abstract_mesh().axis_names, jax.sharding.get_abstract_mesh().axis_sizes))
+  for size, entry in zip(shape, spec):
+    names = entry if isinstance(entry, tuple) else (entry,) if entry else ()
+    devices = 1
+    for name in names:
+      devices *= sizes[name]
+    if size % devices:
+      return (f"an axis of {size} of the activations {tuple(shape)} does not split over the {devices} devices of "
+              f"mesh axes {names} (a per-example vmap's batch of 1?), and the kernel runs on whole shards")
+  return None
+
+
 def per_shard(fn, spec: PartitionSpec | None, in_specs, out_specs):
   """`fn` run on each device's shard (`jax.shard_map`) under a mesh, or `fn` itself without one (spec None)."""
   if spec is None:

@@ -42,8 +42,9 @@ def problem(platform: str, dtype: str, length: int) -> str | None:
   return reason or kernels.load_problem(NAME, TARGETS)
 
 
-def mesh_problem() -> str | None:
-  """Why the active mesh's layout of attention's inputs cannot run the kernel per shard; None if it can."""
+def mesh_problem(shape: tuple[int, ...]) -> str | None:
+  """Why the active mesh's layout of attention's [..., length, heads, head_dim] inputs of `shape` cannot run the
+  kernel per shard; None if it can."""
   spec = kernels.mesh_spec(AXES)
   if spec is None:
     return None
@@ -51,7 +52,7 @@ def mesh_problem() -> str | None:
   if split:
     return (f"the sharding rules split attention's {' and '.join(split)} axis over the mesh, and the fused CPU "
             "attention needs whole sequences and head dimensions on each device")
-  return None
+  return kernels.split_problem(spec, shape)
 
 
 def _call(name, outputs, *args, causal: bool, scale: float):
@@ -102,7 +103,7 @@ def attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool =
     raise ValueError(f"key {key.shape} and value {value.shape} must match query {query.shape} but for the heads")
   if query.shape[-2] % key.shape[-2]:
     raise ValueError(f"the query's {query.shape[-2]} heads must be a multiple of the key's {key.shape[-2]}")
-  reason = mesh_problem()
+  reason = mesh_problem(query.shape) or mesh_problem(key.shape)
   if reason:
     raise ValueError(reason)
   spec = kernels.mesh_spec(AXES)

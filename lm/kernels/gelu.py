@@ -25,6 +25,12 @@ def problem(platform: str, dtype: str) -> str | None:
   return kernels.platform_problem("GELU", platform, dtype) or kernels.load_problem(NAME, TARGETS)
 
 
+def mesh_problem(axes: tuple[str, ...], shape: tuple[int, ...]) -> str | None:
+  """Why the active mesh's layout of `x` (logical `axes`, `shape`) cannot run the kernel per shard; None if it
+  can."""
+  return kernels.split_problem(kernels.mesh_spec(axes), shape)
+
+
 def _call(target, x, *args):
   kernels.load(NAME, TARGETS)
   return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(x.shape, x.dtype), vmap_method="broadcast_all")(x, *args)
@@ -54,4 +60,7 @@ def gelu(x: jax.Array, axes: tuple[str, ...] = AXES) -> jax.Array:
   spec = kernels.mesh_spec(axes)
   if spec is not None and len(spec) != x.ndim:
     raise ValueError(f"x {x.shape} has {x.ndim} axes and its logical axes are {axes}")
+  reason = mesh_problem(axes, x.shape)
+  if reason:
+    raise ValueError(reason)
   return _gelu(x, spec)

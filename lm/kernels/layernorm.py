@@ -30,13 +30,14 @@ def problem(platform: str, dtype: str) -> str | None:
   return kernels.platform_problem("LayerNorm", platform, dtype) or kernels.load_problem(NAME, TARGETS)
 
 
-def mesh_problem(axes: tuple[str, ...] = AXES) -> str | None:
-  """Why the active mesh's layout of `x` (logical `axes`) cannot run the kernel per shard; None if it can."""
+def mesh_problem(axes: tuple[str, ...], shape: tuple[int, ...]) -> str | None:
+  """Why the active mesh's layout of `x` (logical `axes`, `shape`) cannot run the kernel per shard; None if it
+  can."""
   spec = kernels.mesh_spec(axes)
   if spec is not None and spec[-1] is not None:
     return (f"the sharding rules split the normalized axis ({axes[-1]}) over the mesh, and the LayerNorm kernel "
             "needs whole rows on each device")
-  return None
+  return kernels.split_problem(spec, shape)
 
 
 def _mesh_axes(spec: PartitionSpec) -> tuple[str, ...]:
@@ -102,7 +103,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, eps: floa
     raise TypeError(f"lm's LayerNorm kernel takes float32, not x {x.dtype} and scale {scale.dtype}")
   if scale.shape != x.shape[-1:] or (bias is not None and bias.shape != scale.shape):
     raise ValueError(f"scale {scale.shape} and bias must be [{x.shape[-1]}] for x {x.shape}")
-  reason = mesh_problem(axes)
+  reason = mesh_problem(axes, x.shape)
   if reason:
     raise ValueError(reason)
   spec = kernels.mesh_spec(axes)

@@ -126,7 +126,7 @@ def _attention(query: jax.Array, key: jax.Array, value: jax.Array, causal: bool,
     impl, _ = settle_attention_impl(config, platform, getattr(device, "compute_capability", None))
   if impl == "cpu":
     problem = ("it takes no document mask (packed rows)" if mask is not None
-               else cpu_attention.mesh_problem()
+               else cpu_attention.mesh_problem(query.shape) or cpu_attention.mesh_problem(key.shape)
                or cpu_attention.problem(platform, jnp.dtype(query.dtype).name, query.shape[-3]))
     if problem is None:
       return cpu_attention.attention(query, key, value, causal)
@@ -266,7 +266,8 @@ class KernelLayerNorm(nn.Module):
     bias = self.param("bias", zeros_init(("embed",)), features, self.param_dtype) if self.use_bias else None
     x = x.astype(jnp.float32)  # make_norm builds this module only for float32 models
     axes = ("batch", "length", "embed")[-x.ndim:]
-    problem = cpu_layernorm.mesh_problem(axes) if x.ndim <= 3 else "it takes [batch, length, embed] activations"
+    problem = (cpu_layernorm.mesh_problem(axes, x.shape) if x.ndim <= 3
+               else "it takes [batch, length, embed] activations")
     if problem is None:
       return cpu_layernorm.layer_norm(x, scale, bias, self.epsilon, axes)
     _warn_once(f"lm's LayerNorm kernel cannot run here: {problem}; using flax's LayerNorm instead: same result. "
@@ -487,13 +488,17 @@ class Mlp(nn.Module):
     else:
       up = dense(cfg.hidden_dim, ("embed", "mlp"), "up")(x)
       impl, problem = settle_gelu_impl(cfg, jax.default_backend())
-      if problem and cfg.gelu_impl == "cpu":
+      if impl == "cpu":  # what only the traced activation tells: its rank, its split over the mesh
+        problem = ("it takes [batch, length, mlp] activations" if up.ndim != 3
+                   else cpu_gelu.mesh_problem(("batch", "length", "mlp"), up.shape))
+        impl = "xla" if problem else "cpu"
+      elif cfg.gelu_impl != "cpu":
+        problem = None  # auto chose XLA's GELU, and build_experiment logged why
+      if problem:
         _warn_once(f"lm's GELU kernel cannot run here: {problem}; using XLA's GELU instead: same result. Set "
                    "model.gelu_impl=xla to silence this.")
-      if impl == "cpu" and up.ndim == 3 and up.dtype == jnp.float32:
-        hidden = cpu_gelu.gelu(up, ("batch", "length", "mlp"))
-      else:
-        hidden = gelu(up, approximate=cfg.gelu_approximate)
+      hidden = cpu_gelu.gelu(up, ("batch", "length", "mlp")) if impl == "cpu" else gelu(
+          up, approximate=cfg.gelu_approximate)
     hidden = nn.with_logical_constraint(hidden, ("batch", "length", "mlp"))
     residual_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
     out = dense(cfg.width, ("mlp", "embed"), "down", std=residual_std)(hidden)
