@@ -84,7 +84,8 @@ def _mesh_figures(experiment: Any) -> dict[str, Any]:
 
 MODEL_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "width", "mlp_dim", "vocab_size", "valid_vocab_size",
                 "max_len", "variant", "position", "norm", "mlp", "use_bias", "tie_embeddings", "gelu_approximate",
-                "dropout", "dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "loss_impl")
+                "dropout", "dtype", "param_dtype", "attention_impl", "norm_impl", "gelu_impl", "remat_policy", "scan_layers",
+                "loss_impl")
 
 
 def _run_figures(experiment: Any) -> dict[str, Any]:

@@ -110,8 +110,8 @@ def settle_kernels(model_config: TransformerConfig) -> TransformerConfig:
 
 
 # Model fields an `hf:DIR` run keeps from its own config: how it computes, not what the weights are.
-HF_RUN_FIELDS = ("dtype", "param_dtype", "attention_impl", "remat_policy", "scan_layers", "dropout", "loss_impl",
-                 "loss_chunk_len", "fused_loss_min_mb")
+HF_RUN_FIELDS = ("dtype", "param_dtype", "attention_impl", "norm_impl", "gelu_impl", "remat_policy", "scan_layers",
+                 "dropout", "loss_impl", "loss_chunk_len", "fused_loss_min_mb")
 
 
 def _hf_model_config(config: ml_collections.ConfigDict, tokenizer: tokenizers_lib.Tokenizer,

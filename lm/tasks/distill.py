@@ -61,7 +61,8 @@ STUDENT, TEACHER = "student", "teacher"
 TEACHER_TASKS = ("lm", "sft")  # the runs whose params are a plain language model's
 # The teacher computes as this run does (its dtype, attention kernel for these devices, remat); what its weights
 # are (every other field) is its own.
-RUN_FIELDS = ("dtype", "attention_impl", "remat_policy", "loss_impl", "loss_chunk_len", "fused_loss_min_mb")
+RUN_FIELDS = ("dtype", "attention_impl", "norm_impl", "gelu_impl", "remat_policy", "loss_impl", "loss_chunk_len",
+              "fused_loss_min_mb")
 
 FIELDS = {
     "distill.teacher": "",  # the teacher: a head=lm or sft run's workdir, or hf:DIR (same tokenizer as the student)
