@@ -358,3 +358,24 @@ def test_privacy_clip_measures_the_clipping_of_a_tiny_lm():
   assert huge["clipped_mean_norm"] == pytest.approx(result["mean_gradient_norm"], rel=1e-5)
   q = result["example_norm_quantiles"]
   assert result["examples_for_quantiles"] == 8 and 0 < q["p10"] <= q["p50"] <= q["p90"]
+
+
+cpu_kernels_lib = _load("cpu_kernels")
+
+
+def test_cpu_kernels_times_each_op_and_the_step_with_the_kernels_added_one_by_one(tmp_path, capsys):
+  step_args = " ".join(f"--config.{key}={value}" for key, value in tiny_overrides(steps=1).items())
+  out = cpu_kernels_lib.main(["--rounds", "1", "--calls", "2", "--steps", "2", "--shapes", "2,8,16,2,32",
+                              "--workdir", str(tmp_path), "--step-args", step_args])
+  assert set(out["ops_ms"]) == {"attention", "layernorm", "gelu"}
+  assert all(op["xla"] > 0 and op["kernel"] > 0 and len(op["rounds"]["kernel"]) == 1 for op in out["ops_ms"].values())
+  assert list(out["step_ms"]) == ["xla", "attention", "attention+layernorm", "all three"]
+  assert all(variant["median_ms"] > 0 for variant in out["step_ms"].values())
+  # Each variant's run really ran what it names (bench's JSON carries the settled model fields).
+  assert out["step_ms"]["xla"]["settled"] == {"attention_impl": "xla", "norm_impl": "xla", "gelu_impl": "xla"}
+  assert out["step_ms"]["attention"]["settled"] == {"attention_impl": "cpu", "norm_impl": "xla", "gelu_impl": "xla"}
+  assert out["step_ms"]["all three"]["settled"] == {"attention_impl": "cpu", "norm_impl": "cpu", "gelu_impl": "cpu"}
+  assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rounds"] == 1
+  with pytest.raises(SystemExit):
+    cpu_kernels_lib.main(["--shapes", "2,8"])
+  assert "is not five integers" in capsys.readouterr().err
