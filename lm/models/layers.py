@@ -264,7 +264,10 @@ class KernelLayerNorm(nn.Module):
     features = (x.shape[-1],)
     scale = self.param("scale", ones_init(("embed",)), features, self.param_dtype)
     bias = self.param("bias", zeros_init(("embed",)), features, self.param_dtype) if self.use_bias else None
-    x = x.astype(jnp.float32)  # make_norm builds this module only for float32 models
+    # make_norm builds this module only for float32 compute; parameters stored in another dtype (param_dtype)
+    # are computed with in float32, as flax's LayerNorm does.
+    x, scale = x.astype(jnp.float32), scale.astype(jnp.float32)
+    bias = None if bias is None else bias.astype(jnp.float32)
     axes = ("batch", "length", "embed")[-x.ndim:]
     problem = (cpu_layernorm.mesh_problem(axes, x.shape) if x.ndim <= 3
                else "it takes [batch, length, embed] activations")
