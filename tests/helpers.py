@@ -136,3 +136,16 @@ def write_records(folder: Path, **splits: list[dict]) -> Path:
   for split, records in splits.items():
     (folder / f"{split}.jsonl").write_text("".join(json.dumps(record) + "\n" for record in records))
   return folder
+
+
+def needs_cpp_compiler() -> None:
+  """Skips a test that runs lm's CPU kernels (lm/kernels) where no C++ compiler can build them; fails instead under
+  LM_REQUIRE_COMPILER (.ci/run sets it and installs g++)."""
+  import pytest  # pylint: disable=g-import-not-at-top
+
+  from lm import kernels  # pylint: disable=g-import-not-at-top
+  if kernels.compiler() is None:
+    message = "needs a C++ compiler to build lm's CPU kernels: apt-get install g++ (.ci/run does)"
+    if os.environ.get("LM_REQUIRE_COMPILER"):
+      pytest.fail(message)
+    pytest.skip(message)

@@ -20,7 +20,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from tests.helpers import ROOT, tiny_overrides  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.helpers import ROOT, needs_cpp_compiler, tiny_overrides  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 GPT2_PARAMS = 124_475_904  # GPT-2 small with a 50,304-entry vocabulary, tied, positions included
 GPT2_SHAPE = dict(vocab_size=50304, num_layers=12, num_heads=12, width=768, max_len=1024)
@@ -305,6 +305,7 @@ def test_profile_summary_sums_xla_cpu_ops_of_a_real_trace(tmp_path, capsys):
   """A jitted matmul + GELU, and lm's attention kernel in an `attn` scope as the model names it, profiled on the
   CPU with XLA's per-op trace events: the busiest module's ops."""
   import subprocess  # pylint: disable=g-import-not-at-top
+  needs_cpp_compiler()
   program = ("import jax, jax.numpy as jnp\n"
              "from lm.kernels import attention\n"
              "def g(a, b, q):\n"
@@ -364,6 +365,7 @@ cpu_kernels_lib = _load("cpu_kernels")
 
 
 def test_cpu_kernels_times_each_op_and_the_step_with_the_kernels_added_one_by_one(tmp_path, capsys):
+  needs_cpp_compiler()
   step_args = " ".join(f"--config.{key}={value}" for key, value in tiny_overrides(steps=1).items())
   out = cpu_kernels_lib.main(["--rounds", "1", "--calls", "2", "--steps", "2", "--shapes", "2,8,16,2,32",
                               "--workdir", str(tmp_path), "--step-args", step_args])
