@@ -21,12 +21,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from run import lm_command, run as run_lm  # benchmarks/run.py, beside this script
+
 STEP_VARIANTS = {
     "xla": dict(attention_impl="xla", norm_impl="xla", gelu_impl="xla"),
     "attention": dict(attention_impl="cpu", norm_impl="xla", gelu_impl="xla"),
@@ -94,15 +93,10 @@ def run_ops(rounds: int, calls: int, shapes: dict) -> dict:
 
 
 def bench_step(variant: dict, steps: int, workdir: Path, extra: list[str]) -> dict:
-  """One `--mode bench` process: its step time and the kernels it settled on (bench's JSON `model`)."""
-  args = [sys.executable, "-m", "lm.main", "--config", "experiments/shakespeare_char.py", "--workdir", str(workdir),
-          "--mode", "bench", f"--config.bench.steps={steps}", "--config.bench.warmup_steps=10",
-          "--config.bench.decode=False", *[f"--config.model.{key}={value}" for key, value in variant.items()], *extra]
-  result = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
-  lines = [line for line in result.stdout.splitlines() if line.startswith("{") and '"step_time_ms"' in line]
-  if result.returncode or not lines:
-    sys.exit(f"error: the bench run failed ({' '.join(args)}):\n{result.stderr[-3000:]}")
-  figures = json.loads(lines[-1])
+  """One `--mode bench` process (run.py's command and runner): its step time and the kernels it settled on."""
+  figures = run_lm(lm_command("experiments/shakespeare_char.py", steps, 10, [
+      "--workdir", str(workdir), "--config.bench.decode=False",
+      *[f"--config.model.{key}={value}" for key, value in variant.items()], *extra]), env=os.environ)
   return {"step_time_ms": figures["step_time_ms"],
           "settled": {key: figures["model"][key] for key in ("attention_impl", "norm_impl", "gelu_impl")}}
 

@@ -361,6 +361,7 @@ def test_privacy_clip_measures_the_clipping_of_a_tiny_lm():
   assert result["examples_for_quantiles"] == 8 and 0 < q["p10"] <= q["p50"] <= q["p90"]
 
 
+sys.modules.setdefault("run", runner)  # cpu_kernels.py imports run.py as `run`, the script's neighbour
 cpu_kernels_lib = _load("cpu_kernels")
 
 

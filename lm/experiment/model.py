@@ -97,10 +97,9 @@ def settle_kernels(model_config: TransformerConfig) -> TransformerConfig:
   elif model_config.attention_impl != "xla":
     logging.info("model.attention_impl=%s -> %s%s", model_config.attention_impl, settled.attention_impl,
                  f" ({problem})" if problem else "")
-  for field, resolve, kind in (("norm_impl", transformer_lib.resolve_norm, "flax's LayerNorm"),
-                                ("gelu_impl", transformer_lib.resolve_gelu, "XLA's GELU")):
+  for field, kind in (("norm_impl", "flax's LayerNorm"), ("gelu_impl", "XLA's GELU")):
     asked = getattr(model_config, field)
-    settled, problem = resolve(settled)
+    settled, problem = transformer_lib.resolve_kernel(settled, field)
     if problem and asked == "cpu":
       logging.warning("model.%s=cpu cannot be used: %s. Using %s instead (same result); set model.%s=auto to "
                       "choose silently.", field, problem, kind, field)

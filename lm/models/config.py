@@ -84,7 +84,7 @@ class TransformerConfig:
   # settles it for the devices at hand and says why it falls back.
   attention_impl: str = "xla"
   # xla (flax's LayerNorm) | cpu (lm's float32 LayerNorm kernel for XLA:CPU, lm/kernels) | auto (cpu where it
-  # can run, else xla); `resolve_norm` settles it and says why it falls back. RMSNorm is always flax's.
+  # can run, else xla); `resolve_kernel` settles it and says why it falls back. RMSNorm is always flax's.
   norm_impl: str = "xla"
   # The exact GELU (gelu_approximate=False): xla | cpu (lm's float32 kernel for XLA:CPU) | auto, as norm_impl.
   gelu_impl: str = "xla"

@@ -57,20 +57,18 @@ def resolve_attention(config: TransformerConfig, platform: str | None = None,
   return dataclasses.replace(config, attention_impl=impl), problem
 
 
-def resolve_norm(config: TransformerConfig, platform: str | None = None) -> tuple[TransformerConfig, str | None]:
-  """Settles norm_impl "cpu"/"auto" for the devices at hand: (config with xla or cpu, why not cpu)."""
-  if config.norm_impl == "xla":
-    return config, None
-  impl, problem = settle_norm_impl(config, platform or jax.default_backend())
-  return dataclasses.replace(config, norm_impl=impl), problem
+# The kernels of the Transformer's parts besides attention: field -> the rule that settles it (layers.settle_*).
+KERNEL_RULES = {"norm_impl": settle_norm_impl, "gelu_impl": settle_gelu_impl}
 
 
-def resolve_gelu(config: TransformerConfig, platform: str | None = None) -> tuple[TransformerConfig, str | None]:
-  """Settles gelu_impl "cpu"/"auto" for the devices at hand: (config with xla or cpu, why not cpu)."""
-  if config.gelu_impl == "xla":
+def resolve_kernel(config: TransformerConfig, field: str, platform: str | None = None
+                   ) -> tuple[TransformerConfig, str | None]:
+  """Settles `field` (norm_impl or gelu_impl) "cpu"/"auto" for the devices at hand: (config with xla or cpu,
+  why not cpu)."""
+  if getattr(config, field) == "xla":
     return config, None
-  impl, problem = settle_gelu_impl(config, platform or jax.default_backend())
-  return dataclasses.replace(config, gelu_impl=impl), problem
+  impl, problem = KERNEL_RULES[field](config, platform or jax.default_backend())
+  return dataclasses.replace(config, **{field: impl}), problem
 
 
 class Block(nn.Module):

@@ -18,7 +18,7 @@ from lm.kernels import gelu as cpu_gelu
 from lm.kernels import layernorm as cpu_layernorm
 from lm.models import layers
 from lm.models.config import TransformerConfig
-from lm.models.transformer import resolve_attention, resolve_gelu, resolve_norm
+from lm.models.transformer import resolve_attention, resolve_kernel
 from tests.helpers import needs_cpp_compiler
 from tests.models.test_fast_path import batch, loss_and_grads, make
 
@@ -206,7 +206,8 @@ def test_gelu_and_its_gradient_equal_xlas_within_1e_6(shape):
     (dict(dtype="bfloat16"), "gelu_impl", "set model.dtype=float32"),
 ])
 def test_norm_and_gelu_kernels_say_why_they_cannot_run(options, field, reason):
-  resolve = {"norm_impl": resolve_norm, "gelu_impl": resolve_gelu}[field]
+  def resolve(config, platform=None):
+    return resolve_kernel(config, field, platform)
   def config(impl, **more):
     return TransformerConfig(vocab_size=8, num_layers=1, num_heads=2, width=32, max_len=8, **{field: impl}, **more)
   settled, problem = resolve(config("cpu", **options))
