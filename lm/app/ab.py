@@ -36,7 +36,7 @@ def _ab_run_config(config: ml_collections.ConfigDict, metadata: dict[str, Any]
   # What the model is (model, head, vae/gan/classifier groups, the data format and tokenizer) stays the run's;
   # what is evaluated, where and how is this config's.
   kept_data = {key: run["data"][key] for key in ("format", "tokenizer", "tokenizer_vocab_size", "tokenizer_model")}
-  for key in ("data", "eval", "mesh", "distributed", "xla_cpu_options"):
+  for key in ("data", "eval", "mesh", "distributed", "xla_cpu_options", "cpu_malloc"):
     run[key] = ours[key]
   run["data"].update(kept_data)
   for key in ("seq_len", "batch_size", "eval_batches"):

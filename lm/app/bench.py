@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 
 from lm import xla_flags
+from lm.core import malloc
 from lm.data import pipeline
 from lm.experiment import build_experiment, open_train_split, token_windows, train_dataset
 from lm.inference import sample as sample_lib
@@ -98,6 +99,7 @@ def _run_figures(experiment: Any) -> dict[str, Any]:
       "fused_loss": model.fused_loss(micro_batch, config.seq_len, devices=jax.device_count()),
       "platform": jax.default_backend(),
       "xla_flags": xla_flags.describe(),
+      "host_malloc": malloc.describe(),
       "jax": jax.__version__,
       "jaxlib": jaxlib.__version__,
   }

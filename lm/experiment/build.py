@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from lm import __version__ as lm_version
 from lm import distributed
 from lm import interop
+from lm.core import malloc
 from lm.core.configs import to_json_dict
 from lm.core.errors import CheckpointError, ConfigError, UserError
 from lm.data import pipeline, sources
@@ -239,6 +240,8 @@ def build_experiment(config: ml_collections.ConfigDict, workdir: str, mode: str 
   sharding.check_even(boxed.params, mesh, rules)
   shardings = sharding.logical_shardings(boxed, mesh, rules)
   abstract = checkpoint_lib.abstract_with_shardings(nn.meta.unbox(boxed), shardings)
+  if mesh.devices.flat[0].platform == "cpu" and config.cpu_malloc == "keep":
+    logging.info("Host memory: %s.", malloc.keep_freed_memory())
   compiled = step_lib.jit_steps(task.make_train_step(tx, schedule), task.make_eval_step(), shardings, mesh, rules,
                                 task.batch_ranks, global_batch_size=int(config.batch_size),
                                 compiler_options=step_lib.cpu_compiler_options(config.xla_cpu_options, mesh),

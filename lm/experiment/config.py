@@ -6,7 +6,7 @@ schema is a typo and is rejected (ConfigDicts are locked), and `validate`
 checks values before a run touches its workdir. Each field is declared once,
 with its default and a comment, by the package that reads it (`PARTS`):
 
-  lm.train           seed, steps, batch_size, seq_len, ..., start modes; optim.*, mesh.*, bench.*, xla_cpu_options.*
+  lm.train           seed, steps, batch_size, seq_len, ..., start modes; optim.*, mesh.*, bench.*, xla_cpu_options.*, cpu_malloc
   lm.models          model.*
   lm.data            data.*, clean.*, eval.* (but eval.quantize)
   lm.models.quantize eval.quantize (the scheme's choices live in lm.models)

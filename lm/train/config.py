@@ -71,7 +71,14 @@ MESH_FIELDS = {
 # XLA options for the jitted train/eval steps when the devices are CPUs; one set in XLA_FLAGS wins.
 # YNNPACK runs the matmuls only: its reduction kernels (on by default in jaxlib 0.10) ran the attention
 # softmax's gradient ~4x slower than XLA's own loops (BENCHMARKS.md, "CPU: train step vs PyTorch eager").
-CPU_FIELDS = {"xla_cpu_options.xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}
+CPU_FIELDS = {
+    "xla_cpu_options.xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT",
+    # keep | default. keep: glibc's malloc keeps the memory XLA:CPU's steps free (lm.core.malloc), so the step's
+    # temporary buffer is not mapped and faulted in afresh every step once it passes 32 MiB (BENCHMARKS.md, "The
+    # page faults behind the GELU surprise"); set when the devices are CPUs. default: glibc as it is.
+    "cpu_malloc": "keep",
+}
+CPU_MALLOC = ("keep", "default")
 
 # --mode bench (lm.app.bench); bench.peak_flops_per_device is also the MFU denominator of training's logs.
 BENCH_FIELDS = {
@@ -179,6 +186,9 @@ def validate(config: ml_collections.ConfigDict, mode: str) -> None:
       problem = str(error) if isinstance(error, ValueError) else "its entries must be (logical_axis, mesh_axes) pairs."
       raise ConfigError(f"config.mesh.rules={config.mesh.rules!r:.120} is malformed: {problem} Fix: leave it at its "
                         "default, or set config.mesh.preset to 'dp', 'fsdp' or 'fsdp_tp'.") from None
+  require(config.cpu_malloc in CPU_MALLOC, f"config.cpu_malloc={config.cpu_malloc!r} is not one of "
+          f"{', '.join(CPU_MALLOC)} (keep: glibc keeps the memory XLA:CPU's steps free, no page faults every step; "
+          "default: glibc's malloc as it is).")
   bench = config.bench
   batches = bench.decode_batches
   require(isinstance(batches, tuple) and len(batches) > 0 and all(isinstance(b, int) and b >= 1 for b in batches)

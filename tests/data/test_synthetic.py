@@ -2,6 +2,7 @@
 
 import json
 import math
+import platform
 
 import numpy as np
 import pytest
@@ -48,6 +49,9 @@ def test_training_on_synthetic_ids_with_a_padded_vocabulary(tmp_path):
   figures = json.loads(bench.stdout.strip().splitlines()[-1])
   assert figures["model"]["vocab_size"] == 384 and figures["model"]["valid_vocab_size"] == 300
   assert figures["fused_loss"] is True and figures["platform"] == "cpu"
+  # The CPU run's malloc setting rides along with its figures (lm.core.malloc; tests/test_malloc.py).
+  glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+  assert figures["host_malloc"].startswith("glibc malloc keeps freed memory" if glibc else "not glibc")
 
 
 def test_synthetic_with_a_char_tokenizer_is_refused_before_anything_is_written(tmp_path):
