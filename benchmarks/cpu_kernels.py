@@ -7,7 +7,9 @@ Two measurements, in alternating rounds so that a slow phase of a shared machine
   `dot_product_attention`, flax's `LayerNorm`, lm's exact GELU), with the train step's XLA:CPU options;
   median over rounds of the mean of `--calls` calls.
 * `step`: `python -m lm.main --config experiments/shakespeare_char.py --mode bench` with no kernel, attention
-  only, attention and LayerNorm, and all three (the experiment's own choice), each a fresh process.
+  only, attention and LayerNorm, and all three (the experiment's own choice), each a fresh process; and with no
+  kernel and with all three under glibc's malloc as it starts (`config.cpu_malloc=default`, lm.core.malloc),
+  with the page faults of each step.
 
 Prints one line per round and a JSON summary:
 
@@ -26,11 +28,20 @@ from pathlib import Path
 
 from run import lm_command, run as run_lm  # benchmarks/run.py, beside this script
 
+def _kernels(attention: str, norm: str, gelu: str) -> dict[str, str]:
+  return {"model.attention_impl": attention, "model.norm_impl": norm, "model.gelu_impl": gelu}
+
+
+# name -> the config fields of the step's run (the rest: experiments/shakespeare_char.py's).
 STEP_VARIANTS = {
-    "xla": dict(attention_impl="xla", norm_impl="xla", gelu_impl="xla"),
-    "attention": dict(attention_impl="cpu", norm_impl="xla", gelu_impl="xla"),
-    "attention+layernorm": dict(attention_impl="cpu", norm_impl="cpu", gelu_impl="xla"),
-    "all three": dict(attention_impl="cpu", norm_impl="cpu", gelu_impl="cpu"),
+    "xla": _kernels("xla", "xla", "xla"),
+    "attention": _kernels("cpu", "xla", "xla"),
+    "attention+layernorm": _kernels("cpu", "cpu", "xla"),
+    "all three": _kernels("cpu", "cpu", "cpu"),
+    # glibc's malloc as it starts (config.cpu_malloc=default): XLA:CPU's per-step temporary block, when over
+    # 32 MiB, is mapped and faulted in afresh every step (lm.core.malloc).
+    "xla (glibc malloc)": {**_kernels("xla", "xla", "xla"), "cpu_malloc": "default"},
+    "all three (glibc malloc)": {**_kernels("cpu", "cpu", "cpu"), "cpu_malloc": "default"},
 }
 
 
@@ -44,7 +55,7 @@ def op_functions(batch: int, length: int, width: int, heads: int, mlp: int) -> d
   from lm.models import layers
   from lm.train.config import CPU_FIELDS
 
-  options = {key.split(".", 1)[1]: value for key, value in CPU_FIELDS.items()}
+  options = {key.split(".", 1)[1]: value for key, value in CPU_FIELDS.items() if key.startswith("xla_cpu_options.")}
   keys = jax.random.split(jax.random.key(0), 6)
   qkv = [jax.random.normal(k, (batch, length, heads, width // heads)) for k in keys[:3]]
   x = jax.random.normal(keys[3], (batch, length, width))
@@ -93,25 +104,29 @@ def run_ops(rounds: int, calls: int, shapes: dict) -> dict:
 
 
 def bench_step(variant: dict, steps: int, workdir: Path, extra: list[str]) -> dict:
-  """One `--mode bench` process (run.py's command and runner): its step time and the kernels it settled on."""
+  """One `--mode bench` process (run.py's command and runner): its step time, page faults, the kernels it
+  settled on and its malloc setting."""
   figures = run_lm(lm_command("experiments/shakespeare_char.py", steps, 10, [
       "--workdir", str(workdir), "--config.bench.decode=False",
-      *[f"--config.model.{key}={value}" for key, value in variant.items()], *extra]), env=os.environ)
-  return {"step_time_ms": figures["step_time_ms"],
-          "settled": {key: figures["model"][key] for key in ("attention_impl", "norm_impl", "gelu_impl")}}
+      *[f"--config.{key}={value}" for key, value in variant.items()], *extra]), env=os.environ)
+  return {"step_time_ms": figures["step_time_ms"], "page_faults_per_step": figures["page_faults_per_step"],
+          "settled": {key: figures["model"][key] for key in ("attention_impl", "norm_impl", "gelu_impl")},
+          "host_malloc": figures["host_malloc"]}
 
 
-def run_steps(rounds: int, steps: int, workdir: Path, extra: list[str]) -> dict:
-  times = {name: [] for name in STEP_VARIANTS}
-  settled = {}
+def run_steps(names: list[str], rounds: int, steps: int, workdir: Path, extra: list[str]) -> dict:
+  runs: dict[str, list[dict]] = {name: [] for name in names}
   for round_ in range(1, rounds + 1):
-    for name, variant in STEP_VARIANTS.items():
-      run = bench_step(variant, steps, workdir / name.replace(" ", "_").replace("+", "_"), extra)
-      times[name].append(run["step_time_ms"])
-      settled[name] = run["settled"]
-      print(f"round {round_}: step with {name:>19}: {times[name][-1]:.2f} ms", flush=True)
-  return {name: {"median_ms": statistics.median(values), "rounds_ms": values, "settled": settled[name]}
-          for name, values in times.items()}
+    for name in names:
+      run = bench_step(STEP_VARIANTS[name], steps, workdir / "".join(c if c.isalnum() else "_" for c in name), extra)
+      runs[name].append(run)
+      print(f"round {round_}: step with {name:>28}: {run['step_time_ms']:.2f} ms, "
+            f"{run['page_faults_per_step']:.0f} page faults", flush=True)
+  return {name: {"median_ms": statistics.median(run["step_time_ms"] for run in done),
+                 "rounds_ms": [run["step_time_ms"] for run in done],
+                 "page_faults_per_step": statistics.median(run["page_faults_per_step"] for run in done),
+                 "settled": done[-1]["settled"], "host_malloc": done[-1]["host_malloc"]}
+          for name, done in runs.items()}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -123,7 +138,14 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--workdir", default="/tmp/lm_cpu_kernels", help="the bench runs' workdirs go under it")
   parser.add_argument("--shapes", default="12,64,128,4,512", help="batch,length,width,heads,mlp for `ops`")
   parser.add_argument("--step-args", default="", help="more lm.main flags for the step runs (a tiny model: tests)")
+  parser.add_argument("--variants", default=",".join(STEP_VARIANTS),
+                      help=f"the step's variants, comma-separated (default: all: {', '.join(STEP_VARIANTS)})")
   args = parser.parse_args(argv)
+  names = [name.strip() for name in args.variants.split(",") if name.strip()]
+  unknown = [name for name in names if name not in STEP_VARIANTS]
+  if unknown or not names:
+    parser.error(f"--variants names {unknown[0] if unknown else 'nothing'!r}, not a variant: pick from "
+                 f"{', '.join(STEP_VARIANTS)}")
   try:
     batch, length, width, heads, mlp = (int(v) for v in args.shapes.split(","))
   except ValueError:
@@ -135,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     out["ops_ms"] = run_ops(args.rounds, args.calls, dict(batch=batch, length=length, width=width, heads=heads,
                                                           mlp=mlp))
   if args.only in (None, "step"):
-    out["step_ms"] = run_steps(args.rounds, args.steps, Path(args.workdir), args.step_args.split())
+    out["step_ms"] = run_steps(names, args.rounds, args.steps, Path(args.workdir), args.step_args.split())
   print(json.dumps(out))
   return out
 

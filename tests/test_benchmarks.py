@@ -14,6 +14,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import sys
 
 import pytest
@@ -368,17 +369,26 @@ cpu_kernels_lib = _load("cpu_kernels")
 def test_cpu_kernels_times_each_op_and_the_step_with_the_kernels_added_one_by_one(tmp_path, capsys):
   needs_cpp_compiler()
   step_args = " ".join(f"--config.{key}={value}" for key, value in tiny_overrides(steps=1).items())
+  # Three of the six step variants (each a process): the rest differ only in their fields.
   out = cpu_kernels_lib.main(["--rounds", "1", "--calls", "2", "--steps", "2", "--shapes", "2,8,16,2,32",
-                              "--workdir", str(tmp_path), "--step-args", step_args])
+                              "--workdir", str(tmp_path), "--step-args", step_args,
+                              "--variants", "xla,attention,all three (glibc malloc)"])
   assert set(out["ops_ms"]) == {"attention", "layernorm", "gelu"}
   assert all(op["xla"] > 0 and op["kernel"] > 0 and len(op["rounds"]["kernel"]) == 1 for op in out["ops_ms"].values())
-  assert list(out["step_ms"]) == ["xla", "attention", "attention+layernorm", "all three"]
-  assert all(variant["median_ms"] > 0 for variant in out["step_ms"].values())
-  # Each variant's run really ran what it names (bench's JSON carries the settled model fields).
-  assert out["step_ms"]["xla"]["settled"] == {"attention_impl": "xla", "norm_impl": "xla", "gelu_impl": "xla"}
-  assert out["step_ms"]["attention"]["settled"] == {"attention_impl": "cpu", "norm_impl": "xla", "gelu_impl": "xla"}
-  assert out["step_ms"]["all three"]["settled"] == {"attention_impl": "cpu", "norm_impl": "cpu", "gelu_impl": "cpu"}
+  assert list(out["step_ms"]) == ["xla", "attention", "all three (glibc malloc)"]
+  assert all(variant["median_ms"] > 0 and variant["page_faults_per_step"] >= 0 for variant in out["step_ms"].values())
+  # Each variant's run really ran what it names (bench's JSON carries the settled model fields and malloc setting).
+  steps = out["step_ms"]
+  assert steps["xla"]["settled"] == {"attention_impl": "xla", "norm_impl": "xla", "gelu_impl": "xla"}
+  assert steps["attention"]["settled"] == {"attention_impl": "cpu", "norm_impl": "xla", "gelu_impl": "xla"}
+  assert steps["all three (glibc malloc)"]["settled"] == {"attention_impl": "cpu", "norm_impl": "cpu", "gelu_impl": "cpu"}
+  if platform.libc_ver()[0] == "glibc":
+    assert steps["xla"]["host_malloc"].startswith("glibc malloc keeps freed memory")
+  assert steps["all three (glibc malloc)"]["host_malloc"] == ""  # never changed in that process
   assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rounds"] == 1
   with pytest.raises(SystemExit):
     cpu_kernels_lib.main(["--shapes", "2,8"])
   assert "is not five integers" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cpu_kernels_lib.main(["--variants", "xla,nope"])
+  assert "--variants names 'nope', not a variant: pick from xla, attention" in capsys.readouterr().err

@@ -167,6 +167,15 @@ def decode_figures(experiment: Any, params: Any) -> dict[str, Any]:
   return out
 
 
+def _minor_page_faults() -> int:
+  """The process's minor page faults so far (getrusage), 0 without the resource module (Windows)."""
+  try:
+    import resource  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return 0
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str, Any]:
   """Compiles and times `config.bench.steps` train steps; returns the figures.
 
@@ -187,12 +196,16 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
     compiled = experiment.steps.train_step.lower(state, batches[0]).compile()
     compile_time = time.perf_counter() - start
     times = []
+    faults = 0
     for index, batch in enumerate(batches):
+      timed = index >= config.bench.warmup_steps
+      faults_before = _minor_page_faults()
       start = time.perf_counter()
       state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
-      if index >= config.bench.warmup_steps:
+      if timed:
         times.append(time.perf_counter() - start)
+        faults += _minor_page_faults() - faults_before
     if config.bench.profile_dir:  # after the timing, so the trace's overhead is not in the figures
       with jax.profiler.trace(config.bench.profile_dir, create_perfetto_trace=True):
         for index in range(config.bench.profile_steps):
@@ -225,6 +238,9 @@ def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str,
       "batch_size": config.batch_size,
       "seq_len": config.seq_len,
       "steps_timed": len(times),
+      # The process's minor page faults per timed step (every thread's; 0 where the OS does not count them). Tens
+      # of thousands of kernel page-zeroings a step is host memory faulted in afresh: see config.cpu_malloc.
+      "page_faults_per_step": faults / len(times),
       "profile_dir": config.bench.profile_dir or None,
       "final_loss": float(metrics["train/loss"]),
       "memory_per_device": {**state_bytes_per_device(state), **memory_per_device(compiled)},
