@@ -15,8 +15,13 @@ reuses.
 `keep_freed_memory` raises both thresholds (`mallopt`), so such blocks come
 from the heap and stay there for the next step. The cost: memory freed stays in
 the process (its resident size does not shrink after a peak, up to the
-threshold). Blocks over the threshold (2 GiB, the most `mallopt` takes) are
-still mapped afresh.
+threshold). Still mapped afresh every time: blocks over the threshold (2 GiB,
+the most `mallopt` takes), and blocks over 64 MiB that XLA allocates on its own
+threads. glibc gives such threads arenas of 64 MiB heaps and maps anything
+bigger directly, whatever the thresholds. `MALLOC_ARENA_MAX=1` in the
+environment at start-up sends them to the main heap, but it slowed the
+baseline's step by 2-3 ms, so lm does not set it (BENCHMARKS.md, "The page
+faults behind the GELU surprise": GPT-2 124M on the CPU).
 
 A setting the user made in the environment wins (MALLOC_MMAP_THRESHOLD_,
 MALLOC_TRIM_THRESHOLD_, MALLOC_MMAP_MAX_, or glibc.malloc tunables in
