@@ -7,10 +7,10 @@ its mmap threshold with a fresh `mmap` and unmaps it on free; the threshold
 grows with the blocks freed, but never past 32 MiB. And memory freed at the top
 of the heap beyond the trim threshold goes back to the OS. Either way every step
 touches new pages, and each 4 KiB page costs a page fault (the kernel zeroes
-it): about 8,300 faults and 10 ms a step for the baseline's 34 MB with XLA's own
-GELU, a quarter of its step (BENCHMARKS.md, "The page faults behind the GELU
-surprise"). PyTorch's eager ops allocate blocks under the threshold, which glibc
-reuses.
+it): the baseline run on XLA's code alone has a 40 MB block, 9,900 faults and
+11 ms of its 44 ms step on a 2-core Zen 4 (BENCHMARKS.md, "The page faults
+behind the GELU surprise"). PyTorch's eager ops allocate blocks under the
+threshold, which glibc reuses.
 
 `keep_freed_memory` raises both thresholds (`mallopt`), so such blocks come
 from the heap and stay there for the next step. The cost: memory freed stays in
@@ -45,6 +45,7 @@ USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMA
 OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
 _last: str = ""  # what keep_freed_memory last reported for this process (describe)
+
 
 def _not_applicable(environ: Mapping[str, str]) -> str | None:
   """Why the process's malloc is left as it is, or None."""
