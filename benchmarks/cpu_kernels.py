@@ -28,6 +28,7 @@ from pathlib import Path
 
 from run import lm_command, run as run_lm  # benchmarks/run.py, beside this script
 
+
 def _kernels(attention: str, norm: str, gelu: str) -> dict[str, str]:
   return {"model.attention_impl": attention, "model.norm_impl": norm, "model.gelu_impl": gelu}
 
