@@ -228,6 +228,10 @@ def summarize(lm_rounds: list[dict[str, Any]], torch_rounds: list[dict[str, Any]
       "lm_compile_time_s": statistics.median(r["compile_time_s"] for r in lm_rounds),
       "lm_step_times_ms": lm_times,
       "lm_peak_bytes_per_device": lm_last.get("memory_per_device", {}).get("peak_bytes"),
+      # Minor page faults per timed step, median of rounds (thousands: host memory faulted in afresh every step).
+      "lm_page_faults_per_step": (statistics.median(r["page_faults_per_step"] for r in lm_rounds)
+                                  if all("page_faults_per_step" in r for r in lm_rounds) else None),
+      "lm_host_malloc": lm_last.get("host_malloc"),
       "lm_params": lm_last.get("params"),
       "device": lm_last["device"],
       "platform": platform_of(lm_last),

@@ -185,7 +185,7 @@ def test_run_refuses_tpu():
 def test_run_summary_ratios():
   lm_rounds = [{"step_time_ms": t, "tokens_per_sec": 16384 / t * 1e3, "mfu": 0.5 * 100 / t, "compile_time_s": 10.0,
                 "device": "NVIDIA H100 80GB HBM3 x1", "platform": "gpu", "peak_flops_per_device": 1e15,
-                "params": 1000, "jax": "0.10.2"} for t in (100.0, 110.0, 90.0)]
+                "params": 1000, "jax": "0.10.2", "page_faults_per_step": t / 10} for t in (100.0, 110.0, 90.0)]
   torch_rounds = [{"step_time_ms": t, "tokens_per_sec": 16384 / t * 1e3, "impl": "torch-compile",
                    "flops_per_token": 6e9, "first_step_s": 30.0, "peak_memory_bytes": 5, "matmul_params": 1000,
                    "device": "cuda: NVIDIA H100 80GB HBM3", "torch": "2.13.0"} for t in (125.0, 120.0, 130.0)]
@@ -197,6 +197,7 @@ def test_run_summary_ratios():
   assert summary["ratio_tokens_per_sec_lm_over_torch"] == pytest.approx(1.25)
   assert summary["ratio_lm_over_torch"] == pytest.approx(0.8)
   assert summary["lm_mfu"] == pytest.approx(0.5)
+  assert summary["lm_page_faults_per_step"] == 10.0 and summary["lm_host_malloc"] is None
   assert summary["torch_mfu"] == pytest.approx(6e9 * 131072.0 / 1e15)
   assert summary["same_params"] and summary["versions"]["torch"] == "2.13.0"
 
