@@ -1,7 +1,7 @@
 r"""glibc malloc settings for a process whose XLA:CPU steps allocate big buffers every step.
 
 XLA:CPU allocates each execution's temporary buffer (all of a train step's
-intermediates in one block: 28-34 MB for the baseline, far more for bigger
+intermediates in one block: 28-40 MB for the baseline, far more for bigger
 models) with malloc and frees it when the step ends. glibc serves a block over
 its mmap threshold with a fresh `mmap` and unmaps it on free; the threshold
 grows with the blocks freed, but never past 32 MiB. And memory freed at the top
