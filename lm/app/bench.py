@@ -21,6 +21,11 @@ import statistics
 import time
 from typing import Any
 
+try:
+  import resource  # Unix: the page-fault count of --mode bench
+except ImportError:  # Windows
+  resource = None
+
 import jax
 import jaxlib
 import ml_collections
@@ -169,11 +174,7 @@ def decode_figures(experiment: Any, params: Any) -> dict[str, Any]:
 
 def _minor_page_faults() -> int:
   """The process's minor page faults so far (getrusage), 0 without the resource module (Windows)."""
-  try:
-    import resource  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return 0
-  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
 
 
 def benchmark(config: ml_collections.ConfigDict, workdir: str = "") -> dict[str, Any]:
